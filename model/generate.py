@@ -1,0 +1,110 @@
+"""Autoregressive sampling with a KV cache, shared by GPT and LLaMA.
+
+Without a cache, every new token re-runs the model over the whole sequence: O(T^2) work for T tokens.
+With a cache, each attention layer keeps the keys and values it has already computed. We run the
+prompt once ("prefill"), then feed one token per step; that step's attention reads the cached K/V.
+
+A model that supports this provides:
+    model.max_seq_len                            positions it can attend over
+    model.make_kv_cache(batch_size, max_len)     an empty KVCache
+    model(idx, kv_cache=cache)                   logits for idx (B, T), appending its K/V to the cache
+"""
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim) each.
+
+    `pos` is how many positions are filled. Each layer calls `update` with its new k, v (B, H, T, D);
+    the model advances `pos` by T once all layers have run.
+    """
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        T = k.size(2)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache is full: {self.pos} + {T} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, H, pos+T, D)
+
+
+def cached_attention(q, k, v, kv_cache, layer, dropout_p=0.0):
+    """Causal attention, optionally through a KV cache. q (B, H, T, D); k, v (B, H_kv, T, D).
+
+    Grouped-query attention: when H_kv < H, each K/V head serves H // H_kv query heads.
+    """
+    T = q.size(2)
+    if kv_cache is None or kv_cache.pos == 0:
+        is_causal, mask = True, None  # plain causal attention over these T positions
+        if kv_cache is not None:
+            kv_cache.update(layer, k, v)
+    else:
+        k, v = kv_cache.update(layer, k, v)  # (B, H_kv, pos+T, D)
+        past = k.size(2) - T
+        if T == 1:
+            is_causal, mask = False, None  # the newest token may see everything before it
+        else:
+            # query i sits at absolute position past+i and may see keys 0..past+i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
+            is_causal = False
+    if k.size(1) != q.size(1):
+        repeat = q.size(1) // k.size(1)
+        k = k.repeat_interleave(repeat, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, vocab). temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of tokens whose probabilities sum to >= top_p (nucleus sampling)
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already enough
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+             use_cache=True, generator=None):
+    """Extend idx (B, T) by up to max_new_tokens tokens. Rows that emitted eos_id are padded with it;
+    generation stops early when every row has. For several samples of one prompt, repeat it in the batch."""
+    B, T = idx.shape
+    if use_cache:
+        if T + max_new_tokens > model.max_seq_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"{model.max_seq_len} positions; shorten one, or pass use_cache=False to slide the window")
+        cache = model.make_kv_cache(B, T + max_new_tokens)
+    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    step_input = idx
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits, _ = model(step_input, kv_cache=cache)  # prefill: (B, T, V); then (B, 1, V)
+        else:
+            logits, _ = model(idx[:, -model.max_seq_len:])
+        next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        if eos_id is not None:
+            next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
+            done = done | (next_token == eos_id)
+        idx = torch.cat([idx, next_token], dim=1)
+        step_input = next_token
+        if eos_id is not None and bool(done.all()):
+            break
+    return idx

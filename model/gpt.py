@@ -1,0 +1,238 @@
+"""GPT-2, written out by hand (after nanoGPT / build-nanogpt).
+
+Module names match Hugging Face's GPT2LMHeadModel one to one (transformer.h.0.attn.c_attn, ...), so a
+Hugging Face checkpoint loads as a plain state dict and a LoRA adapter's keys name the same modules.
+One difference: Hugging Face stores GPT-2's projections as `Conv1D` with weight (in, out); ours are
+`nn.Linear` with weight (out, in), so loading and saving transposes those four matrices.
+
+Shapes: B batch, T sequence length, C = n_embd channels, H = n_head heads, D = C // H head size.
+"""
+import inspect
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .generate import KVCache, cached_attention, generate
+from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2
+    layer_norm_eps: float = 1e-5
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one GEMM
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_init = True  # GPT-2 scales the init of residual projections (see _init_weights)
+        self.n_head, self.dropout, self.layer_idx = config.n_head, config.dropout, layer_idx
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        # flash attention when the backend has it; softmax(q k^T / sqrt(D)) v with a causal mask
+        y = cached_attention(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_init = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 used the tanh approximation of GELU; we keep it so checkpoints reproduce exactly
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)  # pre-norm residual: the stream x is never normalised
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the output projection is the token embedding (saves 38M params at 124M scale)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_init", False):
+                # each block adds two residual branches; keep the stream's variance from growing with depth
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def max_seq_len(self):
+        return self.config.block_size
+
+    def num_params(self):
+        """Parameters counted once (the tied lm_head/wte matrix is one tensor)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def make_kv_cache(self, batch_size, max_len):
+        c, p = self.config, self.lm_head.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
+                 generator=None):
+        """idx (B, T) -> (B, T + new). Several samples of one prompt: repeat the prompt along B."""
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
+        """AdamW; weight decay on matrices and embeddings (dim >= 2), not on biases and LayerNorm gains.
+
+        Only parameters with requires_grad are handed over, so a LoRA model's frozen base stays out.
+        """
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay_params = [p for p in params.values() if p.dim() >= 2]
+        nodecay_params = [p for p in params.values() if p.dim() < 2]
+        if verbose:
+            print(f"num decayed parameter tensors: {len(decay_params)}, "
+                  f"with {sum(p.numel() for p in decay_params):,} parameters")
+            print(f"num non-decayed parameter tensors: {len(nodecay_params)}, "
+                  f"with {sum(p.numel() for p in nodecay_params):,} parameters")
+        groups = [{"params": decay_params, "weight_decay": weight_decay},
+                  {"params": nodecay_params, "weight_decay": 0.0}]
+        # the fused CUDA kernel does the whole update in one launch instead of a loop over tensors
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = dict(fused=True) if use_fused else dict()
+        if verbose:
+            print(f"using fused AdamW: {use_fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    # ---- Hugging Face checkpoints ------------------------------------------------------------------
+    CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, **overrides):
+        """Load a Hugging Face GPT-2 folder (or a hub name found in the local cache).
+
+        `overrides` may set dropout (the checkpoint's architecture itself cannot change).
+        """
+        model_dir = resolve_model_dir(name_or_path)
+        hf = load_hf_config(model_dir)
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not 'gpt2'; "
+                             f"use LLaMA.from_pretrained or model.load_pretrained for other architectures")
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{model_dir}: activation_function={hf['activation_function']!r} is not supported "
+                             f"(our GPT uses GPT-2's tanh GELU)")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                raise ValueError(f"{model_dir}: config.json sets {flag}=true, which our GPT does not implement")
+        unknown = set(overrides) - {"dropout"}
+        if unknown:
+            raise ValueError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")
+        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                           layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), **overrides)
+        model = cls(config)
+        sd_hf = load_hf_state_dict(model_dir)
+        # GPT2Model checkpoints (like the original "gpt2") have no "transformer." prefix and no lm_head
+        sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
+                 for k, v in sd_hf.items()}
+        sd_hf.pop("lm_head.weight", None)  # tied to wte: one tensor
+        ours = [k for k in model.state_dict() if k != "lm_head.weight"]
+        check_keys(f"GPT.from_pretrained({name_or_path})", ours, sd_hf, ignore=(".attn.bias", ".attn.masked_bias"))
+        with torch.no_grad():
+            sd = model.state_dict()
+            for k in ours:
+                w = sd_hf[k]
+                if k.endswith(cls.CONV1D_NAMES):
+                    w = w.t()  # Conv1D (in, out) -> Linear (out, in)
+                if w.shape != sd[k].shape:
+                    raise ValueError(f"{model_dir}: tensor {k} has shape {tuple(w.shape)}, "
+                                     f"config.json implies {tuple(sd[k].shape)}")
+                sd[k].copy_(w)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def hf_config(self):
+        c = self.config
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+                "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+                "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
+                "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+                "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": 50256,
+                "eos_token_id": 50256, "torch_dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+
+    def save_pretrained(self, model_dir):
+        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that transformers loads."""
+        if not self.config.bias:
+            raise ValueError("save_pretrained: Hugging Face GPT-2 has biases; a bias=False model has no HF format")
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight" or ".lora_" in k:
+                continue
+            sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
+        save_hf_folder(model_dir, self.hf_config(), sd)
+
+    def config_dict(self):
+        return asdict(self.config)
+
