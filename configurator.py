@@ -1,0 +1,75 @@
+"""nanoGPT-style configuration: defaults are plain globals in train.py, overridden by config files and flags.
+
+    python train.py config/shakespeare_cpu.py --batch_size=8 --compile=False
+
+Arguments are applied left to right: a path is a Python file whose top-level assignments override
+the defaults, `--key=value` overrides one key (the value is read as a Python literal when it parses as
+one, else as a string). Unlike nanoGPT's exec-into-globals, every name is checked: an unknown key is
+an error that suggests close matches, and a value must have the default's type (an int may stand
+for a float; a default of None accepts anything). Typos fail loudly instead of silently doing nothing.
+"""
+import ast
+import difflib
+
+CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
+
+
+def _check(key, value, defaults, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, list(defaults), n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"unknown config key {key!r} (from {source}).{hint}")
+    default = defaults[key]
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list, str))  # in a config file a str may be a regex (lora_targets)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise TypeError(f"config key {key!r} (from {source}) expects {type(default).__name__} like "
+                        f"{default!r}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string such as --init_from=gpt2
+
+
+def configure(defaults, argv):
+    """Return {key: value} overrides for `defaults` from config files and --key=value flags in argv."""
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            if "=" in arg:
+                raise ValueError(f"argument {arg!r}: flags look like --key=value; a bare argument is a config file")
+            try:
+                with open(arg) as f:
+                    source = f.read()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"config file {arg!r} not found (config files live in config/)") from None
+            print(f"overriding config with {arg}")
+            namespace = {}
+            exec(compile(source, arg, "exec"), {}, namespace)  # config files are trusted Python, as in nanoGPT
+            for key, value in namespace.items():
+                if key.startswith("_") or not isinstance(value, CONFIG_TYPES):
+                    continue  # imports, helper functions and private names are not settings
+                overrides[key] = _check(key, value, defaults, arg)
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"flag {arg!r}: expected --{key}=VALUE")
+            value = _parse_value(text)
+            if isinstance(defaults.get(key), (tuple, list)) and isinstance(value, str):
+                value = tuple(v for v in value.split(",") if v)  # --lora_targets=q_proj,v_proj
+            overrides[key] = _check(key, value, defaults, arg)
+            print(f"overriding: {key} = {overrides[key]!r}")
+    return overrides

@@ -1,0 +1,220 @@
+"""LoRA adapters on disk, in Hugging Face PEFT's format (so PEFT and the Hub can use ours, and we theirs).
+
+A PEFT LoRA adapter is a folder with two files:
+
+    adapter_config.json        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors  base_model.model.<module>.lora_A.weight   (r, in)
+                               base_model.model.<module>.lora_B.weight   (out, r)
+                               base_model.model.<module>.<tensor>        for each module in modules_to_save
+
+"base_model.model." is PEFT's wrapper path (PeftModel.base_model is a LoraModel whose .model is the network).
+Our module names are Hugging Face's, so <module> needs no translation. Two GPT-2 details:
+  - Hugging Face GPT-2's c_attn/c_proj/c_fc are Conv1D layers with weight (in, out); PEFT marks that with
+    "fan_in_fan_out": true, but still stores lora_A as (r, in) and lora_B as (out, r), exactly our shapes. Only a
+    full Conv1D weight saved through modules_to_save is transposed (ours is nn.Linear, (out, in)).
+  - PEFT saves a module_to_save under its plain name (no ".modules_to_save.default."), and so do we.
+
+Loading refuses what it does not implement instead of loading it wrongly: DoRA, LoRA biases, per-layer ranks,
+layer subsets, non-LoRA PEFT types, and any unknown option that is set. Weights are read from safetensors, or
+from an old-style adapter_model.bin with torch.load(weights_only=True), which cannot run code.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from atomic import atomic_path
+from lora.inject import LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers, remove_lora
+
+CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+PREFIX = "base_model.model."
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# adapter_config.json keys we read, or may ignore because they do not change what loading means
+USED = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out",
+        "use_rslora", "bias", "modules_to_save"}
+IGNORED = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
+           "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",  # init-time only
+           "megatron_core", "qalora_group_size", "ensure_weight_tying",  # only matter with options we refuse
+           "layers_pattern"}  # only used together with layers_to_transform
+# every other key must be unset (None, False, {}, [], ""); these are the ones we know and name in errors
+UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "trainable LoRA biases", "layers_to_transform": "adapting a "
+               "subset of layers", "rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
+               "exclude_modules": "excluded modules", "target_parameters": "LoRA on nn.Parameters",
+               "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
+               "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers"}
+
+
+def is_gpt2(model) -> bool:
+    """Our GPT (Hugging Face GPT-2 names), whose HF twin uses Conv1D: PEFT's fan_in_fan_out=True."""
+    names = {n for n, _ in model.named_modules()}
+    return "transformer.wte" in names and any(n.endswith(".attn.c_attn") for n in names)
+
+
+def save_adapter(model, path, base_model_name_or_path=None):
+    """Write adapter_config.json + adapter_model.safetensors (PEFT format) into folder `path`, atomically each."""
+    config = getattr(model, "lora_config", None)
+    layers = lora_layers(model)
+    if config is None or not layers:
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers; apply_lora(model, config) first")
+    gpt2 = is_gpt2(model)
+    tensors = {}
+    for name, layer in layers:
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()  # (r, in)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()  # (out, r)
+    for module_name in _modules_to_save(model, config.modules_to_save):
+        for key, t in model.get_submodule(module_name).state_dict().items():
+            full = f"{module_name}.{key}"
+            tensors[PREFIX + full] = t.detach().t() if gpt2 and full.endswith(GPT2_CONV1D) else t.detach()
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    targets = config.targets if isinstance(config.targets, str) else list(config.targets)
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "target_modules": targets, "fan_in_fan_out": gpt2,
+        "use_rslora": config.rslora, "bias": "none", "modules_to_save": list(config.modules_to_save) or None,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "init_lora_weights": True,
+        "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(path / CONFIG_NAME) as tmp, open(tmp, "w") as f:
+        json.dump(peft_config, f, indent=2)
+    return path
+
+
+def read_adapter(path):
+    """(config dict, {key: tensor}) from a PEFT adapter folder, after checking the config is one we implement."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter folder "
+                                f"({CONFIG_NAME} + {WEIGHTS_NAME})")
+    with open(path / CONFIG_NAME) as f:
+        config = json.load(f)
+    check_peft_config(config, path)
+    if (path / WEIGHTS_NAME).is_file():
+        tensors = load_file(path / WEIGHTS_NAME)
+    elif (path / LEGACY_WEIGHTS_NAME).is_file():  # restricted unpickler: tensors and plain containers only
+        tensors = torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) next to {CONFIG_NAME}")
+    return config, tensors
+
+
+def check_peft_config(config: dict, path="adapter"):
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') "
+                         f"are supported")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ValueError(f"{path}: task_type={config['task_type']!r}; only CAUSAL_LM adapters fit our models")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={config['bias']!r} (trained base biases) is not supported; only 'none'")
+    if config.get("target_modules") in (None, "all-linear") or isinstance(config.get("target_modules"), dict):
+        raise ValueError(f"{path}: target_modules={config.get('target_modules')!r} is not supported; "
+                         f"it must be a list of module names or a regex")
+    for key, value in config.items():
+        if key in USED or key in IGNORED or value in (None, False, {}, [], ""):
+            continue
+        what = UNSUPPORTED.get(key, "an option nanoLoRA does not know")
+        raise ValueError(f"{path}: unsupported PEFT option {key}={value!r} ({what}); refusing to load it wrongly")
+
+
+def load_adapter(model, path, mode="split"):
+    """Load a PEFT-format LoRA adapter (ours or PEFT's) into `model`, in place; returns the model.
+
+    If the model has no LoRA yet, the adapter's config is applied first (with `mode`); otherwise its LoRA layers
+    must be exactly the adapter's, with the same r and scaling.
+    """
+    config, tensors = read_adapter(path)
+    lora, other = {}, {}  # module name -> {"A": t, "B": t};  our state-dict key -> t
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{path}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT LoRA adapter")
+        key = key[len(PREFIX):]
+        for part in ("A", "B"):
+            if key.endswith(f".lora_{part}.weight"):
+                lora.setdefault(key[: -len(f".lora_{part}.weight")], {})[part] = t
+                break
+        else:
+            other[key] = t
+    targets = config["target_modules"]
+    want = LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                      targets=targets if isinstance(targets, str) else tuple(targets), mode=mode,
+                      rslora=bool(config.get("use_rslora", False)),
+                      modules_to_save=tuple(config.get("modules_to_save") or ()))
+    applied_here = not lora_layers(model)
+    if applied_here:
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        apply_lora(model, want)
+    try:
+        layers = dict(lora_layers(model))
+        _check_same_layers(layers, lora, want, path)
+        to_copy = _match_modules_to_save(model, other, want, bool(config.get("fan_in_fan_out")) and is_gpt2(model),
+                                         path)
+    except Exception:
+        if applied_here:  # leave the model as we found it
+            remove_lora(model)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+        raise
+    with torch.no_grad():
+        for target, t in to_copy:
+            target.copy_(t)
+        for name, layer in layers.items():
+            for part, param in (("A", layer.lora_A), ("B", layer.lora_B)):
+                param.copy_(lora[name][part])
+    return model
+
+
+def _check_same_layers(layers, lora, want, path):
+    unknown = sorted(set(lora) - set(layers))
+    if unknown:
+        raise ValueError(f"{path}: the adapter has LoRA weights for {', '.join(collapse_names(unknown))}, which "
+                         f"are not LoRA layers of this model (target module missing: a different architecture, "
+                         f"or the model's LoRA was applied with other targets)")
+    missing = sorted(set(layers) - set(lora))
+    if missing:
+        raise ValueError(f"{path}: the model's LoRA layers {', '.join(collapse_names(missing))} have no weights "
+                         f"in the adapter")
+    for name, layer in layers.items():
+        if set(lora[name]) != {"A", "B"}:
+            raise ValueError(f"{path}: {name} has lora_{'A' if 'A' not in lora[name] else 'B'} missing")
+        if layer.merged:
+            raise RuntimeError(f"{name} is merged; unmerge_lora(model) before loading an adapter into it")
+        scaling = want.alpha / want.r ** 0.5 if want.rslora else want.alpha / want.r
+        if layer.r != want.r or abs(layer.scaling - scaling) > 1e-12 * abs(scaling):
+            raise ValueError(f"{path}: adapter has r={want.r}, lora_alpha={want.alpha}, use_rslora={want.rslora} "
+                             f"(scaling {scaling:g}) but the model's {name} has r={layer.r}, lora_alpha="
+                             f"{layer.lora_alpha}, rslora={layer.rslora} (scaling {layer.scaling:g})")
+        for part, param in (("A", layer.lora_A), ("B", layer.lora_B)):
+            found, expected = tuple(lora[name][part].shape), tuple(param.shape)
+            if found != expected:
+                raise ValueError(f"{path}: {name}.lora_{part} has shape {found}, the model expects {expected} "
+                                 f"(layer {layer.out_features}x{layer.in_features}, r={layer.r}): the adapter "
+                                 f"was made for a different base model")
+
+
+def _match_modules_to_save(model, other, want, transpose_conv1d, path):
+    expected = {}
+    for module_name in _modules_to_save(model, want.modules_to_save):
+        for key, t in model.get_submodule(module_name).state_dict().items():
+            expected[f"{module_name}.{key}"] = t
+    unknown = sorted(set(other) - set(expected))
+    if unknown:
+        raise ValueError(f"{path}: unexpected tensors {', '.join(collapse_names(unknown))} (neither lora_A/lora_B "
+                         f"nor in modules_to_save {list(want.modules_to_save)})")
+    missing = sorted(set(expected) - set(other))
+    if missing:
+        raise ValueError(f"{path}: modules_to_save tensors {', '.join(collapse_names(missing))} missing")
+    to_copy = []  # checked before anything is written, so a bad adapter leaves the model untouched
+    for key, target in expected.items():
+        t = other[key].t() if transpose_conv1d and key.endswith(GPT2_CONV1D) else other[key]
+        if t.shape != target.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(target.shape)}: the adapter was made for a different base model")
+        to_copy.append((target, t))
+    return to_copy
+

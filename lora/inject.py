@@ -1,0 +1,279 @@
+"""Putting LoRA into a model: choose layers by name, swap them for LoRALinear, freeze the rest.
+
+    config = LoRAConfig(r=8, alpha=16, targets=("c_attn",))
+    apply_lora(model, config)            # in place; returns model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+Matching `targets` against qualified module names (the names of model.named_modules()), as PEFT does:
+  - a list/tuple of names: a module matches if its name equals one of them or ends with "." + it, so "c_attn"
+    matches "transformer.h.3.attn.c_attn" and "ff.1" matches "layers.0.ff.1" (but "c_proj" also matches both the
+    attention's and the MLP's c_proj: say "attn.c_proj" for one of them);
+  - a single string: a regular expression that must match the whole name (re.fullmatch), e.g.
+    r"transformer\\.h\\.(10|11)\\.attn\\.c_attn" for the last two layers only.
+Only nn.Linear modules are adapted. A matched leaf that is not an nn.Linear (an Embedding, a LayerNorm) is an
+error; matched containers (e.g. ".*attn.*" also matching the attention block) are skipped.
+
+Decisions worth knowing:
+  - apply_lora on a model that already has LoRA layers is an error (no silent stacking of adapters).
+  - modules_to_save are trained in place (full fine-tuning of, say, ln_f) and saved in the adapter. Unlike PEFT,
+    no frozen copy is kept, so lora_disabled() does not revert them, and parameter counts do not double them.
+  - A target whose weight is tied to another module (GPT-2's lm_head shares wte's weight) is allowed with a
+    warning: LoRA then adapts the output projection only (wte is unchanged, as in PEFT). merge_lora refuses such
+    a layer; merge_and_unload gives it its own merged weight, which unties it.
+  - Three ways out: merge_lora / unmerge_lora fold s*B@A into the weights and back (reversible; layers stay
+    LoRALinear, running a plain F.linear while merged); merge_and_unload replaces them by plain nn.Linear layers
+    holding the merged weights (export: the state dict is the base model's again); remove_lora drops the adapters.
+  - The config is kept (a copy) as `model.lora_config` for save_adapter and lora_state_dict.
+"""
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch.nn as nn
+
+from lora.layer import MODES, LoRALinear
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: tuple | list | str = ("c_attn",)  # GPT-2's fused q,k,v projection: PEFT's default for gpt2
+    mode: str = "split"  # "split" | "fused", see lora/layer.py
+    rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
+    modules_to_save: tuple | list = ()  # modules trained fully and saved with the adapter, e.g. ("ln_f",)
+
+    def __post_init__(self):
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise ValueError(f"LoRAConfig.r must be a positive int, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"LoRAConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "fused" and self.dropout > 0:
+            raise ValueError("LoRAConfig: mode='fused' needs dropout=0 (see lora/layer.py); use mode='split'")
+        if isinstance(self.targets, str):
+            re.compile(self.targets)  # fail now on a bad regex
+        elif not self.targets:
+            raise ValueError("LoRAConfig.targets is empty: name at least one nn.Linear, e.g. ('c_attn',)")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+
+
+def name_matches(name: str, targets) -> bool:
+    """PEFT's rule: a regex string must match the whole name; a list matches a full name or a '.'-suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def collapse_names(names) -> list[str]:
+    """['h.0.attn.c_attn', 'h.1.attn.c_attn', ...] -> ['h.[0-11].attn.c_attn'] (first numeric part only)."""
+    groups = {}  # pattern -> sorted layer indices, in order of first appearance
+    for name in names:
+        parts = name.split(".")
+        i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        if i is None:
+            groups.setdefault(name, [])
+            continue
+        key = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
+        groups.setdefault(key, []).append(int(parts[i]))
+    out = []
+    for key, idx in groups.items():
+        if not idx:
+            out.append(key)
+            continue
+        idx = sorted(set(idx))
+        contiguous = idx == list(range(idx[0], idx[-1] + 1))
+        label = (f"{idx[0]}" if len(idx) == 1 else f"[{idx[0]}-{idx[-1]}]" if contiguous
+                 else "[" + ",".join(map(str, idx)) + "]")
+        out.append(key.replace("{}", label, 1))
+    return out
+
+
+def lora_layers(model):
+    """(name, LoRALinear) for every adapted layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _find_targets(model, targets):
+    linears, wrong_type = [], []
+    for name, module in model.named_modules():
+        if not name or not name_matches(name, targets):
+            continue
+        if type(module) is nn.Linear:  # exact type: subclasses may have their own forward
+            linears.append(name)
+        elif not list(module.children()):
+            wrong_type.append(f"{name} ({type(module).__name__})")
+    if wrong_type:
+        raise ValueError(f"LoRA targets {targets!r} match modules that are not nn.Linear: {', '.join(wrong_type)}. "
+                         f"Only nn.Linear layers can be adapted; train others fully with modules_to_save.")
+    if not linears:
+        existing = collapse_names(n for n, m in model.named_modules() if type(m) is nn.Linear)
+        raise ValueError(f"LoRA targets {targets!r} match no nn.Linear in {type(model).__name__}. "
+                         f"Its nn.Linear layers are: {', '.join(existing) or '(none)'}")
+    return linears
+
+
+def _tied_owners(model):
+    """id(parameter) -> names of the modules holding it directly; more than one name means a tied weight."""
+    owners = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return owners
+
+
+def _modules_to_save(model, patterns):
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, tuple(patterns))]
+    missing = [p for p in patterns if not any(name_matches(n, (p,)) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module in {type(model).__name__}")
+    return names
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace each targeted nn.Linear by a LoRALinear (in place), freeze everything else, return the model."""
+    if lora_layers(model):
+        raise ValueError(f"{type(model).__name__} already has {len(lora_layers(model))} LoRA layers; apply_lora "
+                         f"once (or merge_and_unload(model) first to stack a new adapter on merged weights)")
+    owners = _tied_owners(model)
+    for name in _find_targets(model, config.targets):
+        parent_name, _, child_name = name.rpartition(".")
+        linear = model.get_submodule(name)
+        layer = LoRALinear(linear, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
+                           mode=config.mode)
+        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
+        if shared:
+            layer.weight_is_tied = True
+            warnings.warn(f"LoRA target {name}.weight is tied to {', '.join(shared)}: LoRA adapts {name}'s output "
+                          f"only; merge_lora refuses this layer and merge_and_unload unties it.")
+        setattr(model.get_submodule(parent_name), child_name, layer)
+    clash = [n for n in _modules_to_save(model, config.modules_to_save)  # fails early on a typo, too
+             if isinstance(model.get_submodule(n), LoRALinear)]
+    if clash:
+        raise ValueError(f"modules {', '.join(collapse_names(clash))} are both LoRA targets and modules_to_save; "
+                         f"choose one (LoRA trains a low-rank update, modules_to_save the whole module)")
+    model.lora_config = replace(config)  # a copy: set_lora_mode updates it, the caller's stays as given
+    mark_only_lora_trainable(model)
+    return model
+
+
+def mark_only_lora_trainable(model: nn.Module, modules_to_save=None) -> nn.Module:
+    """requires_grad=True for lora_A, lora_B and modules_to_save (default: model.lora_config's); False elsewhere."""
+    if modules_to_save is None:
+        config = getattr(model, "lora_config", None)
+        modules_to_save = config.modules_to_save if config is not None else ()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    for name in _modules_to_save(model, modules_to_save):
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only what the adapter adds: every lora_A / lora_B, plus the tensors of modules_to_save (our names)."""
+    config = getattr(model, "lora_config", None)
+    saved = _modules_to_save(model, config.modules_to_save) if config is not None else []
+    state = model.state_dict()
+    return {k: v for k, v in state.items()
+            if k.endswith((".lora_A", ".lora_B")) or any(k.startswith(m + ".") for m in saved)}
+
+
+def set_lora_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every LoRA layer between 'split' and 'fused' (same function, different compute path)."""
+    for _, layer in lora_layers(model):
+        layer.set_mode(mode)
+    if getattr(model, "lora_config", None) is not None:
+        model.lora_config.mode = mode
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold s B A into every LoRA layer's weight, in place and reversibly (unmerge_lora undoes it).
+
+    A merged layer runs a plain F.linear: inference at the base model's speed. The layers stay LoRALinear (their
+    state dict still has lora_A/lora_B); to export plain nn.Linear layers use merge_and_unload.
+    """
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo merge_lora: weight -= s B A in every merged layer (original weight up to fp32 rounding)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding W + s B A (for export; not reversible).
+
+    The result has the original architecture and state-dict keys, so it can be saved as an ordinary checkpoint.
+    A tied target (lm_head sharing wte's weight) gets its own merged weight: the tie is broken, by necessity.
+    """
+    return _replace_lora_layers(model, merge=True)
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Drop the adapters: put back plain nn.Linear layers holding the very same (unmerged) weight tensors."""
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"remove_lora: {', '.join(collapse_names(merged))} are merged; unmerge_lora(model) "
+                           f"first, or use merge_and_unload to keep the merged weights")
+    return _replace_lora_layers(model, merge=False)
+
+
+def _replace_lora_layers(model, merge):
+    for name, layer in lora_layers(model):
+        weight = layer.weight  # the same Parameter: ties and optimizer references survive
+        if merge and layer.weight_is_tied:
+            delta = layer.delta_weight()
+            weight = nn.Parameter((layer.weight.detach().to(delta.dtype) + delta).to(layer.weight.dtype),
+                                  requires_grad=layer.weight.requires_grad)
+        elif merge:
+            layer.merge()
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = weight
+        linear.bias = layer.bias
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, linear)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def disable_lora(model: nn.Module) -> nn.Module:
+    """Make every LoRA layer compute the frozen base layer only (adapters kept; enable_lora turns them back on)."""
+    merged = [n for n, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable merged LoRA layers ({', '.join(collapse_names(merged))}): "
+                           f"unmerge_lora(model) first")
+    for _, layer in lora_layers(model):
+        layer.enabled = False
+    return model
+
+
+def enable_lora(model: nn.Module) -> nn.Module:
+    for _, layer in lora_layers(model):
+        layer.enabled = True
+    return model
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """with lora_disabled(model): logits = model(idx)  # the base model, e.g. for a reference/KL term."""
+    was_enabled = {name: layer.enabled for name, layer in lora_layers(model)}
+    disable_lora(model)
+    try:
+        yield model
+    finally:
+        for name, layer in lora_layers(model):
+            layer.enabled = was_enabled.get(name, True)

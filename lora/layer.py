@@ -1,0 +1,211 @@
+"""LoRALinear: a frozen nn.Linear plus a trainable low-rank update. The whole idea of LoRA lives here.
+
+The idea
+--------
+Fine-tuning changes a pretrained weight W (out, in) into W + dW. LoRA (Hu et al., 2021) bets that the useful
+dW has low rank, and trains it in factored form:
+
+    dW = s * B @ A        A: (r, in)   B: (out, r)   r << min(in, out)
+    y  = x W^T + b + s * (x A^T) B^T
+
+W and b stay frozen: they get no gradient and no optimizer state. Only r * (in + out) numbers per layer train,
+e.g. r=8 on GPT-2's c_attn (768 -> 2304): 24,576 instead of 1,769,472 (1.4%).
+
+Shapes for a batch x (B, T, in): x A^T is (B, T, r), a thin "bottleneck"; (x A^T) B^T is (B, T, out), added to
+the frozen layer's output.
+
+Scaling s. With s = alpha / r, changing r (at fixed alpha) does not change the size of the update at init time, so
+a learning rate tuned at one rank roughly carries over. rsLoRA (Kalajdzievski, 2023) shows that for large r the
+update then shrinks too much and learning stalls; s = alpha / sqrt(r) keeps it stable (`rslora=True`).
+
+Initialization. A is random (Kaiming-uniform with a=sqrt(5), what nn.Linear uses, and what PEFT does) and B is
+zero, so B A = 0: a fresh adapter leaves the model exactly unchanged, and training starts from the pretrained
+function. Why not both zero? Then dA = s (dy B)^T x = 0 and dB = s dy^T (x A^T) = 0: no gradient ever flows. With
+A random and B zero, B gets a gradient at step one and A follows once B is nonzero.
+
+Two ways to compute the same thing (`mode`)
+-------------------------------------------
+split:  y = x W^T + b + s * (dropout(x) A^T) B^T. Three GEMMs (one big, two thin); autograd does the backward.
+
+fused:  y = x W'^T + b with W' = W + s B A. One big GEMM per forward, after forming W' (costs out*r*in, no N).
+        The backward is hand-written (`FusedLoRALinear` below). Let x be (N, in) with all leading dims flattened
+        into N tokens and dy = dL/dy (N, out). Differentiating y = x W'^T + b:
+
+            dx  = dy W'                              (N, out) @ (out, in)
+            dW' = dy^T x                             (out, in)  <- weight-sized, we never build it
+            dB  = s * dW' A^T = s * dy^T (x A^T)     (out, N) @ (N, r)
+            dA  = s * B^T dW' = s * (dy B)^T x       (r, N) @ (N, in)
+            db  = sum over the N tokens of dy
+
+        Associativity is the whole trick: (x A^T) and (dy B) are thin (N, r) tensors, so dA and dB cost
+        O(N r (in + out)) and no (out, in) gradient ever exists. Autograd on `x @ (W + s*B@A).T` would form dW'
+        (a full weight-sized gradient per layer per step), which is exactly what LoRA is meant to avoid.
+
+        Saved for backward: x, W, A, B. W, A, B are parameters (no extra memory), so only x is new - the same x
+        the frozen layer keeps anyway. W' is not saved but recomputed in the backward: saving it would hold one
+        extra weight-sized tensor per adapted layer from forward to backward (GPT-2 124M, c_attn only: 12 * 768 *
+        2304 * 4 bytes = 85 MB in fp32), while recomputing costs 2*out*r*in FLOPs, a fraction r/N of the dx GEMM.
+
+        Dropout on the LoRA input cannot be fused: the base term needs x, the LoRA term dropout(x), so there is no
+        single W'. A fused layer with dropout > 0 is therefore an error (use split, or dropout=0).
+
+Cost (N tokens, multiply-add = 2 FLOPs):
+    split forward   2*N*in*out + 2*N*r*(in+out)          fused forward  2*N*in*out + 2*out*r*in
+    backward (both) 2*N*in*out (dx) + about 4*N*r*(in+out) (dA, dB and the thin products they need)
+The FLOPs barely differ when r << in, out. What differs is memory traffic and kernel count: x A^T reads all of x
+(N x in) to do r/out of the big GEMM's math, so the thin GEMMs are memory-bound; fused reads x once in the forward
+and skips adding two (N, out) tensors. The activations kept for backward are about the same (x; split also keeps
+x A^T, N*r numbers). Measure on your GPU (bench/) before believing either way.
+
+Merging. After training, fold s B A into W: the layer becomes a plain F.linear, as fast as the original nn.Linear.
+`merge()` / `unmerge()` here are reversible (up to fp32 rounding: W + sBA - sBA is not bit-exact).
+
+Names. Like loralib, the frozen weight keeps the name `weight` (and `bias`), so this module's state dict is
+{weight, bias, lora_A, lora_B} and `transformer.h.0.attn.c_attn.weight` from a plain checkpoint loads unchanged
+into the adapted model.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("split", "fused")
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    """y = x (W + s B A)^T + b with the backward derived in the module docstring (no weight-sized gradient).
+
+    custom_fwd/custom_bwd (device_type="cuda") make the backward run under the same autocast state as the forward,
+    so under torch.autocast(bfloat16) the GEMMs run in bf16 in both directions. Gradients are returned in the
+    dtype of the tensor they belong to (fp32 parameters get fp32 gradients).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        merged_weight = weight + scaling * (lora_B @ lora_A)  # (out, in), temporary
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        return F.linear(x, merged_weight, bias)  # (..., out), the one big GEMM
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, need_w, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        dx = dw = db = dA = dB = None
+        if need_x:  # recompute W' rather than keep it alive since the forward (see module docstring)
+            merged_weight = weight + s * (lora_B @ lora_A)  # (out, in)
+            dx = (dy @ merged_weight.to(dy.dtype)).reshape(x.shape).to(x.dtype)  # (..., in)
+        if need_A:
+            dy_B = dy @ lora_B.to(dy.dtype)  # (N, r)
+            dA = (s * (dy_B.t() @ x2.to(dy.dtype))).to(lora_A.dtype)  # (r, N) @ (N, in) -> (r, in)
+        if need_B:
+            x_At = x2 @ lora_A.t().to(x2.dtype)  # (N, r)
+            dB = (s * (dy.t() @ x_At.to(dy.dtype))).to(lora_B.dtype)  # (out, N) @ (N, r) -> (out, r)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0).to(weight.dtype)  # (out,)
+        if need_w:  # only if someone unfroze the base weight; a LoRA run never gets here
+            dw = (dy.t() @ x2.to(dy.dtype)).to(weight.dtype)  # (out, in)
+        return dx, dw, db, dA, dB, None
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer W (out, in) + bias, plus a trainable update s * B @ A of rank r.
+
+    Built from an existing nn.Linear, whose weight and bias Parameters it takes over (the same objects, no copy,
+    so a weight tied to another module stays tied). They are frozen here (requires_grad=False).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 mode: str = "split"):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not (isinstance(r, int) and r > 0):
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (out, in), frozen
+        self.bias = base.bias  # (out,) or None, frozen
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
+        self.r, self.lora_alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
+        self.merged = False  # True after merge(): weight holds W + s B A
+        self.enabled = True  # False: behave as the frozen base layer (see lora_disabled)
+        self.weight_is_tied = False  # set by apply_lora when `weight` is shared with another module
+        self.set_mode(mode)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        """A ~ Kaiming-uniform(a=sqrt(5)), B = 0: the update B A starts at exactly zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def set_mode(self, mode: str):
+        if mode not in MODES:
+            raise ValueError(f"LoRA mode must be one of {MODES}, got {mode!r}")
+        if mode == "fused" and self.dropout > 0:
+            raise ValueError(f"LoRA mode 'fused' needs dropout=0 (got {self.dropout}): the LoRA term would see "
+                             f"dropout(x) and the base term x, so W + s*B@A cannot be one GEMM. Use mode='split'.")
+        self.mode = mode
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A, the (out, in) update this adapter represents (computed in fp32 at least)."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))  # (out, in)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold s B A into weight in place; forward becomes a plain F.linear. Reversible with unmerge().
+
+        While merged, `weight` (and so state_dict()) holds W + s B A: do not save a plain checkpoint from a
+        merged model and load it into an unmerged one.
+        """
+        if self.merged:
+            return
+        if self.weight_is_tied:
+            raise RuntimeError("this LoRA layer's weight is tied to another module (e.g. lm_head and wte): merging "
+                               "in place would change that module too. Use merge_and_unload(model), which gives "
+                               "this layer its own merged copy.")
+        delta = self.delta_weight()  # (out, in)
+        self.weight.copy_(self.weight.to(delta.dtype) + delta)  # add in fp32 even if weight is bf16
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Undo merge(): weight -= s B A (equal to the original up to rounding)."""
+        if not self.merged:
+            return
+        delta = self.delta_weight()  # (out, in)
+        self.weight.copy_(self.weight.to(delta.dtype) - delta)
+        self.merged = False
+
+    def forward(self, x):
+        if self.merged or not self.enabled:
+            if self.merged and not self.enabled:
+                raise RuntimeError("LoRA layer is merged and disabled; unmerge it to run the base model")
+            return F.linear(x, self.weight, self.bias)  # plain layer: same cost as nn.Linear
+        if self.mode == "fused":
+            return FusedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        base = F.linear(x, self.weight, self.bias)  # (..., out)
+        x_At = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        return base + self.scaling * F.linear(x_At, self.lora_B)  # (..., out)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, mode={self.mode}"
+                + (", merged" if self.merged else "") + ("" if self.enabled else ", disabled"))

@@ -1,0 +1,54 @@
+"""configurator.configure: config files and --key=value flags over train.py's defaults."""
+import pytest
+
+from configurator import configure
+
+DEFAULTS = {"batch_size": 16, "max_lr": 6e-4, "compile": True, "init_from": "scratch",
+            "lora_targets": ("c_attn",), "wandb_run_name": None}
+
+
+def test_flags_override_defaults_with_parsed_types():
+    out = configure(DEFAULTS, ["--batch_size=8", "--compile=False", "--max_lr=1e-3", "--init_from=gpt2"])
+    assert out == {"batch_size": 8, "compile": False, "max_lr": 1e-3, "init_from": "gpt2"}
+
+
+def test_config_file_then_flag_applies_left_to_right(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nbatch_size = 4\nmax_lr = 3e-4\n_private = 1\n")
+    assert configure(DEFAULTS, [str(cfg), "--batch_size=2"]) == {"batch_size": 2, "max_lr": 3e-4}
+
+
+def test_unknown_key_is_an_error_naming_it_and_close_matches():
+    with pytest.raises(ValueError, match=r"unknown config key 'batchsize'.*batch_size"):
+        configure(DEFAULTS, ["--batchsize=8"])
+
+
+def test_unknown_key_in_a_config_file_is_an_error(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("max_lrr = 1e-3\n")
+    with pytest.raises(ValueError, match="max_lrr"):
+        configure(DEFAULTS, [str(cfg)])
+
+
+def test_value_of_wrong_type_is_an_error():
+    with pytest.raises(TypeError, match=r"'batch_size'.*expects int.*'eight'"):
+        configure(DEFAULTS, ["--batch_size=eight"])
+    with pytest.raises(TypeError, match="'compile'"):
+        configure(DEFAULTS, ["--compile=1"])
+
+
+def test_int_is_accepted_for_a_float_key():
+    assert configure(DEFAULTS, ["--max_lr=1"]) == {"max_lr": 1.0}
+
+
+def test_comma_list_flag_becomes_a_tuple():
+    assert configure(DEFAULTS, ["--lora_targets=q_proj,v_proj"]) == {"lora_targets": ("q_proj", "v_proj")}
+
+
+def test_none_default_accepts_any_value():
+    assert configure(DEFAULTS, ["--wandb_run_name=exp1"]) == {"wandb_run_name": "exp1"}
+
+
+def test_missing_config_file_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="config file 'config/nope.py' not found"):
+        configure(DEFAULTS, ["config/nope.py"])
