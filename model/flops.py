@@ -25,3 +25,19 @@ def flops_per_token(model, seq_len, n_layer, n_embd):
         else:
             frozen += p.numel()
     return 6 * trainable + 4 * frozen + 12 * n_layer * n_embd * seq_len
+
+
+# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, without sparsity
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                   "A100": 312e12, "A10G": 70e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12,
+                   "RTX 3090": 71e12, "V100": 125e12}
+
+
+def device_peak_flops(device):
+    """The bf16 peak of a CUDA device (for MFU), or None when the device is not in the table."""
+    import torch
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS.items():  # first match wins: specific names come first
+        if key in name:
+            return peak
+    return None

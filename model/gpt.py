@@ -7,7 +7,6 @@ One difference: Hugging Face stores GPT-2's projections as `Conv1D` with weight 
 
 Shapes: B batch, T sequence length, C = n_embd channels, H = n_head heads, D = C // H head size.
 """
-import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from .generate import KVCache, cached_attention, generate
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
+from .optim import configure_adamw
 
 
 @dataclass
@@ -148,22 +148,7 @@ class GPT(nn.Module):
 
         Only parameters with requires_grad are handed over, so a LoRA model's frozen base stays out.
         """
-        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        decay_params = [p for p in params.values() if p.dim() >= 2]
-        nodecay_params = [p for p in params.values() if p.dim() < 2]
-        if verbose:
-            print(f"num decayed parameter tensors: {len(decay_params)}, "
-                  f"with {sum(p.numel() for p in decay_params):,} parameters")
-            print(f"num non-decayed parameter tensors: {len(nodecay_params)}, "
-                  f"with {sum(p.numel() for p in nodecay_params):,} parameters")
-        groups = [{"params": decay_params, "weight_decay": weight_decay},
-                  {"params": nodecay_params, "weight_decay": 0.0}]
-        # the fused CUDA kernel does the whole update in one launch instead of a loop over tensors
-        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = dict(fused=True) if use_fused else dict()
-        if verbose:
-            print(f"using fused AdamW: {use_fused}")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        return configure_adamw(self, weight_decay, learning_rate, betas, device_type, verbose)
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------
     CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:
+#   make shakespeare   set up, prepare the Shakespeare shards, train config/shakespeare_cpu.py on CPU
+#   make test          set up (with the test-only references transformers + peft) and run the tests
+PYTHON ?= python3
+VENV ?= .venv
+# torch first, on its own: pick the build for your machine, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup setup-dev shakespeare data finetune test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.setup: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.setup-dev: $(VENV)/.setup requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.setup
+setup-dev: $(VENV)/.setup-dev
+
+data: setup
+	$(BIN)/python fineweb.py --source shakespeare
+
+shakespeare: data
+	$(BIN)/python train.py config/shakespeare_cpu.py
+
+finetune: setup
+	$(BIN)/python fineweb.py --source shakespeare-romances
+	$(BIN)/python train.py config/finetune_shakespeare_lora.py
+
+test: setup-dev
+	$(BIN)/python -m pytest tests -q
+
+bench: setup
+	$(BIN)/python bench/lora_rank_sweep.py
+
+clean:
+	rm -rf $(VENV) out-* data/shakespeare

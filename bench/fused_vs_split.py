@@ -1,0 +1,197 @@
+"""One LoRA layer, two ways to compute it: when does the fused path beat the split one?
+
+    python bench/fused_vs_split.py            # GPT-2 shapes (CPU: a short sweep; --full for everything)
+    python bench/fused_vs_split.py --shapes 4096x4096 --tokens 1024,4096 --ranks 16
+
+For a layer W (out, in) with adapter A (r, in), B (out, r), scaling s, and N tokens x (N, in):
+
+    plain   y = x W^T                        the frozen layer alone (what merged costs)
+    split   y = x W^T + s (x A^T) B^T        lora/layer.py, mode="split": one big and two thin GEMMs
+    fused   y = x (W + s B A)^T              mode="fused": form W' = W + sBA, then one big GEMM
+    merged  y = x W'^T with W' precomputed   inference after merge_lora: exactly plain's cost
+
+The FLOP model (multiply-add = 2 FLOPs), forward:
+    split   2 N in out + 2 N r (in + out)        the thin GEMMs grow with N
+    fused   2 N in out + 2 r in out              forming W' does not depend on N
+so fused does fewer FLOPs once 2 N r (in + out) > 2 r in out, i.e. for
+    N > N_flop = in out / (in + out)             (independent of r!)
+GPT-2's c_attn 768 -> 2304: 576 tokens; 3072 -> 768: 614; LLaMA-7B 4096 -> 4096: 2048; 4096 -> 11008: 2985.
+
+The byte model (fp32, e = 4 bytes per element moved through memory), forward, what each adds to plain:
+    split   x read again by x A^T (N in), the thin (N, r) written and read (2 N r), s * t and base + s t:
+            read and write (N, out) twice (4 N out)           ->  e N (in + 2 r + 4 out)
+    fused   B @ A written (in out), s * (B A) read + written (2 in out), W + (...) reads two, writes one
+            (3 in out)                                        ->  e 6 in out
+so fused moves fewer bytes for N > N_byte = 6 in out / (in + 4 out) (r << in, out). 768 -> 2304: 1063
+tokens; 3072 -> 768: 2304; 4096 -> 4096: 4915; 4096 -> 11008: 5862. The thin GEMMs and elementwise passes
+are memory-bound (a GEMM with inner size r does 2r FLOPs per (N, out) element it writes), so the byte model
+is the better guide on a GPU; on a CPU, with a much lower FLOP/byte ridge, the truth lies in between.
+Both say: fused wins from about a thousand tokens up (a few thousand for 7B shapes), and at >= 4096 tokens
+for every GPT-2 shape. A single torch.addmm(W, B, A, alpha=s) would form W' in one pass (2 in out instead
+of 6 in out) and move N_byte down by 3x; likewise addmm(base, xA^T, B^T, alpha=s) for split's tail.
+
+Backward (training) is a different story: both need dx = dy W' (or dy W plus a thin correction) and the
+thin dA, dB; fused recomputes W' and x A^T rather than saving them (see lora/layer.py). Timed here too.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from bench import timing  # noqa: E402
+
+ALL_SHAPES = "768x2304,768x3072,3072x768,4096x4096,4096x11008"  # GPT-2 c_attn, c_fc, mlp.c_proj; LLaMA-7B
+ALL_TOKENS = "1,16,64,256,1024,4096,16384"
+ALL_RANKS = "1,8,16,32,64,128"
+CPU_SHAPES, CPU_TOKENS, CPU_RANKS = "768x2304,768x3072,3072x768", "16,256,1024,4096", "8,64"
+
+
+def n_flop(fin, fout):
+    return fin * fout / (fin + fout)
+
+
+def n_byte(fin, fout):
+    return 6 * fin * fout / (fin + 4 * fout)
+
+
+def make_layer(fin, fout, r, mode, device, alpha=16.0):
+    from lora import LoRALinear
+    torch.manual_seed(0)
+    base = nn.Linear(fin, fout, device=device)
+    if mode == "plain":
+        base.requires_grad_(False)
+        return base
+    layer = LoRALinear(base, r=r, alpha=alpha, mode="split" if mode == "merged" else mode)
+    nn.init.normal_(layer.lora_B, std=0.02)  # as after some training; B = 0 would not change the timing anyway
+    if mode == "merged":
+        layer.merge()
+    return layer
+
+
+def time_layer(layer, x, dy, cfg, dtype, backward=True):
+    """(fwd, bwd) summaries; bwd None for an inference-only forward (no_grad)."""
+    device = cfg["device"]
+    if not backward:
+        def infer():
+            with torch.no_grad(), timing.autocast_ctx(device, dtype):
+                layer(x)
+        return timing.time_fn(infer, device, cfg["warmup"], cfg["iters"]), None
+
+    def fwd():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        with timing.autocast_ctx(device, dtype):
+            return layer(x)
+    return timing.time_fwd_bwd(fwd, device, cfg["warmup"], cfg["iters"], grad=dy)
+
+
+def first_win(points):
+    """points: [(tokens, fused_ms, split_ms)] sorted; smallest tokens from which fused stays faster, or None."""
+    win = None
+    for tokens, fused, split in reversed(points):
+        if fused < split:
+            win = tokens
+        else:
+            break
+    return win
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    timing.add_common_args(p, model_args=False)
+    p.add_argument("--shapes", default=None, help=f"in x out, comma separated (all: {ALL_SHAPES})")
+    p.add_argument("--tokens", default=None, help=f"token counts N (all: {ALL_TOKENS})")
+    p.add_argument("--ranks", default=None, help=f"LoRA ranks (all: {ALL_RANKS})")
+    p.add_argument("--full", action="store_true", help="every shape, token count and rank (the CUDA default)")
+    p.add_argument("--name", default="fused_vs_split")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    command = " ".join(["python", "bench/fused_vs_split.py", *argv])
+    cfg = timing.resolve_args(args)
+    cuda = cfg["device"].startswith("cuda")
+    big = cuda or cfg["full"]
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in (cfg["shapes"] or (ALL_SHAPES if big else
+                                                                                          CPU_SHAPES)).split(",")]
+        tokens = [int(t) for t in (cfg["tokens"] or (ALL_TOKENS if big else CPU_TOKENS)).split(",")]
+        ranks = [int(r) for r in (cfg["ranks"] or (ALL_RANKS if big else CPU_RANKS)).split(",")]
+        assert all(len(s) == 2 for s in shapes) and min(tokens) > 0 and min(ranks) > 0
+    except (ValueError, AssertionError):
+        raise SystemExit("--shapes like 768x2304,4096x4096; --tokens and --ranks positive integers, comma separated")
+    dtype = timing.parse_dtype(cfg["dtype"], cfg["device"])
+    print(f"device {timing.device_label(cfg['device'])}, dtype {cfg['dtype']}, threads {cfg['threads']}, "
+          f"warmup {cfg['warmup']}, iters {cfg['iters']}; shapes {shapes}, tokens {tokens}, ranks {ranks}")
+
+    rows, summary = [], []
+    for fin, fout in shapes:
+        per_rank = {r: [] for r in ranks}
+        for n in sorted(tokens):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(n, fin, generator=g).to(cfg["device"]).requires_grad_(True)  # (N, in)
+            dy = torch.randn(n, fout, generator=g).to(cfg["device"])  # (N, out), upstream gradient
+            if dtype != torch.float32:
+                dy = dy.to(dtype)
+            plain_f, plain_b = time_layer(make_layer(fin, fout, 1, "plain", cfg["device"]), x, dy, cfg, dtype)
+            merged_f, _ = time_layer(make_layer(fin, fout, ranks[0], "merged", cfg["device"]), x, dy, cfg, dtype,
+                                     backward=False)
+            for r in ranks:
+                split_f, split_b = time_layer(make_layer(fin, fout, r, "split", cfg["device"]), x, dy, cfg, dtype)
+                fused_f, fused_b = time_layer(make_layer(fin, fout, r, "fused", cfg["device"]), x, dy, cfg, dtype)
+                row = dict(shape=f"{fin}x{fout}", tokens=n, r=r, plain_fwd=plain_f, plain_bwd=plain_b,
+                           split_fwd=split_f, split_bwd=split_b, fused_fwd=fused_f, fused_bwd=fused_b,
+                           merged_fwd=merged_f)
+                row["fwd_ratio"] = fused_f["median"] / split_f["median"]
+                row["bwd_ratio"] = fused_b["median"] / split_b["median"]
+                rows.append(row)
+                per_rank[r].append((n, fused_f["median"], split_f["median"], fused_b["median"], split_b["median"]))
+                print(f"{fin}x{fout} N={n:>6} r={r:>3}: fwd plain {plain_f['median']:8.2f} split "
+                      f"{split_f['median']:8.2f} fused {fused_f['median']:8.2f} merged {merged_f['median']:8.2f} | "
+                      f"bwd plain {plain_b['median']:8.2f} split {split_b['median']:8.2f} fused "
+                      f"{fused_b['median']:8.2f} ms", flush=True)
+        for r, pts in per_rank.items():
+            summary.append(dict(shape=f"{fin}x{fout}", r=r, n_flop=n_flop(fin, fout), n_byte=n_byte(fin, fout),
+                                fwd_from=first_win([(n, f, s) for n, f, s, _, _ in pts]),
+                                bwd_from=first_win([(n, fb, sb) for n, _, _, fb, sb in pts]),
+                                step_from=first_win([(n, f + fb, s + sb) for n, f, s, fb, sb in pts])))
+
+    ms = lambda t: f"{t['median']:.2f}"  # noqa: E731
+    ratio = lambda x: f"{x:.2f}"  # noqa: E731
+    md = timing.markdown_table(rows, [
+        ("shape", "shape", None), ("tokens", "tokens", None), ("r", "r", None),
+        ("plain fwd", "plain_fwd", ms), ("split fwd", "split_fwd", ms), ("fused fwd", "fused_fwd", ms),
+        ("merged fwd (no_grad)", "merged_fwd", ms), ("plain bwd", "plain_bwd", ms),
+        ("split bwd", "split_bwd", ms), ("fused bwd", "fused_bwd", ms),
+        ("fused/split fwd", "fwd_ratio", ratio), ("fused/split bwd", "bwd_ratio", ratio)])
+    tok = lambda x: "never" if x is None else f"{x:,}"  # noqa: E731
+    md2 = timing.markdown_table(summary, [
+        ("shape", "shape", None), ("r", "r", None), ("model N_flop", "n_flop", lambda x: f"{x:,.0f}"),
+        ("model N_byte", "n_byte", lambda x: f"{x:,.0f}"), ("fused fwd wins from N", "fwd_from", tok),
+        ("fused bwd wins from N", "bwd_from", tok), ("fused fwd+bwd wins from N", "step_from", tok)])
+    losers = [r for r in rows if r["tokens"] >= 4096 and r["r"] <= 64 and r["fwd_ratio"] >= 1.0]
+    checked = [r for r in rows if r["tokens"] >= 4096 and r["r"] <= 64]
+    if not checked:
+        verdict = "not measured (no point with >= 4096 tokens and r <= 64)"
+    elif not losers:
+        verdict = f"MET on all {len(checked)} points"
+    else:
+        verdict = "MISSED at " + ", ".join(f"{r['shape']} N={r['tokens']} r={r['r']} ({r['fwd_ratio']:.2f}x)"
+                                           for r in losers)
+    verdict = "target (fused forward faster than split at >= 4096 tokens, r <= 64): " + verdict
+    md = (f"Times in ms (median of {cfg['iters']}); ratios < 1: fused faster.\n\n{md}\n\n"
+          f"Where fused starts to win (smallest N in the sweep from which it stays faster) vs the model:\n\n"
+          f"{md2}\n\n{verdict}")
+    print()
+    print(md)
+    env = timing.environment(cfg["device"], cfg["threads"])
+    print("wrote", *timing.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md, dict(summary=summary),
+                                        command=command))
+    return rows, summary
+
+
+if __name__ == "__main__":
+    main()

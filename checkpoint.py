@@ -1,0 +1,122 @@
+"""Training checkpoints (out_dir/ckpt.pt) and loading any model spec a user may pass.
+
+A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded back with
+`torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
+    model        full state dict, or for a LoRA run only the LoRA tensors (plus modules_to_save)
+    model_type   'gpt2' | 'llama';  model_args: the model's config dataclass as a dict
+    lora         the LoRAConfig as a dict, or None;  base: where a LoRA run's frozen base came from
+    optimizer    AdamW state;  step: the next step to run;  config: the training config
+    loader       the data loader's {"shard", "position"};  rng: torch / cuda / python RNG states
+"""
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from atomic import atomic_path
+from model import GPT, GPTConfig, load_pretrained
+
+CKPT_NAME = "ckpt.pt"
+
+
+def build_model(model_type, model_args):
+    if model_type == "gpt2":
+        return GPT(GPTConfig(**model_args))
+    if model_type == "llama":
+        from model import LLaMA, LLaMAConfig
+        return LLaMA(LLaMAConfig(**model_args))
+    raise ValueError(f"model_type {model_type!r} is not supported: use 'gpt2' or 'llama'")
+
+
+def model_type_of(model):
+    return "gpt2" if isinstance(model, GPT) else "llama"
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_config=None, base=None):
+    """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact."""
+    if lora_config is not None:
+        from lora import lora_state_dict
+        model_sd = lora_state_dict(model)
+        lora = dataclasses.asdict(lora_config)
+    else:
+        model_sd = model.state_dict()
+        lora = None
+    checkpoint = {
+        "model": model_sd, "model_type": model_type_of(model), "model_args": model.config_dict(),
+        "lora": lora, "base": base, "optimizer": optimizer.state_dict(), "step": step,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "loader": loader_state, "rng": rng_state(),
+    }
+    with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    if path.is_dir():
+        path = path / CKPT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train with out_dir={path.parent} first "
+                                f"(init_from='resume' continues a run that saved one)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(checkpoint, dtype=None):
+    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied."""
+    if checkpoint["lora"] is None:
+        model = build_model(checkpoint["model_type"], checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+    else:
+        from lora import LoRAConfig, apply_lora
+        model = load_model(checkpoint["base"])
+        lora = dict(checkpoint["lora"])
+        for key in ("targets", "modules_to_save"):
+            if isinstance(lora.get(key), list):
+                lora[key] = tuple(lora[key])
+        apply_lora(model, LoRAConfig(**lora))
+        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+        if unexpected or any(".lora_" in k for k in missing):
+            raise ValueError(f"LoRA checkpoint does not fit its base {checkpoint['base']}: "
+                             f"unexpected {unexpected[:4]}, missing {[k for k in missing if '.lora_' in k][:4]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def load_model(spec, base=None, dtype=None):
+    """Any model a user may name, on the CPU:
+    - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
+    - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
+    - a Hugging Face folder or cached hub name      -> GPT or LLaMA by config.json's model_type
+    """
+    path = Path(os.fspath(spec)).expanduser()
+    if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
+        return model_from_checkpoint(read_checkpoint(path), dtype)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        import json
+        from lora import load_adapter
+        with open(path / "adapter_config.json") as f:
+            base = base or json.load(f).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
+        model = load_model(base, dtype=dtype)
+        load_adapter(model, path)
+        return model
+    return load_pretrained(spec, dtype=dtype)

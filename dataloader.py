@@ -1,0 +1,98 @@
+"""DataLoaderLite: (B, T) batches of next-token prediction from the token shards fineweb.py writes.
+
+The shards of one split, in name order, are one long stream of tokens. Each step reads B*T+1 consecutive
+tokens: x = buf[:-1], y = buf[1:] (the target of every position is the token after it), viewed as (B, T).
+
+With DDP, the processes read consecutive slices of one "round" of B*T*num_processes tokens:
+
+    shard:  | rank 0 | rank 1 | ... | rank P-1 | rank 0 | rank 1 | ...
+            ^ round start (position)            ^ next round
+
+so together they cover the stream exactly once, with no overlap. When the next round would run past the
+end of the shard, every rank moves to the next shard together (the leftover tail of fewer than a round's
+tokens is skipped), and after the last shard the stream wraps around to the first: a new epoch.
+
+state_dict() is {"shard", "position"} where position is the start of the next round, the same on every
+rank: train.py saves rank 0's state and every rank loads it, and each adds its own offset B*T*rank.
+"""
+import glob
+import os
+
+import numpy as np
+import torch
+
+
+class DataLoaderLite:
+    def __init__(self, data_dir, B, T, process_rank=0, num_processes=1, split="train"):
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: use 'train' or 'val'")
+        if not 0 <= process_rank < num_processes:
+            raise ValueError(f"process_rank={process_rank} must be in [0, num_processes={num_processes})")
+        self.data_dir, self.B, self.T = data_dir, B, T
+        self.process_rank, self.num_processes, self.split = process_rank, num_processes, split
+        self.round_tokens = B * T * num_processes  # tokens all ranks consume per step
+        self.shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+        if not self.shards:
+            where = "does not exist" if not os.path.isdir(data_dir) else f"holds no {split} shards (*_{split}_*.npy)"
+            raise FileNotFoundError(
+                f"data_dir {data_dir!r} {where}. Make the shards first, e.g. "
+                f"python fineweb.py --source shakespeare --out_dir {data_dir} "
+                f"(or --source fineweb-edu, or --source files PATH...)"
+            )
+        # check every shard now (mmap reads only the header) rather than crash hours in at a short last shard
+        for path in self.shards:
+            n_tokens = len(np.load(path, mmap_mode="r", allow_pickle=False))
+            self._check_fits(path, n_tokens)
+        self.reset()
+
+    def _check_fits(self, path, n_tokens):
+        # one round plus the extra token that is the target of the round's last position
+        if n_tokens < self.round_tokens + 1:
+            raise ValueError(
+                f"shard {path} has {n_tokens:,} tokens, fewer than one step needs: B*T*num_processes+1 = "
+                f"{self.B}*{self.T}*{self.num_processes}+1 = {self.round_tokens + 1:,}. "
+                f"Use a smaller batch_size/block_size, or remake the shards with a larger --shard_size"
+            )
+
+    def _load_shard(self, index):
+        tokens = np.load(self.shards[index], allow_pickle=False)
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"shard {self.shards[index]} is not a 1-D array of token ids "
+                             f"(shape {tokens.shape}, dtype {tokens.dtype}); remake it with fineweb.py")
+        return tokens
+
+    def reset(self):
+        """Back to the first round of the first shard (the val loader does this before every evaluation)."""
+        self.shard = 0
+        self.tokens = self._load_shard(0)
+        self.position = 0
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        start = self.position + B * T * self.process_rank  # this rank's slice of the round
+        buf = torch.from_numpy(self.tokens[start:start + B * T + 1].astype(np.int64))  # (B*T+1,)
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets: each input's next token
+        self.position += self.round_tokens
+        if self.position + self.round_tokens + 1 > len(self.tokens):  # the next round does not fit: next shard
+            self.shard = (self.shard + 1) % len(self.shards)
+            self.tokens = self._load_shard(self.shard)
+            self.position = 0
+        return x, y
+
+    def state_dict(self):
+        """Where the next batch comes from, as plain ints (a checkpoint loaded with weights_only=True)."""
+        return {"shard": int(self.shard), "position": int(self.position)}
+
+    def load_state_dict(self, state):
+        """Continue exactly where the loader that made `state` would have: its next batch is ours."""
+        shard, position = int(state["shard"]), int(state["position"])
+        if not 0 <= shard < len(self.shards):
+            raise ValueError(f"loader state shard={shard}, but {self.data_dir} has {len(self.shards)} "
+                             f"{self.split} shards: was the checkpoint made with other data?")
+        tokens = self._load_shard(shard)
+        if position < 0 or position + self.round_tokens + 1 > len(tokens):
+            raise ValueError(f"loader state position={position} does not leave a whole step "
+                             f"({self.round_tokens + 1:,} tokens) in {self.shards[shard]} ({len(tokens):,} tokens): "
+                             f"was the checkpoint made with other data?")
+        self.shard, self.tokens, self.position = shard, tokens, position

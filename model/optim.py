@@ -1,0 +1,31 @@
+"""The AdamW setup shared by GPT and LLaMA (and any model whose parameters follow the same convention).
+
+Weight decay pulls weights toward zero. It makes sense for the matrices that mix features (Linear weights,
+embeddings: dim >= 2) but not for biases and norm gains (dim < 2), which only shift or scale and are few.
+"""
+import inspect
+
+import torch
+
+
+def configure_adamw(model, weight_decay, learning_rate, betas, device_type, verbose=True):
+    """AdamW over model's parameters with requires_grad: decay on dim >= 2, none on dim < 2.
+
+    Frozen parameters (a LoRA model's base weights) are left out, so they get no optimizer state.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields a tied tensor once
+    decay_params = [p for p in params if p.dim() >= 2]
+    nodecay_params = [p for p in params if p.dim() < 2]
+    if verbose:
+        print(f"num decayed parameter tensors: {len(decay_params)}, "
+              f"with {sum(p.numel() for p in decay_params):,} parameters")
+        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, "
+              f"with {sum(p.numel() for p in nodecay_params):,} parameters")
+    groups = [{"params": decay_params, "weight_decay": weight_decay},
+              {"params": nodecay_params, "weight_decay": 0.0}]
+    # the fused CUDA kernel does the whole update in one launch instead of a loop over tensors
+    use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    extra = dict(fused=True) if use_fused else dict()
+    if verbose:
+        print(f"using fused AdamW: {use_fused}")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)

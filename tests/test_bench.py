@@ -1,0 +1,140 @@
+"""bench/: the FLOP arithmetic against hand counts, and each script end to end in a tiny configuration.
+
+No test asserts a time: only that the tables have their rows and columns and the counts are right.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import timing
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--vocab_size", "64", "--B", "1", "--T", "16",
+        "--iters", "1", "--warmup", "0", "--threads", "1"]
+
+# A 1-layer GPT with C = 32, vocab 64, biases, counted by hand (wpe is a lookup and is not counted):
+#   wte 64*32 = 2048 | ln_1, ln_2, ln_f 3 * 2*32 = 192 | c_attn 32*96 + 96 = 3168 | attn.c_proj 32*32 + 32 = 1056
+#   c_fc 32*128 + 128 = 4224 | mlp.c_proj 128*32 + 32 = 4128                             total N = 14816
+N_TINY = 2048 + 192 + 3168 + 1056 + 4224 + 4128
+# LoRA r=2 on all four block linears: r * (in + out) each
+LORA_R2 = 2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32)  # = 1024
+ATTN_TRAIN = 12 * 1 * 32 * 16  # 12 * n_layer * C * T at T = 16
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_training_flops_are_six_per_parameter_plus_attention():
+    assert timing.train_flops_per_token(tiny_gpt(), 16) == 6 * N_TINY + ATTN_TRAIN
+
+
+def test_lora_flops_are_four_per_frozen_and_six_per_adapter_parameter():
+    from lora import LoRAConfig, apply_lora
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=2, alpha=4, targets=("c_attn", "c_proj", "c_fc")))
+    assert timing.num_trainable(model) == LORA_R2
+    assert timing.train_flops_per_token(model, 16) == 4 * N_TINY + 6 * LORA_R2 + ATTN_TRAIN
+
+
+def test_inference_flops_are_two_per_parameter_plus_attention_forward():
+    assert timing.forward_flops_per_token(tiny_gpt(), 16) == 2 * N_TINY + 4 * 1 * 32 * 16
+
+
+def test_summary_gives_median_quartiles_and_extremes():
+    s = timing.summarize([4.0, 1.0, 100.0, 3.0, 2.0])
+    assert (s["median"], s["p25"], s["p75"], s["min"], s["max"], s["n"]) == (3.0, 2.0, 4.0, 1.0, 100.0, 5)
+
+
+def test_gpu_peak_table_prefers_the_specific_name():
+    assert timing.peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert timing.peak_for_name("NVIDIA H100 PCIe") == 756e12
+    assert timing.peak_for_name("NVIDIA L40S") == 362e12  # not L4's 121
+    assert timing.peak_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert timing.peak_for_name("Tesla V100-SXM2-16GB") is None  # no bf16: no MFU
+    assert timing.peak_flops("cpu", torch.bfloat16) is None
+
+
+def test_bf16_on_cpu_is_refused_with_a_clear_message():
+    with pytest.raises(SystemExit, match="fp32"):
+        timing.parse_dtype("bf16", "cpu")
+
+
+def test_fused_crossover_model_matches_hand_values():
+    fvs = load_script("fused_vs_split")
+    assert fvs.n_flop(768, 2304) == 576  # 768 * 2304 / 3072
+    assert fvs.n_byte(768, 2304) == pytest.approx(6 * 768 * 2304 / (768 + 4 * 2304))
+    # fused must stay faster from that token count on; a loss at the largest N means "never"
+    assert fvs.first_win([(16, 2.0, 1.0), (256, 0.9, 1.0), (4096, 0.5, 1.0)]) == 256
+    assert fvs.first_win([(16, 0.5, 1.0), (256, 2.0, 1.0), (4096, 0.5, 1.0)]) == 4096
+    assert fvs.first_win([(16, 0.5, 1.0), (4096, 2.0, 1.0)]) is None
+
+
+def test_rank_sweep_table_has_every_row_and_column(tmp_path):
+    sweep = load_script("lora_rank_sweep")
+    rows = sweep.main(TINY + ["--ranks", "1,2", "--inprocess", "--out_dir", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["full", "split-r1", "split-r2", "fused-r1", "fused-r2", "merged"]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["full"]["trainable"] == N_TINY + 1024 * 32  # + wpe (block_size 1024): trains, not a matmul
+    assert by_name["split-r2"]["trainable"] == by_name["fused-r2"]["trainable"] == LORA_R2
+    assert by_name["split-r2"]["flops_per_token"] == 4 * N_TINY + 6 * LORA_R2 + ATTN_TRAIN
+    assert by_name["merged"]["flops_per_token"] == 2 * (N_TINY + LORA_R2 // 2) + 4 * 32 * 16  # r=1 adapter kept
+    md = (tmp_path / "cpu_lora_rank_sweep.md").read_text()
+    for column in ("fwd ms", "bwd ms", "opt ms", "step ms", "step / full", "peak", "trainable", "tok/s", "FLOP/s"):
+        assert column in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(rows)  # header + one line per row
+    saved = json.loads((tmp_path / "cpu_lora_rank_sweep.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == [r["name"] for r in rows]
+
+
+def test_rank_sweep_runs_from_the_repo_root_with_one_process_per_row(tmp_path):
+    cmd = [sys.executable, "bench/lora_rank_sweep.py", *TINY, "--modes", "full,split", "--ranks", "1",
+           "--out_dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "cpu_lora_rank_sweep.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["full", "split-r1"]
+    assert saved["idle_rss"] > 0 and all(r["peak_mem"] >= saved["idle_rss"] for r in saved["rows"])
+
+
+def test_rank_sweep_rejects_an_unknown_mode(tmp_path):
+    sweep = load_script("lora_rank_sweep")
+    with pytest.raises(SystemExit, match="modes"):
+        sweep.main(TINY + ["--modes", "full,lora", "--out_dir", str(tmp_path)])
+
+
+def test_fused_vs_split_times_every_shape_token_and_rank(tmp_path):
+    fvs = load_script("fused_vs_split")
+    rows, summary = fvs.main(["--shapes", "32x48,48x32", "--tokens", "4,16", "--ranks", "1,2", "--iters", "1",
+                              "--warmup", "0", "--threads", "1", "--out_dir", str(tmp_path)])
+    assert [(r["shape"], r["tokens"], r["r"]) for r in rows] == [
+        (s, n, r) for s in ("32x48", "48x32") for n in (4, 16) for r in (1, 2)]
+    assert [(s["shape"], s["r"]) for s in summary] == [(s, r) for s in ("32x48", "48x32") for r in (1, 2)]
+    md = (tmp_path / "cpu_fused_vs_split.md").read_text()
+    for column in ("plain fwd", "split fwd", "fused fwd", "merged fwd", "split bwd", "fused bwd", "model N_flop"):
+        assert column in md
+
+
+def test_vs_peft_trains_the_same_parameters_as_peft_and_transformers(tmp_path):
+    pytest.importorskip("peft")
+    vs = load_script("vs_peft")
+    rows, ratios = vs.main(TINY + ["--r", "2", "--out_dir", str(tmp_path)])
+    trainable = {r["name"]: r["trainable"] for r in rows}
+    assert trainable["ours-lora"] == trainable["peft-lora"] == LORA_R2
+    assert trainable["ours-full"] == trainable["hf-full"]
+    assert {w for w, _, _ in ratios} >= {"ours-lora / peft-lora", "ours-full / hf-full", "ours-lora / ours-full"}
+    assert (tmp_path / "cpu_vs_peft.md").exists()

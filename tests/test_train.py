@@ -1,0 +1,152 @@
+"""train.py end to end on tiny models: DDP equivalence, resume, NaN stop, and the accumulation arithmetic."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 128
+
+
+def write_shards(data_dir, n_train=40_000, n_val=4_000, seed=0, stride=1):
+    """Token shards with structure to learn: noisy counting by `stride` mod 96 (build-nanogpt file names)."""
+    rng = np.random.default_rng(seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, n, idx in (("val", n_val, 0), ("train", n_train, 1)):
+        tokens = (np.arange(n) * stride % 96 + (rng.random(n) < 0.1) * rng.integers(0, 32, n)) % VOCAB
+        np.save(data_dir / f"tiny_{split}_{idx:06d}.npy", tokens.astype(np.uint16))
+    return data_dir
+
+
+def tiny_flags(tmp_path, **overrides):
+    flags = dict(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), device="cpu", dtype="float32",
+                 compile=False, n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, batch_size=4,
+                 total_batch_size=4 * 16 * 2, max_steps=6, warmup_steps=2, max_lr=1e-2, min_lr=1e-3,
+                 eval_interval=3, eval_iters=2, sample_interval=0, checkpoint_interval=0, log_interval=1)
+    flags.update(overrides)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def run_train(argv, monkeypatch):
+    """train.py in this process (fast: no new interpreter), as `python train.py ARGV` would run it."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    monkeypatch.chdir(ROOT)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+
+
+def read_log(out_dir):
+    with open(Path(out_dir) / "log.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_log_has_one_record_per_step_with_the_documented_keys(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    run_train(tiny_flags(tmp_path), monkeypatch)
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log] == list(range(6))
+    for key in ("step", "train_loss", "lr", "grad_norm", "dt_ms", "tok_per_s"):
+        assert all(key in r for r in log)
+    assert [r["step"] for r in log if "val_loss" in r] == [0, 3, 5]
+
+
+def test_loss_falls_when_training_from_scratch(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    run_train(tiny_flags(tmp_path, max_steps=30, eval_interval=0), monkeypatch)
+    losses = [r["train_loss"] for r in read_log(tmp_path / "out")]
+    assert losses[0] == pytest.approx(np.log(VOCAB), abs=0.3)  # a fresh model is ~uniform over the vocab
+    assert np.mean(losses[-5:]) < losses[0] - 1.0
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_min_lr(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    run_train(tiny_flags(tmp_path, max_steps=12, warmup_steps=4, max_lr=1e-2, min_lr=1e-3), monkeypatch)
+    lrs = [r["lr"] for r in read_log(tmp_path / "out")]
+    expected = [1e-2 * (s + 1) / 4 for s in range(4)]
+    expected += [1e-3 + 0.5 * (1 + np.cos(np.pi * (s - 4) / 8)) * 9e-3 for s in range(4, 12)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_batch_that_does_not_divide_is_a_clear_error(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    with pytest.raises(ValueError, match=r"total_batch_size=100 must be divisible by .* = 64"):
+        run_train(tiny_flags(tmp_path, total_batch_size=100), monkeypatch)
+
+
+def test_bf16_on_cpu_is_refused(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    with pytest.raises(ValueError, match="dtype='bfloat16' on cpu"):
+        run_train(tiny_flags(tmp_path, dtype="bfloat16"), monkeypatch)
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    # dropout on: resuming must also restore the RNG, not only weights, optimizer and data position
+    run_train(tiny_flags(tmp_path, out_dir=tmp_path / "whole", dropout=0.1), monkeypatch)
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # the job is killed right after its step-3 checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_flags(tmp_path, out_dir=tmp_path / "split", dropout=0.1, checkpoint_interval=3), monkeypatch)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert checkpoint.read_checkpoint(tmp_path / "split")["step"] == 3
+    run_train(tiny_flags(tmp_path, out_dir=tmp_path / "split", dropout=0.1, init_from="resume"), monkeypatch)
+
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(6))
+    assert [r["train_loss"] for r in split] == [r["train_loss"] for r in whole]  # bit for bit
+    assert [r.get("val_loss") for r in split] == [r.get("val_loss") for r in whole]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    from model import GPT
+    write_shards(tmp_path / "data")
+    real_forward, calls = GPT.forward, {"n": 0}
+
+    def forward_that_diverges(self, idx, targets=None, kv_cache=None):
+        logits, loss = real_forward(self, idx, targets, kv_cache)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 2 * 4:  # from step 4 on (2 micro-steps per step)
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward_that_diverges)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tiny_flags(tmp_path, checkpoint_interval=2, eval_interval=0), monkeypatch)
+    assert exit_info.value.code == 1
+    assert "step 4: loss is nan" in capsys.readouterr().out
+    saved = checkpoint.read_checkpoint(tmp_path / "out")
+    assert saved["step"] == 4
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    # one process: 4 micro-steps of 4 x 16 tokens per step
+    run_train(tiny_flags(tmp_path, out_dir=tmp_path / "single", total_batch_size=4 * 16 * 4,
+                         max_steps=4, eval_interval=2), monkeypatch)
+    # two processes (gloo on CPU): 2 micro-steps each, the same 4 x 16 x 4 tokens per step
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny_flags(tmp_path, out_dir=tmp_path / "ddp", total_batch_size=4 * 16 * 4, max_steps=4, eval_interval=2)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
+    assert [r["train_loss"] for r in ddp] == pytest.approx([r["train_loss"] for r in single], rel=1e-5)
+    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)

@@ -1,0 +1,331 @@
+"""One training loop for pretraining, full fine-tuning and LoRA fine-tuning.
+
+    python train.py config/shakespeare_cpu.py                       # one process (CPU, MPS or one GPU)
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m_fineweb.py
+
+Reads top to bottom: config, distributed setup, data, model (+ LoRA), optimizer, then the loop.
+Every `total_batch_size` tokens is one optimizer step, made of `grad_accum_steps` micro-batches of
+batch_size x block_size tokens on each of `world_size` processes.
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------------------------
+# config: every global below can be overridden by config/*.py files and --key=value flags
+out_dir = "out"
+data_dir = "data/shakespeare"
+init_from = "scratch"  # 'scratch' | 'resume' | a Hugging Face folder or name | an out_dir of ours
+model_type = "gpt2"  # 'gpt2' | 'llama' (for init_from='scratch'; otherwise the checkpoint decides)
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024  # the sequence length T we train on
+vocab_size = 50304
+dropout = 0.0
+bias = True
+n_kv_head = 0  # llama: key/value heads for grouped-query attention (0 = n_head)
+intermediate_size = 0  # llama: SwiGLU hidden size (0 = the usual 8/3 * n_embd, rounded to 256)
+rope_theta = 10000.0  # llama
+batch_size = 16  # micro-batch B
+total_batch_size = 524288  # tokens per optimizer step (2**19, ~0.5M as GPT-3 small)
+max_steps = 19073
+warmup_steps = 715
+max_lr = 6e-4
+min_lr = 6e-5
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = off
+eval_interval = 250
+eval_iters = 20
+sample_interval = 250  # 0 = off
+sample_prompt = "\n"
+sample_tokens = 64
+num_samples = 2
+checkpoint_interval = 1000  # also saved at the end
+hellaswag_every = 0  # 0 = off
+hellaswag_limit = 0  # 0 = all 10042 val examples
+log_interval = 1
+compile = True  # torch.compile the model (CUDA)
+dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+seed = 1337
+wandb_log = False
+wandb_project = "nanolora"
+wandb_run_name = "run"
+lora_r = 0  # 0 = no LoRA: train all weights
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
+lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
+merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+# -----------------------------------------------------------------------------------------------
+from configurator import configure  # noqa: E402
+
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
+# -----------------------------------------------------------------------------------------------
+
+from checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
+from dataloader import DataLoaderLite  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from model.flops import device_peak_flops, flops_per_token  # noqa: E402
+
+# distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    ddp_rank, ddp_local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device == "auto":
+        device = f"cuda:{ddp_local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+else:
+    ddp_rank, ddp_local_rank, world_size = 0, 0, 1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+master_process = ddp_rank == 0  # logs, samples and checkpoints
+device_type = "cuda" if device.startswith("cuda") else device
+
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if device_type != "cuda" and dtype != "float32":
+    raise ValueError(f"dtype={dtype!r} on {device_type}: low-precision autocast is for CUDA (bf16 is ~400x "
+                     f"slower on CPU); use --dtype=float32")
+# weights and optimizer stay fp32; autocast runs the matmuls in bf16/fp16 on CUDA
+autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls that remain
+    torch.backends.cudnn.allow_tf32 = True
+
+torch.manual_seed(seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+tokens_per_micro_step = batch_size * block_size * world_size
+if total_batch_size % tokens_per_micro_step != 0:
+    raise ValueError(f"total_batch_size={total_batch_size} must be divisible by batch_size*block_size*world_size "
+                     f"= {batch_size}*{block_size}*{world_size} = {tokens_per_micro_step}; e.g. "
+                     f"--total_batch_size={max(1, total_batch_size // tokens_per_micro_step) * tokens_per_micro_step}")
+grad_accum_steps = total_batch_size // tokens_per_micro_step
+if master_process:
+    print(f"total batch: {total_batch_size:,} tokens = {grad_accum_steps} micro-steps x {batch_size} x {block_size} "
+          f"x {world_size} process(es); device {device}, dtype {dtype}")
+    os.makedirs(out_dir, exist_ok=True)
+
+train_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="train")
+val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="val")
+
+# -----------------------------------------------------------------------------------------------
+# model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
+start_step, checkpoint, lora_config, lora_base = 0, None, None, None
+if init_from == "resume":
+    checkpoint = read_checkpoint(out_dir)
+    model = model_from_checkpoint(checkpoint)  # a LoRA run rebuilds its base and re-applies its adapter
+    start_step = checkpoint["step"]
+    if checkpoint["lora"] is not None:
+        from lora import LoRAConfig
+        lora_config = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["lora"].items()})
+        lora_base = checkpoint["base"]
+    train_loader.load_state_dict(checkpoint["loader"])
+    if master_process:
+        print(f"resuming from {out_dir} at step {start_step}")
+elif init_from == "scratch":
+    if model_type == "gpt2":
+        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd, dropout=dropout, bias=bias))
+    elif model_type == "llama":
+        from model import LLaMA, LLaMAConfig
+        model = LLaMA(LLaMAConfig(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                                  n_kv_head=n_kv_head or n_head, max_seq_len=block_size, rope_theta=rope_theta,
+                                  intermediate_size=intermediate_size or 256 * math.ceil(8 * n_embd / 3 / 256)))
+    else:
+        raise ValueError(f"model_type={model_type!r}: use 'gpt2' or 'llama'")
+else:
+    model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
+    lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+if block_size > model.max_seq_len:
+    raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
+if init_from != "resume" and lora_r > 0:
+    from lora import LoRAConfig, apply_lora
+    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
+    apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
+if lora_config is not None:
+    from lora import print_trainable_parameters
+    if master_process:
+        print_trainable_parameters(model)
+model.to(device)
+raw_model = model  # the plain module: checkpoints, sampling and the optimizer use it
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+
+optimizer = raw_model.configure_optimizers(weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    set_rng_state(checkpoint["rng"])
+    checkpoint = None  # free the memory
+
+
+def get_lr(step):
+    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+@torch.no_grad()
+def estimate_val_loss():
+    model.eval()
+    val_loader.reset()
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(eval_iters):
+        x, y = val_loader.next_batch()
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        loss_sum += loss.detach().float()
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    model.train()
+    return loss_sum.item() / eval_iters
+
+
+def print_samples(step):
+    """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
+    training RNG, so a resumed run stays identical to an uninterrupted one."""
+    from tokenizer import gpt2_encoding
+    enc = gpt2_encoding()
+    if raw_model.lm_head.weight.size(0) < enc.n_vocab:
+        return  # not a GPT-2-vocabulary model (e.g. LLaMA): no tokenizer to print with
+    raw_model.eval()
+    prompt = torch.tensor(enc.encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
+    gen = torch.Generator(device=device).manual_seed(seed + step)
+    with autocast:
+        out = raw_model.generate(prompt, sample_tokens, temperature=1.0, top_k=50, generator=gen)
+    raw_model.train()
+    for i in range(num_samples):
+        tokens = [t for t in out[i].tolist() if t < enc.n_vocab]
+        print(f"sample {i}: {enc.decode(tokens)!r}")
+
+
+def hellaswag_accuracy():
+    import eval_hellaswag
+    if master_process:
+        eval_hellaswag.download("val", "data/hellaswag")  # once, before any rank reads it
+    if ddp:
+        dist.barrier()
+    examples = eval_hellaswag.load_examples(Path("data/hellaswag") / "hellaswag_val.jsonl", limit=hellaswag_limit or None)
+    # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
+    result = eval_hellaswag.evaluate(raw_model, examples, device, rank=ddp_rank, world_size=world_size,
+                                     amp=dtype != "float32")
+    return result["acc_norm"]
+
+
+wandb_run = None
+if wandb_log and master_process:
+    import wandb  # optional: WANDB_MODE=offline works without an account
+    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+log_path = Path(out_dir) / "log.jsonl"
+flops_per_step = flops_per_token(raw_model, block_size, raw_model.config.n_layer, raw_model.config.n_embd) * total_batch_size
+peak_flops = device_peak_flops(device) if device_type == "cuda" else None
+
+
+def save(step):
+    save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config, lora_base)
+
+
+# -----------------------------------------------------------------------------------------------
+# the loop
+for step in range(start_step, max_steps):
+    last_step = step == max_steps - 1
+    record = {"step": step}
+    if eval_interval > 0 and (step % eval_interval == 0 or last_step):
+        record["val_loss"] = estimate_val_loss()
+        if master_process:
+            print(f"step {step}: val loss {record['val_loss']:.4f}")
+    if hellaswag_every > 0 and (step % hellaswag_every == 0 or last_step):
+        record["hellaswag_acc_norm"] = record["hellaswag_acc"] = hellaswag_accuracy()
+        if master_process:
+            print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
+    if master_process and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last_step):
+        print_samples(step)
+
+    t0 = time.perf_counter()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = train_loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        if ddp:
+            # all-reduce the gradients only once, after the last micro-step, not after each backward
+            model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+        with autocast:
+            _, loss = model(x, y)
+        # the loss is a mean over this micro-batch; dividing by grad_accum_steps makes the summed
+        # gradients the mean over the whole batch, as if it were one big batch
+        loss = loss / grad_accum_steps
+        loss_accum += loss.detach()
+        scaler.scale(loss).backward()
+    if ddp:
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # DDP already averaged the gradients
+    if not torch.isfinite(loss_accum):
+        if master_process:
+            print(f"step {step}: loss is {loss_accum.item()}; stopping. The last good checkpoint in {out_dir} "
+                  f"is untouched: lower max_lr or check the data, then init_from='resume'")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+    scaler.unscale_(optimizer)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    lr = get_lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)
+    scaler.update()
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tokens_per_sec = total_batch_size / dt
+
+    if master_process:
+        record.update(train_loss=loss_accum.item(), lr=lr, grad_norm=norm.item(), dt_ms=dt * 1000,
+                      tok_per_s=tokens_per_sec)
+        line = (f"step {step:5d} | loss {record['train_loss']:.6f} | lr {lr:.4e} | norm {record['grad_norm']:.4f} "
+                f"| dt {dt * 1000:.1f}ms | tok/s {tokens_per_sec:,.0f}")
+        if peak_flops:
+            record["mfu"] = flops_per_step / dt / (peak_flops * world_size)
+            line += f" | mfu {100 * record['mfu']:.1f}%"
+        if step % log_interval == 0 or last_step:
+            print(line)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_run is not None:
+            wandb_run.log(record, step=step)
+        if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
+            save(step + 1)  # step + 1: the next step to run after resuming
+
+if master_process and lora_config is not None:
+    from lora import merge_and_unload, save_adapter
+    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
+    print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
+    if merge_on_save:
+        merge_and_unload(raw_model).save_pretrained(Path(out_dir) / "merged")
+        print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format)")
+if wandb_run is not None:
+    wandb_run.finish()
+if ddp:
+    dist.destroy_process_group()
