@@ -4,6 +4,7 @@
     python fineweb.py --source shakespeare-romances              # LoRA fine-tuning set -> data/shakespeare_romances
     python fineweb.py --source fineweb-edu --num_proc 16         # 10B tokens, hours     -> data/edu_fineweb10B
     python fineweb.py --source files a.txt b.jsonl --out_dir data/mine
+    python fineweb.py --source shakespeare --tokenizer path/to/llama --out_dir data/shakespeare_llama
 
 A shard is a .npy file of uint16 token ids (GPT-2 ids are < 2**16, so half the disk of int32), named
 `{prefix}_{split}_{index:06d}.npy` as in build-nanogpt. Shard 0 is the validation split, the others train.
@@ -153,12 +154,30 @@ def iter_fineweb_edu_docs(streaming=False):
 # documents -> tokens -> shards
 
 
+_hf_tokenizer = None  # set by use_tokenizer(): a checkpoint's own tokenizer instead of GPT-2's
+
+
+def use_tokenizer(model_dir):
+    """Tokenize with the tokenizer.json of a Hugging Face checkpoint (e.g. LLaMA) instead of GPT-2's.
+
+    Also the process-pool initializer, so every worker loads the same tokenizer."""
+    global _hf_tokenizer
+    from model.llama_tokenizer import load_llama_tokenizer
+    _hf_tokenizer = load_llama_tokenizer(model_dir) if model_dir else None
+
+
 def tokenize(text):
-    """One document as uint16 tokens, prefixed by EOT. encode_ordinary: a literal "<|endoftext|>" in a
-    web page is tokenized as text, so EOT in a shard always means a real document boundary."""
-    tokens = np.array([EOT] + gpt2_encoding().encode_ordinary(text), dtype=np.int64)
-    assert (0 <= tokens).all() and (tokens < 2**16).all(), "token id does not fit in uint16"
-    return tokens.astype(np.uint16)
+    """One document as token ids, prefixed by a document-boundary token: GPT-2's EOT, or for a checkpoint's
+    tokenizer its template (LLaMA: BOS). encode_ordinary: a literal "<|endoftext|>" in a web page is
+    tokenized as text, so EOT in a shard always means a real document boundary. uint16 holds GPT-2's and
+    LLaMA 2's vocabularies (< 2**16, half the disk of int32); larger ones (LLaMA 3: 128,256) need uint32."""
+    if _hf_tokenizer is None:
+        tokens, vocab_size = [EOT] + gpt2_encoding().encode_ordinary(text), 2**16
+    else:
+        tokens, vocab_size = _hf_tokenizer.encode(text), _hf_tokenizer.vocab_size
+    tokens = np.array(tokens, dtype=np.int64)
+    assert (0 <= tokens).all() and (tokens < vocab_size).all(), "token id out of the vocabulary"
+    return tokens.astype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 def tokenize_all(docs, num_proc=1):
@@ -166,7 +185,8 @@ def tokenize_all(docs, num_proc=1):
     if num_proc <= 1:
         yield from map(tokenize, docs)
         return
-    with multiprocessing.Pool(num_proc) as pool:
+    model_dir = _hf_tokenizer.model_dir if _hf_tokenizer is not None else None
+    with multiprocessing.Pool(num_proc, initializer=use_tokenizer, initargs=(model_dir,)) as pool:
         # imap keeps the input order (deterministic shards); chunksize amortizes the pickling per task
         yield from pool.imap(tokenize, docs, chunksize=16)
 
@@ -174,9 +194,10 @@ def tokenize_all(docs, num_proc=1):
 def pack_shards(token_docs, shard_size):
     """Concatenate token arrays and cut them into shards of exactly shard_size tokens (the last may be
     shorter). A document that crosses a boundary is split: its tail opens the next shard."""
-    buf = np.empty(shard_size, dtype=np.uint16)
-    filled = 0
+    buf, filled = None, 0
     for tokens in token_docs:
+        if buf is None:
+            buf = np.empty(shard_size, dtype=tokens.dtype)  # uint16, or uint32 for a large vocabulary
         while len(tokens) > 0:
             take = min(shard_size - filled, len(tokens))
             buf[filled:filled + take] = tokens[:take]
@@ -184,7 +205,7 @@ def pack_shards(token_docs, shard_size):
             tokens = tokens[take:]
             if filled == shard_size:
                 yield buf
-                buf, filled = np.empty(shard_size, dtype=np.uint16), 0
+                buf, filled = np.empty(shard_size, dtype=tokens.dtype), 0
     if filled > 0:
         yield buf[:filled]
 
@@ -220,7 +241,7 @@ def write_shards(labelled_shards, out_dir, prefix):
         path = shard_path(out_dir, prefix, split, index)
         if os.path.exists(path):
             existing = np.load(path, mmap_mode="r", allow_pickle=False)
-            if existing.dtype != np.uint16 or not np.array_equal(existing, tokens):
+            if existing.dtype != tokens.dtype or not np.array_equal(existing, tokens):
                 raise ValueError(f"{path} exists but differs from what this run writes (other input or "
                                  f"--shard_size?): delete {out_dir} or choose another --out_dir")
             results.append(ShardResult(path, split, len(tokens), written=False))
@@ -243,7 +264,8 @@ def _counting(token_docs, progress):
         yield tokens
 
 
-def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_proc=None, streaming=False):
+def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_proc=None, streaming=False,
+            tokenizer=None):
     """Tokenize `source` into shards in out_dir (defaults per source in DEFAULTS). Returns the ShardResults."""
     if source not in DEFAULTS:
         raise ValueError(f"unknown source {source!r}; choose from {sorted(DEFAULTS)}")
@@ -252,6 +274,8 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
     if source != "files" and paths:
         raise ValueError(f"--source {source} takes no file arguments (got {list(paths)}); did you mean --source files?")
     default_dir, default_prefix, default_shard_size = DEFAULTS[source]
+    if tokenizer:  # other token ids: never mix them into the GPT-2 shards' folder
+        default_dir += "_" + os.path.basename(os.path.normpath(str(tokenizer)))
     out_dir = out_dir or default_dir
     prefix = prefix or default_prefix
     shard_size = shard_size or default_shard_size
@@ -260,6 +284,7 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
     if shard_size < 1:
         raise ValueError(f"--shard_size must be a positive number of tokens, got {shard_size}")
 
+    use_tokenizer(tokenizer)
     progress = tqdm(unit="tokens", unit_scale=True, desc=f"tokenizing {source}")
     if source.startswith("shakespeare"):
         val_docs, train_docs = (shakespeare_documents() if source == "shakespeare" else
@@ -276,6 +301,7 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
         results = write_shards(labelled, out_dir, prefix)
     finally:
         progress.close()
+        use_tokenizer(None)
     if not results:
         raise ValueError(f"--source {source} gave no documents: nothing to write")
     if not any(r.split == "train" for r in results):
@@ -292,11 +318,13 @@ def main(argv=None):
     parser.add_argument("--prefix", help="shard file names start with this (default: the source's name)")
     parser.add_argument("--shard_size", type=int, help="tokens per shard (default 1M for shakespeare, else 100M)")
     parser.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores for fineweb-edu)")
+    parser.add_argument("--tokenizer", help="a Hugging Face model folder whose tokenizer.json to use (e.g. LLaMA); "
+                        "default: GPT-2's. Give such shards their own --out_dir")
     parser.add_argument("--streaming", action="store_true", help="fineweb-edu: stream instead of caching the download")
     args = parser.parse_args(argv)
     t0 = time.time()
     results = prepare(args.source, args.paths, args.out_dir, args.prefix, args.shard_size, args.num_proc,
-                      args.streaming)
+                      args.streaming, args.tokenizer)
     for split in ("val", "train"):
         mine = [r for r in results if r.split == split]
         written = sum(r.written for r in mine)

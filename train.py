@@ -202,22 +202,37 @@ def estimate_val_loss():
     return loss_sum.item() / eval_iters
 
 
+def sample_codec():
+    """(encode, decode, eos_id) for printing samples: the checkpoint's tokenizer.json when it has one
+    (LLaMA), else GPT-2's for a model with GPT-2's vocabulary, else None (nothing to print with)."""
+    folder = lora_base or (init_from if init_from not in ("scratch", "resume") else None)
+    if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        from model import load_llama_tokenizer
+        tok = load_llama_tokenizer(folder)
+        return tok.encode, tok.decode, tok.eos_id
+    from tokenizer import EOT, gpt2_encoding
+    enc = gpt2_encoding()
+    if raw_model.lm_head.weight.size(0) < enc.n_vocab:
+        return None
+    return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
+
+
 def print_samples(step):
     """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
     training RNG, so a resumed run stays identical to an uninterrupted one."""
-    from tokenizer import gpt2_encoding
-    enc = gpt2_encoding()
-    if raw_model.lm_head.weight.size(0) < enc.n_vocab:
-        return  # not a GPT-2-vocabulary model (e.g. LLaMA): no tokenizer to print with
+    codec = sample_codec()
+    if codec is None:
+        return
+    encode, decode, eos_id = codec
     raw_model.eval()
-    prompt = torch.tensor(enc.encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
+    prompt = torch.tensor(encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed + step)
+    new_tokens = min(sample_tokens, raw_model.max_seq_len - prompt.size(1))  # the KV cache holds max_seq_len
     with autocast:
-        out = raw_model.generate(prompt, sample_tokens, temperature=1.0, top_k=50, generator=gen)
+        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=eos_id, generator=gen)
     raw_model.train()
     for i in range(num_samples):
-        tokens = [t for t in out[i].tolist() if t < enc.n_vocab]
-        print(f"sample {i}: {enc.decode(tokens)!r}")
+        print(f"sample {i}: {decode(out[i].tolist())!r}")
 
 
 def hellaswag_accuracy():

@@ -18,8 +18,8 @@ from .hf import resolve_model_dir
 class LLaMATokenizer:
     """encode/decode over a `tokenizers.Tokenizer`; eos_id/bos_id from the folder's config.json when present."""
 
-    def __init__(self, tokenizer, bos_id=None, eos_id=None):
-        self.tokenizer, self.bos_id, self.eos_id = tokenizer, bos_id, eos_id
+    def __init__(self, tokenizer, bos_id=None, eos_id=None, model_dir=None):
+        self.tokenizer, self.bos_id, self.eos_id, self.model_dir = tokenizer, bos_id, eos_id, model_dir
 
     @property
     def vocab_size(self):
@@ -53,4 +53,4 @@ def load_llama_tokenizer(model_dir):
         bos_id, eos_id = hf.get("bos_token_id"), hf.get("eos_token_id")
         if isinstance(eos_id, list):  # Llama 3 instruct lists several; generate() stops on one
             eos_id = eos_id[0] if eos_id else None
-    return LLaMATokenizer(Tokenizer.from_file(str(path)), bos_id, eos_id)
+    return LLaMATokenizer(Tokenizer.from_file(str(path)), bos_id, eos_id, str(model_dir))

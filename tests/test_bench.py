@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -25,6 +26,12 @@ N_TINY = 2048 + 192 + 3168 + 1056 + 4224 + 4128
 # LoRA r=2 on all four block linears: r * (in + out) each
 LORA_R2 = 2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32)  # = 1024
 ATTN_TRAIN = 12 * 1 * 32 * 16  # 12 * n_layer * C * T at T = 16
+
+
+@pytest.fixture(autouse=True)
+def short_chunks(monkeypatch):
+    """Judge CPU noise per iteration, not per 0.3 s chunk: the tiny configurations take milliseconds."""
+    monkeypatch.setattr(timing, "CHUNK_S", 0.0)
 
 
 def tiny_gpt():
@@ -138,3 +145,16 @@ def test_vs_peft_trains_the_same_parameters_as_peft_and_transformers(tmp_path):
     assert trainable["ours-full"] == trainable["hf-full"]
     assert {w for w, _, _ in ratios} >= {"ours-lora / peft-lora", "ours-full / hf-full", "ours-lora / ours-full"}
     assert (tmp_path / "cpu_vs_peft.md").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
+def test_timings_taken_while_another_process_burns_cpu_are_thrown_away(monkeypatch):
+    monkeypatch.setattr(timing, "CHUNK_S", 0.2)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one core fully busy
+    try:
+        time.sleep(0.2)  # let it start
+        _, info = timing.time_phases([lambda: time.sleep(0.01)], "cpu", warmup=0, iters=1)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert info["noisy"] and info["discarded"] > 0

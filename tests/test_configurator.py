@@ -1,7 +1,11 @@
 """configurator.configure: config files and --key=value flags over train.py's defaults."""
+from pathlib import Path
+
 import pytest
 
 from configurator import configure
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULTS = {"batch_size": 16, "max_lr": 6e-4, "compile": True, "init_from": "scratch",
             "lora_targets": ("c_attn",), "wandb_run_name": None}
@@ -52,3 +56,18 @@ def test_none_default_accepts_any_value():
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="config file 'config/nope.py' not found"):
         configure(DEFAULTS, ["config/nope.py"])
+
+
+def train_defaults():
+    """train.py's config globals, read from its config section (without running the training)."""
+    source = (ROOT / "train.py").read_text()
+    section = source[source.index("# config:"):source.index("from configurator import")]
+    namespace = {}
+    exec(section, {}, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.py")))
+def test_every_shipped_config_file_sets_only_known_keys_of_the_right_type(config_file):
+    overrides = configure(train_defaults(), [str(ROOT / "config" / config_file)])
+    assert overrides  # a config file that sets nothing is a mistake

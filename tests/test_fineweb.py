@@ -194,3 +194,30 @@ def test_default_shakespeare_shards_hold_the_val_plays_in_val_only(tmp_path):
     assert len(train_plays) == len(fineweb.shakespeare_play_paths()) - 3 - len(fineweb.FINETUNE_PLAYS)
     assert "Romeo and Juliet" in train_plays
     assert not {"Julius Caesar", "The Tempest", "Twelfth Night"} & set(train_plays)
+
+
+def make_hf_tokenizer_folder(folder, n_words):
+    """A word-level tokenizer.json (the `tokenizers` package's format, as LLaMA checkpoints ship) + config.json."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
+    vocab = {"<s>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(n_words)}}
+    tok = tokenizers.Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])  # BOS, as LLaMA
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "config.json").write_text('{"bos_token_id": 0, "eos_token_id": 1}')
+    return folder
+
+
+@pytest.mark.parametrize("n_words, dtype", [(100, np.uint16), (70_000, np.uint32)])
+def test_checkpoint_tokenizer_writes_bos_prefixed_shards_of_a_fitting_dtype(tmp_path, n_words, dtype):
+    tok_dir = make_hf_tokenizer_folder(tmp_path / "tok", n_words)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "w5 w7 w99"}\n{"text": "w3"}\n')
+    results = fineweb.prepare("files", [str(docs)], out_dir=tmp_path / "out", shard_size=4, tokenizer=tok_dir)
+    tokens = np.concatenate([np.load(r.path) for r in results])
+    assert tokens.dtype == dtype
+    assert tokens.tolist() == [0, 7, 9, 101, 0, 5]  # ids: w_i -> i + 2, each document opened by BOS (0)

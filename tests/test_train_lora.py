@@ -113,7 +113,7 @@ def test_llama_trains_from_scratch(llama_run):
     assert isinstance(model, LLaMA) and model.config.n_kv_head == 2
 
 
-def test_lora_fine_tune_of_a_hugging_face_llama_loads_in_peft(tmp_path, monkeypatch, llama_run):
+def test_lora_fine_tune_of_a_hugging_face_llama_loads_in_peft(tmp_path, monkeypatch, capsys, llama_run):
     write_shards(tmp_path / "data", stride=3)
     run_train(lora_flags(tmp_path, llama_run / "hf", lora_targets="q_proj,k_proj,v_proj,o_proj",
                          merge_on_save=False), monkeypatch)
@@ -125,3 +125,15 @@ def test_lora_fine_tune_of_a_hugging_face_llama_loads_in_peft(tmp_path, monkeypa
         hf = transformers.LlamaForCausalLM.from_pretrained(llama_run / "hf")
         theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "out" / "adapter").eval()(idx).logits
     assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_llama_run_prints_samples_with_the_checkpoints_own_tokenizer(tmp_path, monkeypatch, capsys, llama_run):
+    import shutil
+    from test_fineweb import make_hf_tokenizer_folder
+    shutil.copytree(llama_run / "hf", tmp_path / "llama")
+    make_hf_tokenizer_folder(tmp_path / "tok", n_words=100)  # ids 0..101 fit the 128-token model
+    shutil.copy(tmp_path / "tok" / "tokenizer.json", tmp_path / "llama" / "tokenizer.json")
+    write_shards(tmp_path / "data", stride=3)
+    run_train(lora_flags(tmp_path, tmp_path / "llama", lora_targets="q_proj,v_proj", max_steps=2,
+                         sample_interval=1, sample_prompt="w5 w6", merge_on_save=False), monkeypatch)
+    assert "sample 0: '<s> w5 w6" in capsys.readouterr().out
