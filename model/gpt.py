@@ -31,6 +31,27 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
 
 
+def init_weights(module, n_layer):
+    """GPT-2's init, for model.apply(): N(0, 0.02) for Linears and Embeddings, zero biases, and residual
+    projections (marked `residual_init`) scaled by 1/sqrt(2 * n_layer): each block adds two residual
+    branches, and this keeps the residual stream's variance from growing with depth."""
+    if isinstance(module, nn.Linear):
+        std = 0.02 * ((2 * n_layer) ** -0.5 if getattr(module, "residual_init", False) else 1.0)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def next_token_loss(logits, targets):
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping targets of -1; None without
+    targets. In float32 even under bf16 autocast: a softmax over 50k logits needs the precision."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -94,19 +115,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the output projection is the token embedding (saves 38M params at 124M scale)
         self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "residual_init", False):
-                # each block adds two residual branches; keep the stream's variance from growing with depth
-                std *= (2 * self.config.n_layer) ** -0.5
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        self.apply(lambda module: init_weights(module, config.n_layer))
 
     @property
     def max_seq_len(self):
@@ -129,10 +138,7 @@ class GPT(nn.Module):
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight

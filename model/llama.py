@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .generate import KVCache, cached_attention, generate
+from .gpt import init_weights, next_token_loss
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .optim import configure_adamw
 
@@ -192,21 +193,12 @@ class LLaMA(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._tie_weights()
-        self.apply(self._init_weights)
+        # GPT-2's init (model/gpt.py): N(0, 0.02), residual projections scaled down; RMSNorm starts at ones
+        self.apply(lambda module: init_weights(module, config.n_layer))
 
     def _tie_weights(self):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
-
-    def _init_weights(self, module):
-        # as GPT-2 (model/gpt.py): N(0, 0.02), residual projections scaled down by sqrt(2 n_layer); RMSNorm = ones
-        if isinstance(module, nn.Linear):
-            std = 0.02 * ((2 * self.config.n_layer) ** -0.5 if getattr(module, "residual_init", False) else 1.0)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
     def max_seq_len(self):
@@ -229,10 +221,7 @@ class LLaMA(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
