@@ -227,6 +227,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def checkpoint_encoder(spec, base=None):
+    """encode() of the tokenizer.json that a Hugging Face folder ships (LLaMA), looked for in the model folder,
+    the --base folder and an adapter's base_model_name_or_path; None means GPT-2's encoding. No special tokens:
+    context and endings are encoded separately and concatenated, so a BOS would land mid-sequence."""
+    folders = [spec, base]
+    adapter_config = Path(spec) / "adapter_config.json"
+    if adapter_config.is_file():
+        folders.append(json.loads(adapter_config.read_text()).get("base_model_name_or_path"))
+    for folder in folders:
+        if folder and (Path(folder) / "tokenizer.json").is_file():
+            from model import load_llama_tokenizer
+            tokenizer = load_llama_tokenizer(folder)
+            return lambda text: tokenizer.encode(text, add_special_tokens=False)
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     ddp = "RANK" in os.environ  # launched by torchrun
@@ -256,13 +272,14 @@ def main(argv=None):
 
     from checkpoint import load_model  # our out_dir, an HF folder, or an adapter on its base
     model = load_model(args.model, base=args.base).to(device)
+    encode = checkpoint_encoder(args.model, args.base)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     n_vocab = gpt2_encoding().n_vocab
-    if vocab_size is not None and vocab_size < n_vocab:
-        raise SystemExit(f"{args.model}: vocab_size {vocab_size} < GPT-2's {n_vocab} tokens; this script "
-                         f"tokenizes with GPT-2's encoding, which does not fit this model's tokenizer")
+    if encode is None and vocab_size is not None and vocab_size < n_vocab:
+        raise SystemExit(f"{args.model}: vocab_size {vocab_size} < GPT-2's {n_vocab} tokens and no tokenizer.json "
+                         f"in the model folder: GPT-2's encoding does not fit this model")
 
-    result = evaluate(model, examples, device, batch_examples=args.batch_examples, rank=rank,
+    result = evaluate(model, examples, device, encode=encode, batch_examples=args.batch_examples, rank=rank,
                       world_size=world_size, progress=rank == 0, amp=dtype == "bfloat16")
     if rank == 0:
         n = result["n"]

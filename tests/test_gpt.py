@@ -128,3 +128,27 @@ def test_targets_of_minus_one_are_ignored():
 def test_lm_head_is_tied_to_token_embedding():
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16))
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_hub_name_is_found_in_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    # the cache layout huggingface_hub writes: models--{org}--{name}/snapshots/{commit}/ and refs/main
+    repo = tmp_path / "hub" / "models--openai-community--gpt2"
+    hf = make_hf_gpt2(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # no local folder named "gpt2"
+    ours = GPT.from_pretrained("gpt2").eval()
+    idx = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_sharded_safetensors_checkpoint_loads(tmp_path):
+    hf = make_hf_gpt2(tmp_path / "full")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ours = GPT.from_pretrained(tmp_path / "sharded").eval()
+    idx = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4

@@ -270,3 +270,65 @@ def test_cli_under_torchrun_with_two_processes_counts_like_one(hf_folder_and_exp
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     # 7 examples: rank 0 scores 4, rank 1 scores 3; the all-reduced counts must cover all 7
     assert run_cli(torchrun, model_dir, jsonl) == (correct, correct_norm, len(EXAMPLES))
+
+
+def hand_counts(logits_of, encode, examples):
+    """(correct, correct_norm) from an independent model's logits: one unpadded forward per context + ending."""
+    correct = correct_norm = 0
+    for ex in examples:
+        context = encode(ex["ctx"])
+        sums, means = [], []
+        for ending in ex["endings"]:
+            ending_ids = encode(" " + ending)
+            ids = torch.tensor([context + ending_ids])
+            with torch.no_grad():
+                logits = logits_of(ids)[0, len(context) - 1:-1]  # the positions predicting the ending
+            losses = torch.nn.functional.cross_entropy(logits, ids[0, len(context):], reduction="none")
+            sums.append(losses.sum().item())
+            means.append(losses.mean().item())
+        correct += int(torch.tensor(sums).argmin()) == ex["label"]
+        correct_norm += int(torch.tensor(means).argmin()) == ex["label"]
+    return correct, correct_norm
+
+
+def test_cli_on_an_adapter_folder_scores_like_peft_on_its_base(hf_folder_and_expected_counts, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lora import LoRAConfig, apply_lora, save_adapter
+    model_dir, jsonl, _ = hf_folder_and_expected_counts
+    ours = apply_lora(GPT.from_pretrained(model_dir), LoRAConfig(r=4, alpha=8, targets=("c_attn", "c_fc")))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)  # a trained-looking adapter: it must change the scores
+    save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(model_dir))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir)
+    reference = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    examples = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    expected = hand_counts(lambda ids: reference(ids).logits, gpt2_encoding().encode_ordinary, examples)
+    assert run_cli([], tmp_path / "adapter", jsonl) == (*expected, len(examples))
+
+
+def test_cli_on_a_llama_folder_uses_its_own_tokenizer_json(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    # a word-level tokenizer over the fixture's words: far fewer than GPT-2's 50257 tokens
+    words = sorted({w for ex in EXAMPLES for text in [ex["ctx"], *ex["endings"]]
+                    for w, _ in Whitespace().pre_tokenize_str(text)})
+    tokenizer = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = Whitespace()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(words) + 1, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(30)  # a model with clear preferences
+    hf.save_pretrained(tmp_path / "llama")
+    tokenizer.save(str(tmp_path / "llama" / "tokenizer.json"))
+    jsonl = write_jsonl(tmp_path / "h.jsonl", EXAMPLES)
+    expected = hand_counts(lambda ids: hf(ids).logits, lambda text: tokenizer.encode(text).ids, EXAMPLES)
+    assert run_cli([], tmp_path / "llama", jsonl) == (*expected, len(EXAMPLES))
