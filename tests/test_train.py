@@ -135,16 +135,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
-def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"lora_r": 4, "lora_targets": "c_attn,c_fc"}], ids=["full", "lora"])
+def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_path, monkeypatch, extra):
     write_shards(tmp_path / "data")
     # one process: 4 micro-steps of 4 x 16 tokens per step
     run_train(tiny_flags(tmp_path, out_dir=tmp_path / "single", total_batch_size=4 * 16 * 4,
-                         max_steps=4, eval_interval=2), monkeypatch)
+                         max_steps=4, eval_interval=2, **extra), monkeypatch)
     # two processes (gloo on CPU): 2 micro-steps each, the same 4 x 16 x 4 tokens per step
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *tiny_flags(tmp_path, out_dir=tmp_path / "ddp", total_batch_size=4 * 16 * 4, max_steps=4, eval_interval=2)]
+           *tiny_flags(tmp_path, out_dir=tmp_path / "ddp", total_batch_size=4 * 16 * 4, max_steps=4, eval_interval=2,
+                       **extra)]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
