@@ -79,7 +79,7 @@ config = {k: globals()[k] for k in config_keys}  # what this run used: logged an
 from checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
 from dataloader import DataLoaderLite  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from model.flops import device_peak_flops, flops_per_token  # noqa: E402
+from model.flops import flops_per_token, peak_for_name  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -254,7 +254,8 @@ if wandb_log and master_process:
     wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 log_path = Path(out_dir) / "log.jsonl"
 flops_per_step = flops_per_token(raw_model, block_size, raw_model.config.n_layer, raw_model.config.n_embd) * total_batch_size
-peak_flops = device_peak_flops(device) if device_type == "cuda" else None
+# MFU: achieved FLOP/s over the GPU's bf16 peak (None on CPU, in fp32, or for a GPU not in the table)
+peak_flops = peak_for_name(torch.cuda.get_device_name(device)) if device_type == "cuda" and dtype != "float32" else None
 
 
 def save(step):

@@ -23,7 +23,7 @@ The byte model (fp32, e = 4 bytes per element moved through memory), forward, wh
     fused   B @ A written (in out), s * (B A) read + written (2 in out), W + (...) reads two, writes one
             (3 in out)                                        ->  e 6 in out
 so fused moves fewer bytes for N > N_byte = 6 in out / (in + 4 out) (r << in, out). 768 -> 2304: 1063
-tokens; 3072 -> 768: 2304; 4096 -> 4096: 4915; 4096 -> 11008: 5862. The thin GEMMs and elementwise passes
+tokens; 3072 -> 768: 2304; 4096 -> 4096: 4915; 4096 -> 11008: 5621. The thin GEMMs and elementwise passes
 are memory-bound (a GEMM with inner size r does 2r FLOPs per (N, out) element it writes), so the byte model
 is the better guide on a GPU; on a CPU, with a much lower FLOP/byte ridge, the truth lies in between.
 Both say: fused wins from about a thousand tokens up (a few thousand for 7B shapes), and at >= 4096 tokens
@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from bench import timing  # noqa: E402
+from bench import common, timing  # noqa: E402
 
 ALL_SHAPES = "768x2304,768x3072,3072x768,4096x4096,4096x11008"  # GPT-2 c_attn, c_fc, mlp.c_proj; LLaMA-7B
 ALL_TOKENS = "1,16,64,256,1024,4096,16384"
@@ -103,7 +103,7 @@ def first_win(points):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing.add_common_args(p, model_args=False)
+    common.add_common_args(p, model_args=False)
     p.add_argument("--shapes", default=None, help=f"in x out, comma separated (all: {ALL_SHAPES})")
     p.add_argument("--tokens", default=None, help=f"token counts N (all: {ALL_TOKENS})")
     p.add_argument("--ranks", default=None, help=f"LoRA ranks (all: {ALL_RANKS})")
@@ -112,7 +112,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     command = " ".join(["python", "bench/fused_vs_split.py", *argv])
-    cfg = timing.resolve_args(args)
+    cfg = common.resolve_args(args)
     cuda = cfg["device"].startswith("cuda")
     big = cuda or cfg["full"]
     try:
@@ -123,8 +123,8 @@ def main(argv=None):
         assert all(len(s) == 2 for s in shapes) and min(tokens) > 0 and min(ranks) > 0
     except (ValueError, AssertionError):
         raise SystemExit("--shapes like 768x2304,4096x4096; --tokens and --ranks positive integers, comma separated")
-    dtype = timing.parse_dtype(cfg["dtype"], cfg["device"])
-    print(f"device {timing.device_label(cfg['device'])}, dtype {cfg['dtype']}, threads {cfg['threads']}, "
+    dtype = common.parse_dtype(cfg["dtype"], cfg["device"])
+    print(f"device {common.device_label(cfg['device'])}, dtype {cfg['dtype']}, threads {cfg['threads']}, "
           f"warmup {cfg['warmup']}, iters {cfg['iters']}; shapes {shapes}, tokens {tokens}, ranks {ranks}")
 
     rows, summary = [], []
@@ -145,6 +145,8 @@ def main(argv=None):
                 row = dict(shape=f"{fin}x{fout}", tokens=n, r=r, plain_fwd=plain_f, plain_bwd=plain_b,
                            split_fwd=split_f, split_bwd=split_b, fused_fwd=fused_f, fused_bwd=fused_b,
                            merged_fwd=merged_f)
+                row["discarded"] = sum(t["noise"]["discarded"] for t in (plain_f, merged_f, split_f, fused_f))
+                row["noisy"] = any(t["noise"]["noisy"] for t in (plain_f, merged_f, split_f, fused_f))
                 row["fwd_ratio"] = fused_f["median"] / split_f["median"]
                 row["bwd_ratio"] = fused_b["median"] / split_b["median"]
                 rows.append(row)
@@ -161,14 +163,14 @@ def main(argv=None):
 
     ms = lambda t: f"{t['median']:.2f}"  # noqa: E731
     ratio = lambda x: f"{x:.2f}"  # noqa: E731
-    md = timing.markdown_table(rows, [
+    md = common.markdown_table(rows, [
         ("shape", "shape", None), ("tokens", "tokens", None), ("r", "r", None),
         ("plain fwd", "plain_fwd", ms), ("split fwd", "split_fwd", ms), ("fused fwd", "fused_fwd", ms),
         ("merged fwd (no_grad)", "merged_fwd", ms), ("plain bwd", "plain_bwd", ms),
         ("split bwd", "split_bwd", ms), ("fused bwd", "fused_bwd", ms),
         ("fused/split fwd", "fwd_ratio", ratio), ("fused/split bwd", "bwd_ratio", ratio)])
     tok = lambda x: "never" if x is None else f"{x:,}"  # noqa: E731
-    md2 = timing.markdown_table(summary, [
+    md2 = common.markdown_table(summary, [
         ("shape", "shape", None), ("r", "r", None), ("model N_flop", "n_flop", lambda x: f"{x:,.0f}"),
         ("model N_byte", "n_byte", lambda x: f"{x:,.0f}"), ("fused fwd wins from N", "fwd_from", tok),
         ("fused bwd wins from N", "bwd_from", tok), ("fused fwd+bwd wins from N", "step_from", tok)])
@@ -182,13 +184,15 @@ def main(argv=None):
         verdict = "MISSED at " + ", ".join(f"{r['shape']} N={r['tokens']} r={r['r']} ({r['fwd_ratio']:.2f}x)"
                                            for r in losers)
     verdict = "target (fused forward faster than split at >= 4096 tokens, r <= 64): " + verdict
-    md = (f"Times in ms (median of {cfg['iters']}); ratios < 1: fused faster.\n\n{md}\n\n"
+    busy = (f"{sum(r['discarded'] for r in rows)} iterations re-run because other processes used the CPU"
+            + (f"; NOISY (never quiet): {sum(r['noisy'] for r in rows)} rows" if any(r["noisy"] for r in rows) else ""))
+    md = (f"Times in ms (median of >= {cfg['iters']} iterations); ratios < 1: fused faster. {busy}.\n\n{md}\n\n"
           f"Where fused starts to win (smallest N in the sweep from which it stays faster) vs the model:\n\n"
           f"{md2}\n\n{verdict}")
     print()
     print(md)
-    env = timing.environment(cfg["device"], cfg["threads"])
-    print("wrote", *timing.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md, dict(summary=summary),
+    env = common.environment(cfg["device"], cfg["threads"])
+    print("wrote", *common.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md, dict(summary=summary),
                                         command=command))
     return rows, summary
 

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench import timing  # noqa: E402
+from bench import common, timing  # noqa: E402
 
 MODES = ("full", "split", "fused", "merged")
 
@@ -38,7 +38,7 @@ MODES = ("full", "split", "fused", "merged")
 def build(cfg, row):
     """(model to call, raw model, optimizer or None) for one row."""
     from lora import LoRAConfig, apply_lora, merge_lora
-    model = timing.make_gpt(cfg)
+    model = common.make_gpt(cfg)
     if row["mode"] != "full":
         mode = "split" if row["mode"] == "merged" else row["mode"]
         apply_lora(model, LoRAConfig(r=row["r"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"], mode=mode))
@@ -55,11 +55,11 @@ def build(cfg, row):
 
 def run_row(cfg, row):
     """Time one row; returns its measurements (runs inside a fresh child process, see timing.run_isolated)."""
-    device, dtype = cfg["device"], timing.parse_dtype(cfg["dtype"], cfg["device"])
+    device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     run, model, optimizer = build(cfg, row)
-    idx, targets = timing.random_batch(cfg)
+    idx, targets = common.random_batch(cfg)
     tokens = cfg["B"] * cfg["T"]
     out = dict(row, trainable=timing.num_trainable(model))
     if optimizer is None:  # merged: inference forward only
@@ -67,9 +67,10 @@ def run_row(cfg, row):
             with torch.no_grad(), timing.autocast_ctx(device, dtype):
                 run(idx, targets)
         t = timing.time_fn(forward, device, cfg["warmup"], cfg["iters"])
-        out.update(fwd=t, step_ms=t["median"], step_min=t["min"],
+        out.update(fwd=t, noise=t["noise"], step_ms=t["median"], step_min=t["min"],
                    flops_per_token=timing.forward_flops_per_token(model, cfg["T"]))
     else:
+        out["adamw_fused"] = bool(optimizer.defaults.get("fused"))  # GPT.configure_optimizers decides
         t = timing.time_train_step(run, optimizer, idx, targets, device, dtype, cfg["warmup"], cfg["iters"])
         out.update(t, step_ms=t["step"]["median"], step_min=t["step"]["min"],
                    flops_per_token=timing.train_flops_per_token(model, cfg["T"]))
@@ -81,9 +82,9 @@ def run_row(cfg, row):
 
 
 def profile_row(cfg, row):
-    device, dtype = cfg["device"], timing.parse_dtype(cfg["dtype"], cfg["device"])
+    device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
     run, model, optimizer = build(cfg, row)
-    idx, targets = timing.random_batch(cfg)
+    idx, targets = common.random_batch(cfg)
 
     def step():
         with timing.autocast_ctx(device, dtype):
@@ -123,20 +124,29 @@ def iqr(t):
     return "-" if t is None else f"{t['median']:.1f} ({t['p25']:.1f}-{t['p75']:.1f})"
 
 
+def ratio(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
 def table(rows, cuda):
     full = next((r for r in rows if r["mode"] == "full"), None)
-    for r in rows:
-        r["vs_full"] = r["step_ms"] / full["step_ms"] if full and r["mode"] != "merged" else None
+    for r in rows:  # the optimizer step is left out of the second ratio: it depends on the optimizer's kernels
+        train = full and r["mode"] != "merged"
+        r["vs_full"] = r["step_ms"] / full["step_ms"] if train else None
+        r["fb_vs_full"] = ((r["fwd"]["median"] + r["bwd"]["median"]) / (full["fwd"]["median"] + full["bwd"]["median"])
+                           if train else None)
     mem = "peak alloc" if cuda else "peak RSS (+idle)"
     columns = [("row", "name", None), ("fwd ms", "fwd", iqr), ("bwd ms", "bwd", iqr),
                ("opt ms", "opt", iqr), ("step ms", "step_ms", lambda x: f"{x:.1f}"),
                ("min step ms", "step_min", lambda x: f"{x:.1f}"),
-               ("step / full", "vs_full", lambda x: "-" if x is None else f"{x:.3f}"),
+               ("step / full", "vs_full", ratio), ("fwd+bwd / full", "fb_vs_full", ratio),
                (mem, "mem", None), ("trainable", "trainable", None),
-               ("tok/s", "tok_s", lambda x: f"{x:,.0f}"), ("FLOP/s", "flop_s", lambda x: timing.si(x, "FLOP/s"))]
+               ("tok/s", "tok_s", lambda x: f"{x:,.0f}"), ("FLOP/s", "flop_s", lambda x: common.si(x, "FLOP/s"))]
+    if not cuda:
+        columns.append(("re-run (busy CPU)", "noise", common.noise_note))
     if cuda:
         columns.append(("MFU", "mfu", lambda x: "-" if x is None else f"{100 * x:.1f}%"))
-    return timing.markdown_table(rows, columns)
+    return common.markdown_table(rows, columns)
 
 
 def chart(rows, path):
@@ -165,7 +175,7 @@ def chart(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing.add_common_args(p)
+    common.add_common_args(p)
     p.add_argument("--ranks", default="1,8,16,32,64,128")
     p.add_argument("--modes", default=",".join(MODES), help="any of full,split,fused,merged")
     p.add_argument("--profile", nargs="?", const="auto", default=None, metavar="ROW",
@@ -181,10 +191,10 @@ def main(argv=None):
     bad = [m for m in modes if m not in MODES]
     if bad or not ranks or min(ranks) < 1:
         raise SystemExit(f"--modes {args.modes} / --ranks {args.ranks}: modes must be among {MODES}, ranks >= 1")
-    cfg = timing.resolve_args(args)
+    cfg = common.resolve_args(args)
     rows = rows_for(modes, ranks)
     cuda = cfg["device"].startswith("cuda")
-    print(f"device {timing.device_label(cfg['device'])}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
+    print(f"device {common.device_label(cfg['device'])}, dtype {cfg['dtype']}, compile {cfg['compile']}, "
           f"threads {cfg['threads']}; GPT n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} "
           f"vocab={cfg['vocab_size']}, B={cfg['B']} T={cfg['T']}, targets {','.join(cfg['targets'])}, "
           f"warmup {cfg['warmup']}, iters {cfg['iters']}")
@@ -202,17 +212,20 @@ def main(argv=None):
         res = run_row(cfg, row) if cfg["inprocess"] else timing.run_isolated(run_row, cfg, row)
         if cfg["inprocess"]:
             res["peak_mem"] = timing.peak_memory_bytes(cfg["device"])
-        res["mem"] = (timing.si(res["peak_mem"], "B") if cuda or cfg["inprocess"] else
-                      f"{timing.si(res['peak_mem'], 'B')} (+{timing.si(res['peak_mem'] - baseline, 'B')})")
+        res["mem"] = (common.si(res["peak_mem"], "B") if cuda or cfg["inprocess"] else
+                      f"{common.si(res['peak_mem'], 'B')} (+{common.si(res['peak_mem'] - baseline, 'B')})")
         results.append(res)
         print(f"{row['name']:>10}: step {res['step_ms']:.1f} ms, {res['tok_s']:,.0f} tok/s, {res['mem']}", flush=True)
     md = table(results, cuda)
+    fused = sorted({r["adamw_fused"] for r in results if "adamw_fused" in r})
+    md = (f"Optimizer: AdamW from GPT.configure_optimizers, fused kernel: {fused}. Times: median "
+          f"(interquartile range) of >= {cfg['iters']} iterations.\n\n" + md)
     if baseline:
-        md = f"Idle child process (torch imported): peak RSS {timing.si(baseline, 'B')}\n\n" + md
+        md = f"Idle child process (torch imported): peak RSS {common.si(baseline, 'B')}\n\n" + md
     print()
     print(md)
-    env = timing.environment(cfg["device"], cfg["threads"])
-    paths = timing.save_results(cfg["out_dir"], cfg["name"], env, cfg, results, md, dict(idle_rss=baseline),
+    env = common.environment(cfg["device"], cfg["threads"])
+    paths = common.save_results(cfg["out_dir"], cfg["name"], env, cfg, results, md, dict(idle_rss=baseline),
                                 command=command)
     png = chart(results, os.path.join(cfg["out_dir"], f"{env['device']}_{cfg['name']}.png"))
     print("wrote", *paths, *([png] if png else []))

@@ -16,11 +16,8 @@ FLOPs. Achieved FLOP/s = FLOPs per token (model/flops.py: 6 per trainable and 4 
 parameter, plus attention) x tokens/s. MFU divides that by the device's dense bf16 peak; it is only
 reported on CUDA with a 16-bit dtype and a GPU from the table below.
 """
-import argparse
-import json
 import multiprocessing as mp
 import os
-import re
 import resource
 import statistics
 import sys
@@ -33,60 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from atomic import atomic_path  # noqa: E402
-from model.flops import flops_per_token  # noqa: E402
+from model.flops import flops_per_token, peak_for_name  # noqa: E402
 
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
-# Matched against torch.cuda.get_device_name in order: put the more specific names first.
-PEAK_BF16_TFLOPS = [
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
-    ("GH200", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10G", None),  # AWS's A10 variant, clocked lower; no official bf16 figure: no MFU rather than a wrong one
-    ("A10", 125.0),
-]
-
-# GPT-2 family shapes: (n_layer, n_head, n_embd)
-PRESETS = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-           "gpt2-xl": (48, 25, 1600)}
-
-
-# ---- device ---------------------------------------------------------------------------------------
-
-def pick_device(name="auto"):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu")
-    return name
-
-
-def device_label(device):
-    """'cpu' or e.g. 'cuda-NVIDIA-H100-80GB-HBM3': safe in a file name."""
-    if not device.startswith("cuda"):
-        return "cpu"
-    return "cuda-" + re.sub(r"[^A-Za-z0-9.]+", "-", torch.cuda.get_device_name(device)).strip("-")
-
-
-def cpu_threads(requested=None):
-    """The cores this process may use (2 here); torch's default can differ in containers, so set it."""
-    n = requested or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    torch.set_num_threads(n)
-    return n
-
-
-def peak_for_name(gpu_name):
-    """Dense bf16 peak (FLOP/s) of a GPU by its torch.cuda.get_device_name, or None if not in the table."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in gpu_name:
-            return tflops * 1e12 if tflops else None
-    return None
-
+# ---- device and precision ---------------------------------------------------------------------------------------
 
 def peak_flops(device, dtype):
     """The device's dense bf16 peak in FLOP/s, or None (CPU, fp32, or a GPU not in the table)."""
@@ -95,88 +41,11 @@ def peak_flops(device, dtype):
     return peak_for_name(torch.cuda.get_device_name(device))
 
 
-def parse_dtype(name, device):
-    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if name not in dtypes:
-        raise SystemExit(f"--dtype {name!r}: use one of fp32, bf16, fp16")
-    if device == "cpu" and dtypes[name] != torch.float32:
-        raise SystemExit(f"--dtype {name} on CPU: CPU timings here are fp32 only (16-bit matmuls on CPU are "
-                         f"emulated or unrepresentative); use --dtype fp32")
-    return dtypes[name]
-
-
 def autocast_ctx(device, dtype):
     """bf16/fp16 on CUDA through autocast (weights stay fp32, as in training); fp32 means no autocast."""
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-# ---- the command line every script shares ------------------------------------------------------
-
-def add_common_args(parser, model_args=True):
-    """Device, dtype, iterations, output; and (model_args) the GPT shape and batch."""
-    p = parser
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: bf16 autocast on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off for CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 5 CUDA, 1 CPU)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 CUDA, 5 CPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores this process may use)")
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "bench", "results"))
-    if model_args:
-        p.add_argument("--preset", default="gpt2", choices=sorted(PRESETS), help="GPT shape (n_layer, n_head, n_embd)")
-        p.add_argument("--n_layer", type=int, default=None)
-        p.add_argument("--n_head", type=int, default=None)
-        p.add_argument("--n_embd", type=int, default=None)
-        p.add_argument("--vocab_size", type=int, default=50304)
-        p.add_argument("--B", type=int, default=None, help="batch size (default 16 CUDA, 2 CPU)")
-        p.add_argument("--T", type=int, default=None, help="sequence length (default 1024 CUDA, 128 CPU)")
-        p.add_argument("--targets", default="c_attn,c_proj,c_fc",
-                       help="LoRA targets, comma separated module names (c_proj matches attn.c_proj and mlp.c_proj)")
-        p.add_argument("--alpha", type=float, default=16.0)
-    return p
-
-
-def resolve_args(args):
-    """Fill the per-device defaults in place; returns a plain dict (picklable, for the child processes)."""
-    args.device = pick_device(args.device)
-    cuda = args.device.startswith("cuda")
-    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
-    parse_dtype(args.dtype, args.device)  # fail early on a bad dtype
-    args.compile = cuda if args.compile is None else args.compile
-    args.warmup = (5 if cuda else 1) if args.warmup is None else args.warmup
-    args.iters = (20 if cuda else 5) if args.iters is None else args.iters
-    if args.iters < 1:
-        raise SystemExit(f"--iters {args.iters}: need at least one timed iteration")
-    args.threads = cpu_threads(args.threads)
-    if hasattr(args, "preset"):
-        L, H, C = PRESETS[args.preset]
-        args.n_layer, args.n_head, args.n_embd = args.n_layer or L, args.n_head or H, args.n_embd or C
-        if args.n_embd % args.n_head:
-            raise SystemExit(f"--n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}")
-        args.B = args.B or (16 if cuda else 2)
-        args.T = args.T or (1024 if cuda else 128)
-        args.targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    return vars(args)
-
-
-def make_gpt(cfg):
-    """Our GPT of cfg's shape on cfg's device (fp32 weights: autocast does the low precision), seeded."""
-    from model import GPT, GPTConfig
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=max(cfg["T"], 1024), vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0)
-    return GPT(config).to(cfg["device"])
-
-
-def random_batch(cfg):
-    """(idx, targets), both (B, T) int64: random tokens, since timing does not depend on the text."""
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, cfg["vocab_size"], (cfg["B"], cfg["T"] + 1), generator=g)
-    return idx[:, :-1].to(cfg["device"]), idx[:, 1:].to(cfg["device"])
 
 
 # ---- timing ---------------------------------------------------------------------------------------
@@ -221,42 +90,105 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class OtherLoad:
+    """How much of the machine other processes used during an interval (CPU, Linux; else always 0).
+
+    CPU timings on a shared machine are fragile: with every core busy, a neighbour's process makes
+    each parallel op wait for a descheduled thread, and a step takes 2-10x longer. /proc/stat counts the
+    whole machine's busy CPU time (including time stolen by the hypervisor), time.process_time our own;
+    the difference is everyone else. Granularity is a clock tick (10 ms), so only intervals of a few
+    hundred ms or more are judged.
+    """
+
+    def __init__(self, device):
+        self.on = not device.startswith("cuda") and os.path.exists("/proc/stat")
+        self.tick = os.sysconf("SC_CLK_TCK") if self.on else 100
+        self.ncpu = os.cpu_count() or 1
+
+    def _busy_s(self):
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return (sum(v) - v[3] - v[4]) / self.tick
+
+    def start(self):
+        if self.on:
+            self.t0 = (self._busy_s(), time.process_time(), time.perf_counter())
+
+    def fraction(self):
+        """Others' CPU time / (wall time x cores) since start()."""
+        if not self.on:
+            return 0.0
+        busy, own = self._busy_s() - self.t0[0], time.process_time() - self.t0[1]
+        return max(0.0, busy - own) / ((time.perf_counter() - self.t0[2]) * self.ncpu)
+
+
+NOISE_LIMIT = 0.05  # an interval in which others used more than 5% of the machine is thrown away
+CHUNK_S = 0.3  # judge the noise over at least this much wall time
+
+
+def time_phases(phases, device, warmup, iters):
+    """Run the callables `phases` in order as one iteration; ms of each phase, per clean iteration.
+
+    `warmup` iterations first, untimed. Then iterations are grouped into chunks of >= CHUNK_S seconds;
+    on CPU a chunk during which other processes used more than NOISE_LIMIT of the machine is thrown
+    away and run again (at most 3 * iters + 5 chunks in all), so a neighbour's burst does not end up
+    in the medians. Returns (list of per-phase ms lists, info) with info = {"discarded": iterations
+    thrown away, "others": the worst load kept, "noisy": True if no clean chunk was found at all}.
+    """
+    clock, load = PhaseClock(device), OtherLoad(device)
+    for _ in range(warmup):
+        for phase in phases:
+            phase()
+    sync(device)
+    kept, noisy_kept, discarded, worst = [], [], 0, 0.0
+    for _ in range(3 * iters + 5):
+        chunk, t0 = [], time.perf_counter()
+        load.start()
+        while time.perf_counter() - t0 < CHUNK_S or not chunk:
+            sync(device)
+            clock.mark()
+            for phase in phases:
+                phase()
+                clock.mark()
+            chunk.append(clock.elapsed())
+        others = load.fraction()
+        if others > NOISE_LIMIT:
+            discarded += len(chunk)
+            noisy_kept += chunk
+        else:
+            kept += chunk
+            worst = max(worst, others)
+        if len(kept) >= iters:
+            break
+    noisy = not kept
+    if noisy:  # the machine was never quiet: report what we have, flagged
+        kept = noisy_kept
+    return [list(col) for col in zip(*kept)], dict(discarded=discarded, others=worst, noisy=noisy)
+
+
 def time_train_step(model, optimizer, idx, targets, device, dtype, warmup, iters):
     """Forward (incl. loss), backward, optimizer step (+ zero_grad), each timed separately.
 
-    Returns {"fwd": summary, "bwd": ..., "opt": ..., "step": summary of their per-iteration sum}.
+    Returns {"fwd": summary, "bwd": ..., "opt": ..., "step": summary of their per-iteration sum, "noise": info}.
     """
-    clock, times = PhaseClock(device), {"fwd": [], "bwd": [], "opt": [], "step": []}
-    for it in range(warmup + iters):
-        sync(device)
-        clock.mark()
+    state = {}
+
+    def forward():
         with autocast_ctx(device, dtype):
-            _, loss = model(idx, targets)
-        clock.mark()
-        loss.backward()
-        clock.mark()
+            state["loss"] = model(idx, targets)[1]
+
+    def step():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        clock.mark()
-        fwd, bwd, opt = clock.elapsed()
-        if it >= warmup:
-            for k, v in zip(("fwd", "bwd", "opt", "step"), (fwd, bwd, opt, fwd + bwd + opt)):
-                times[k].append(v)
-    return {k: summarize(v) for k, v in times.items()}
+    (fwd, bwd, opt), info = time_phases([forward, lambda: state.pop("loss").backward(), step], device, warmup, iters)
+    total = [f + b + o for f, b, o in zip(fwd, bwd, opt)]
+    return dict(fwd=summarize(fwd), bwd=summarize(bwd), opt=summarize(opt), step=summarize(total), noise=info)
 
 
 def time_fn(fn, device, warmup, iters):
-    """Summary (ms) of `fn()` alone, synchronised around each call."""
-    clock, ms = PhaseClock(device), []
-    for it in range(warmup + iters):
-        sync(device)
-        clock.mark()
-        fn()
-        clock.mark()
-        (t,) = clock.elapsed()
-        if it >= warmup:
-            ms.append(t)
-    return summarize(ms)
+    """Summary (ms) of `fn()` alone."""
+    (ms,), info = time_phases([fn], device, warmup, iters)
+    return dict(summarize(ms), noise=info)
 
 
 def time_fwd_bwd(fwd, device, warmup, iters, grad=None):
@@ -264,19 +196,10 @@ def time_fwd_bwd(fwd, device, warmup, iters, grad=None):
 
     grad: the upstream gradient (same shape as the output), None for a scalar output.
     """
-    clock, f_ms, b_ms = PhaseClock(device), [], []
-    for it in range(warmup + iters):
-        sync(device)
-        clock.mark()
-        out = fwd()
-        clock.mark()
-        out.backward(grad)
-        clock.mark()
-        f, b = clock.elapsed()
-        if it >= warmup:
-            f_ms.append(f)
-            b_ms.append(b)
-    return summarize(f_ms), summarize(b_ms)
+    state = {}
+    (f_ms, b_ms), info = time_phases([lambda: state.update(out=fwd()), lambda: state.pop("out").backward(grad)],
+                                     device, warmup, iters)
+    return dict(summarize(f_ms), noise=info), summarize(b_ms)
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------
@@ -348,66 +271,5 @@ def profile_table(fn, device, steps=3, row_limit=25):
         for _ in range(steps):
             fn()
         sync(device)
-    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=row_limit)
-
-
-# ---- reporting ------------------------------------------------------------------------------------
-
-def fmt(x):
-    if x is None:
-        return "-"
-    return f"{x:,.1f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
-
-
-def si(x, unit=""):
-    """1.23e12 -> '1.23 T'."""
-    if x is None:
-        return "-"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
-            return f"{x / factor:.2f} {prefix}{unit}"
-    return f"{x:.2f} {unit}"
-
-
-def markdown_table(rows, columns):
-    """rows: list of dicts; columns: list of (header, key, formatter or None)."""
-    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join((f or fmt)(r.get(k)) for _, k, f in columns) + " |" for r in rows]
-    return "\n".join([head, rule, *body])
-
-
-def environment(device, threads):
-    env = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=device_label(device), torch=torch.__version__,
-               python=sys.version.split()[0])
-    if hasattr(os, "getloadavg"):  # other processes on the machine make CPU timings noisy: record how busy it was
-        env["load_avg_1_5_15min_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        env["cpu_threads"] = threads
-        env["cpu"] = _cpu_model()
-    return env
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
-
-
-def save_results(out_dir, name, env, args, rows, markdown, extra=None, command=""):
-    """Write <out_dir>/<device>_<name>.json and .md atomically; returns the two paths."""
-    base = os.path.join(out_dir, f"{env['device']}_{name}")
-    payload = dict(env=env, args=args, rows=rows, **(extra or {}))
-    with atomic_path(base + ".json") as tmp:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1, default=str)
-    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
-    with atomic_path(base + ".md") as tmp:
-        with open(tmp, "w") as f:
-            f.write(f"# {name}\n\n{header}\n- command: `{command}`\n\n{markdown}\n")
-    return base + ".json", base + ".md"

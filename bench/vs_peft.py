@@ -8,11 +8,12 @@ Four training steps (forward with loss, backward, AdamW step), all in one proces
     peft-lora   GPT2LMHeadModel + peft.get_peft_model (the same targets, r, alpha; dropout 0)
     ours-full   model.GPT, every parameter trained
     hf-full     GPT2LMHeadModel, every parameter trained
-They are timed interleaved, round-robin: one step of each, then the next round. A drift in clock speed
-or a noisy neighbour then hits all four alike, and each round gives a paired ratio (ours / theirs) whose
-median is robust to the rounds that were disturbed. Transformers runs with attn_implementation="sdpa",
-the same fused attention kernel as ours; the optimizer is the same AdamW (foreach on CPU, fused on CUDA)
-with the same parameter groups for all four. Skips with a message when transformers or peft is missing.
+They are timed interleaved, round-robin: one step of each (after an untimed "settle" step of the same
+configuration, see below), then the next round. A drift in clock speed or a noisy neighbour then hits all
+four alike, and each round gives a paired ratio (ours / theirs) whose median is robust to the rounds
+that were disturbed. Transformers runs with attn_implementation="sdpa",
+the same fused attention kernel as ours; the optimizer is the same AdamW (fused where available) with
+the same parameter groups for all four. Skips with a message when transformers or peft is missing.
 """
 import argparse
 import os
@@ -23,18 +24,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench import timing  # noqa: E402
+from bench import common, timing  # noqa: E402
 
 NAMES = ("ours-lora", "peft-lora", "ours-full", "hf-full")
 
 
 def adamw(model, device):
-    """AdamW over the trainable parameters: decay on matrices, none on vectors (as GPT.configure_optimizers)."""
+    """AdamW over the trainable parameters, decay on matrices only (as GPT.configure_optimizers), the same for all
+    four. fused=True (one kernel for the whole update) where this torch has it for the device: CUDA, and CPU
+    since torch 2.4, where it is ~6x faster than the default foreach path for GPT-2's 124M parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = dict(fused=True) if device.startswith("cuda") else {}
-    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **extra)
+    try:
+        return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    except RuntimeError:  # no fused kernel for this device in this torch
+        return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
 
 
 def hf_gpt2(cfg):
@@ -53,7 +58,7 @@ def hf_gpt2(cfg):
 def build(cfg, name):
     """(step inputs -> loss function, model) for one of NAMES."""
     if name.startswith("ours"):
-        model = timing.make_gpt(cfg)
+        model = common.make_gpt(cfg)
         if name == "ours-lora":
             from lora import LoRAConfig, apply_lora
             apply_lora(model, LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"],
@@ -78,9 +83,10 @@ def paired(a, b):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing.add_common_args(p)
+    common.add_common_args(p)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--mode", default="split", choices=("split", "fused"), help="our LoRA's compute path")
+    p.add_argument("--settle", type=int, default=1, help="untimed steps of a configuration before its timed one")
     p.add_argument("--profile", default=None, choices=NAMES, help="print a torch.profiler table for one of them")
     p.add_argument("--name", default="vs_peft")
     argv = sys.argv[1:] if argv is None else argv
@@ -94,13 +100,13 @@ def main(argv=None):
     except ImportError as e:
         print(f"skipping: {e.name} is not installed (pip install transformers peft to compare against them)")
         return None
-    cfg = timing.resolve_args(args)
-    device, dtype = cfg["device"], timing.parse_dtype(cfg["dtype"], cfg["device"])
-    print(f"device {timing.device_label(device)}, dtype {cfg['dtype']}, compile {cfg['compile']}, threads "
+    cfg = common.resolve_args(args)
+    device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
+    print(f"device {common.device_label(device)}, dtype {cfg['dtype']}, compile {cfg['compile']}, threads "
           f"{cfg['threads']}; GPT n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} "
           f"vocab={cfg['vocab_size']}, B={cfg['B']} T={cfg['T']}; LoRA r={cfg['r']} alpha={cfg['alpha']} "
           f"targets {','.join(cfg['targets'])} (ours: {cfg['mode']}); warmup {cfg['warmup']}, iters {cfg['iters']}")
-    idx, targets = timing.random_batch(cfg)
+    idx, targets = common.random_batch(cfg)
     names = [cfg["profile"]] if cfg["profile"] else NAMES
     runs = {}
     for name in names:
@@ -109,40 +115,40 @@ def main(argv=None):
     trainable = {n: timing.num_trainable(m) for n, (_, m, _) in runs.items()}
     print("trainable parameters:", ", ".join(f"{n} {t:,}" for n, t in trainable.items()))
 
-    def step(name):
+    def phases(name):
+        """forward, backward, optimizer step of one configuration, as three callables."""
         loss_fn, _, opt = runs[name]
-        with timing.autocast_ctx(device, dtype):
-            loss = loss_fn(idx, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        state = {}
 
-    if cfg["profile"]:
-        for _ in range(cfg["warmup"]):
-            step(cfg["profile"])
-        print(f"profile of {cfg['profile']} ({cfg['iters']} steps, sorted by self time)")
-        print(timing.profile_table(lambda: step(cfg["profile"]), device, steps=cfg["iters"]))
-        return None
-
-    clock = timing.PhaseClock(device)
-    times = {n: {"fwd": [], "bwd": [], "opt": [], "step": []} for n in names}
-    for it in range(cfg["warmup"] + cfg["iters"]):
-        for name in names:  # round-robin: A, B, C, D, A, B, C, D, ...
-            loss_fn, _, opt = runs[name]
-            timing.sync(device)
-            clock.mark()
+        def forward():
             with timing.autocast_ctx(device, dtype):
-                loss = loss_fn(idx, targets)
-            clock.mark()
-            loss.backward()
-            clock.mark()
+                state["loss"] = loss_fn(idx, targets)
+
+        def step():
             opt.step()
             opt.zero_grad(set_to_none=True)
-            clock.mark()
-            fwd, bwd, o = clock.elapsed()
-            if it >= cfg["warmup"]:
-                for k, v in zip(("fwd", "bwd", "opt", "step"), (fwd, bwd, o, fwd + bwd + o)):
-                    times[name][k].append(v)
+        return [forward, lambda: state.pop("loss").backward(), step]
+
+    if cfg["profile"]:
+        ph = phases(cfg["profile"])
+        one_step = lambda: [f() for f in ph]  # noqa: E731
+        for _ in range(cfg["warmup"]):
+            one_step()
+        print(f"profile of {cfg['profile']} ({cfg['iters']} steps, sorted by self time)")
+        print(timing.profile_table(one_step, device, steps=cfg["iters"]))
+        return None
+
+    # One iteration is a round: for each configuration, `settle` untimed steps, then one timed step (fwd, bwd,
+    # opt). Without the settle step a step's time depends on which configuration ran just before it (the
+    # allocator's and the OS's memory state: a full step after a LoRA step re-faults its gradient pages),
+    # which is not what a training loop, repeating one configuration, sees. Busy rounds are re-run (timing.py).
+    per = 3 * (cfg["settle"] + 1)
+    cols, noise = timing.time_phases([f for n in names for _ in range(cfg["settle"] + 1) for f in phases(n)],
+                                     device, cfg["warmup"], cfg["iters"])
+    times = {n: dict(zip(("fwd", "bwd", "opt"), cols[per * i + per - 3:per * (i + 1)])) for i, n in enumerate(names)}
+    for t in times.values():
+        t["step"] = [f + b + o for f, b, o in zip(t["fwd"], t["bwd"], t["opt"])]
+    print(f"rounds kept {len(cols[0])}, re-run because the CPU was busy: {common.noise_note(noise)}")
 
     tokens = cfg["B"] * cfg["T"]
     rows = []
@@ -160,19 +166,21 @@ def main(argv=None):
         ("ours-lora / ours-full, fwd+bwd only", paired(fb["ours-lora"], fb["ours-full"]), None),
     ]
     iq = lambda t: f"{t['median']:.1f} ({t['p25']:.1f}-{t['p75']:.1f})"  # noqa: E731
-    md = timing.markdown_table(rows, [
+    md = common.markdown_table(rows, [
         ("step", "name", None), ("fwd ms", "fwd", iq), ("bwd ms", "bwd", iq), ("opt ms", "opt", iq),
         ("step ms", "step", iq), ("min step ms", "step_min", lambda x: f"{x:.1f}"), ("trainable", "trainable", None),
         ("tok/s", "tok_s", lambda x: f"{x:,.0f}")])
     verdict = lambda v, t: "" if t is None else f" (target <= {t:.2f}: {'MET' if v <= t else 'MISSED'})"  # noqa
+    md += (f"\n\nRounds kept: {len(cols[0])}; rounds re-run because other processes used the CPU: "
+           f"{common.noise_note(noise)}")
     md += "\n\nPaired ratios of step time (median over the interleaved rounds):\n\n" + "\n".join(
         f"- {what}: {v:.3f}{verdict(v, t)}" for what, v, t in ratios)
     print()
     print(md)
-    env = timing.environment(device, cfg["threads"])
+    env = common.environment(device, cfg["threads"])
     env["transformers"], env["peft"] = transformers.__version__, peft.__version__
-    print("wrote", *timing.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md,
-                                        dict(ratios={w: v for w, v, _ in ratios}), command=command))
+    print("wrote", *common.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md,
+                                        dict(ratios={w: v for w, v, _ in ratios}, noise=noise), command=command))
     return rows, ratios
 
 

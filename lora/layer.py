@@ -84,7 +84,7 @@ class FusedLoRALinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        merged_weight = weight + scaling * (lora_B @ lora_A)  # (out, in), temporary
+        merged_weight = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # W + s*B@A: (out, in), temporary
         ctx.save_for_backward(x, weight, lora_A, lora_B)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
@@ -100,7 +100,7 @@ class FusedLoRALinear(torch.autograd.Function):
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         dx = dw = db = dA = dB = None
         if need_x:  # recompute W' rather than keep it alive since the forward (see module docstring)
-            merged_weight = weight + s * (lora_B @ lora_A)  # (out, in)
+            merged_weight = torch.addmm(weight, lora_B, lora_A, alpha=s)  # (out, in)
             dx = (dy @ merged_weight.to(dy.dtype)).reshape(x.shape).to(x.dtype)  # (..., in)
         if need_A:
             dy_B = dy @ lora_B.to(dy.dtype)  # (N, r)
@@ -203,7 +203,10 @@ class LoRALinear(nn.Module):
             return FusedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         base = F.linear(x, self.weight, self.bias)  # (..., out)
         x_At = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-        return base + self.scaling * F.linear(x_At, self.lora_B)  # (..., out)
+        # base + s * (x A^T) B^T as one addmm: the product is added into base's values, no (..., out) temporary
+        out = torch.addmm(base.reshape(-1, self.out_features), x_At.reshape(-1, self.r), self.lora_B.t(),
+                          alpha=self.scaling)  # (N, out)
+        return out.view(base.shape)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -27,17 +27,25 @@ def flops_per_token(model, seq_len, n_layer, n_embd):
     return 6 * trainable + 4 * frozen + 12 * n_layer * n_embd * seq_len
 
 
-# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, without sparsity
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-                   "A100": 312e12, "A10G": 70e12, "L4": 121e12, "L40S": 362e12, "RTX 4090": 165e12,
-                   "RTX 3090": 71e12, "V100": 125e12}
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets, for MFU.
+# Matched against torch.cuda.get_device_name in order: the more specific names come first.
+PEAK_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", None),  # AWS's A10 variant, clocked lower; no official bf16 figure: no MFU rather than a wrong one
+    ("A10", 125.0),
+]
 
 
-def device_peak_flops(device):
-    """The bf16 peak of a CUDA device (for MFU), or None when the device is not in the table."""
-    import torch
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_BF16_FLOPS.items():  # first match wins: specific names come first
-        if key in name:
-            return peak
+def peak_for_name(gpu_name):
+    """Dense bf16 peak (FLOP/s) of a GPU by its torch.cuda.get_device_name, or None if not in the table."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in gpu_name:
+            return tflops * 1e12 if tflops else None
     return None

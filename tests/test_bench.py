@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
-from bench import timing
+from model.flops import peak_for_name
+
+from bench import common, timing
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,17 +69,17 @@ def test_summary_gives_median_quartiles_and_extremes():
 
 
 def test_gpu_peak_table_prefers_the_specific_name():
-    assert timing.peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
-    assert timing.peak_for_name("NVIDIA H100 PCIe") == 756e12
-    assert timing.peak_for_name("NVIDIA L40S") == 362e12  # not L4's 121
-    assert timing.peak_for_name("NVIDIA A100-SXM4-80GB") == 312e12
-    assert timing.peak_for_name("Tesla V100-SXM2-16GB") is None  # no bf16: no MFU
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_for_name("NVIDIA L40S") == 362e12  # not L4's 121
+    assert peak_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_for_name("Tesla V100-SXM2-16GB") is None  # no bf16: no MFU
     assert timing.peak_flops("cpu", torch.bfloat16) is None
 
 
 def test_bf16_on_cpu_is_refused_with_a_clear_message():
     with pytest.raises(SystemExit, match="fp32"):
-        timing.parse_dtype("bf16", "cpu")
+        common.parse_dtype("bf16", "cpu")
 
 
 def test_fused_crossover_model_matches_hand_values():
@@ -100,7 +102,8 @@ def test_rank_sweep_table_has_every_row_and_column(tmp_path):
     assert by_name["split-r2"]["flops_per_token"] == 4 * N_TINY + 6 * LORA_R2 + ATTN_TRAIN
     assert by_name["merged"]["flops_per_token"] == 2 * (N_TINY + LORA_R2 // 2) + 4 * 32 * 16  # r=1 adapter kept
     md = (tmp_path / "cpu_lora_rank_sweep.md").read_text()
-    for column in ("fwd ms", "bwd ms", "opt ms", "step ms", "step / full", "peak", "trainable", "tok/s", "FLOP/s"):
+    for column in ("fwd ms", "bwd ms", "opt ms", "step ms", "step / full", "fwd+bwd / full", "peak RSS",
+                   "trainable", "tok/s", "FLOP/s"):
         assert column in md
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(rows)  # header + one line per row
