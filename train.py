@@ -203,18 +203,22 @@ def estimate_val_loss():
 
 
 def sample_codec():
-    """(encode, decode, eos_id) for printing samples: the checkpoint's tokenizer.json when it has one
-    (LLaMA), else GPT-2's for a model with GPT-2's vocabulary, else None (nothing to print with)."""
+    """(encode, decode, eos_id) for printing samples, or None when there is nothing to print with: GPT-2's
+    tokenizer for a GPT, the tokenizer.json of its Hugging Face folder for a LLaMA."""
+    if isinstance(raw_model, GPT):
+        from tokenizer import EOT, gpt2_encoding
+        enc = gpt2_encoding()
+        if raw_model.config.vocab_size < enc.n_vocab:
+            return None
+        return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
     folder = lora_base or (init_from if init_from not in ("scratch", "resume") else None)
-    if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    try:
         from model import load_llama_tokenizer
-        tok = load_llama_tokenizer(folder)
-        return tok.encode, tok.decode, tok.eos_id
-    from tokenizer import EOT, gpt2_encoding
-    enc = gpt2_encoding()
-    if raw_model.lm_head.weight.size(0) < enc.n_vocab:
+        tok = load_llama_tokenizer(folder) if folder else None
+    except (FileNotFoundError, ImportError) as e:
+        print(f"no samples: {e}")
         return None
-    return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
+    return (tok.encode, tok.decode, tok.eos_id) if tok else None
 
 
 def print_samples(step):
