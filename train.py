@@ -132,8 +132,7 @@ if init_from == "resume":
     model = model_from_checkpoint(checkpoint)  # a LoRA run rebuilds its base and re-applies its adapter
     start_step = checkpoint["step"]
     if checkpoint["lora"] is not None:
-        from lora import LoRAConfig
-        lora_config = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["lora"].items()})
+        lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
         lora_base = checkpoint["base"]
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
@@ -245,7 +244,8 @@ def hellaswag_accuracy():
         eval_hellaswag.download("val", "data/hellaswag")  # once, before any rank reads it
     if ddp:
         dist.barrier()
-    examples = eval_hellaswag.load_examples(Path("data/hellaswag") / "hellaswag_val.jsonl", limit=hellaswag_limit or None)
+    path = eval_hellaswag.download("val", "data/hellaswag")  # now cached: every rank just gets the path
+    examples = eval_hellaswag.load_examples(path, limit=hellaswag_limit or None)
     # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
     result = eval_hellaswag.evaluate(raw_model, examples, device, rank=ddp_rank, world_size=world_size,
                                      amp=dtype != "float32")
