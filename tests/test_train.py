@@ -152,3 +152,21 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_pat
     single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
     assert [r["train_loss"] for r in ddp] == pytest.approx([r["train_loss"] for r in single], rel=1e-5)
     assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
+
+
+def test_hellaswag_runs_in_training_and_logs_the_score_of_the_model_at_that_step(tmp_path, monkeypatch):
+    import eval_hellaswag
+    from model import GPT, GPTConfig
+    from test_hellaswag import EXAMPLES, write_jsonl
+    write_shards(tmp_path / "data")
+    jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", EXAMPLES)
+    monkeypatch.setattr(eval_hellaswag, "download", lambda split, data_dir, **kw: jsonl)  # no network
+    flags = dict(vocab_size=50304, block_size=64, total_batch_size=4 * 64 * 2, max_steps=4, hellaswag_every=3)
+    run_train(tiny_flags(tmp_path, **flags), monkeypatch)
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log if "hellaswag_acc_norm" in r] == [0, 3]
+    # step 0 scores the freshly initialised model: rebuild it from the same seed and score it directly
+    torch.manual_seed(1337)
+    fresh = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    expected = eval_hellaswag.evaluate(fresh, eval_hellaswag.load_examples(jsonl), "cpu")["acc_norm"]
+    assert log[0]["hellaswag_acc_norm"] == expected
