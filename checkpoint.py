@@ -6,7 +6,9 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
     model_type   'gpt2' | 'llama';  model_args: the model's config dataclass as a dict
     lora         the LoRAConfig as a dict, or None;  base: where a LoRA run's frozen base came from
     optimizer    AdamW state;  step: the next step to run;  config: the training config
-    loader       the data loader's {"shard", "position"};  rng: torch / cuda / python RNG states
+    loader       the data loader's {"shard", "position"}
+    rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
+                 exactly where it stopped
 """
 import dataclasses
 import os
@@ -35,22 +37,28 @@ def model_type_of(model):
 
 
 def rng_state():
+    """This process's RNG states: CPU torch, Python's random, and the current CUDA device's."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(states, rank=0):
+    """Restore this rank's entry of the per-rank list that save_checkpoint wrote."""
+    state = states[rank]
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_config=None, base=None):
-    """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact."""
+def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_config=None, base=None,
+                    rng_states=None):
+    """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact.
+
+    rng_states: one rng_state() per DDP rank, gathered by the caller; None means a single process (this one)."""
     if lora_config is not None:
         from lora import lora_state_dict
         model_sd = lora_state_dict(model)
@@ -62,7 +70,7 @@ def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_
         "model": model_sd, "model_type": model_type_of(model), "model_args": model.config_dict(),
         "lora": lora, "base": base, "optimizer": optimizer.state_dict(), "step": step,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-        "loader": loader_state, "rng": rng_state(),
+        "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()],
     }
     with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
         torch.save(checkpoint, tmp)

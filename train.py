@@ -76,7 +76,8 @@ globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
 # -----------------------------------------------------------------------------------------------
 
-from checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
+from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
+                        set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
@@ -169,9 +170,16 @@ if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
 
 optimizer = raw_model.configure_optimizers(weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
+# from here on each rank draws its own dropout masks (nanoGPT's seed_offset): with one seed everywhere, every rank
+# would drop the same positions of its micro-batch
+torch.manual_seed(seed + ddp_rank)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint["optimizer"])
-    set_rng_state(checkpoint["rng"])
+    if len(checkpoint["rng"]) == world_size:  # one RNG state per rank: each continues its own stream
+        set_rng_state(checkpoint["rng"], ddp_rank)
+    elif master_process:
+        print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
+              f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
 
 
@@ -263,7 +271,14 @@ peak_flops = peak_for_name(torch.cuda.get_device_name(device)) if device_type ==
 
 
 def save(step):
-    save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config, lora_base)
+    """Every rank calls this: rank 0 writes the checkpoint, with the RNG states of all ranks gathered into it."""
+    rng_states = [rng_state()]
+    if ddp:
+        rng_states = [None] * world_size
+        dist.all_gather_object(rng_states, rng_state())
+    if master_process:
+        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
+                        lora_base, rng_states)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -335,8 +350,8 @@ for step in range(start_step, max_steps):
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log(record, step=step)
-        if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
-            save(step + 1)  # step + 1: the next step to run after resuming
+    if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
+        save(step + 1)  # step + 1: the next step to run after resuming
 
 if master_process and lora_config is not None:
     from lora import merge_and_unload, save_adapter

@@ -17,24 +17,29 @@ so fused does fewer FLOPs once 2 N r (in + out) > 2 r in out, i.e. for
     N > N_flop = in out / (in + out)             (independent of r!)
 GPT-2's c_attn 768 -> 2304: 576 tokens; 3072 -> 768: 614; LLaMA-7B 4096 -> 4096: 2048; 4096 -> 11008: 2985.
 
-The byte model (fp32, e = 4 bytes per element moved through memory), forward, what each adds to plain:
-    split   x read again by x A^T (N in), the thin (N, r) written and read (2 N r), s * t and base + s t:
-            read and write (N, out) twice (4 N out)           ->  e N (in + 2 r + 4 out)
-    fused   B @ A written (in out), s * (B A) read + written (2 in out), W + (...) reads two, writes one
-            (3 in out)                                        ->  e 6 in out
-so fused moves fewer bytes for N > N_byte = 6 in out / (in + 4 out) (r << in, out). 768 -> 2304: 1063
-tokens; 3072 -> 768: 2304; 4096 -> 4096: 4915; 4096 -> 11008: 5621. The thin GEMMs and elementwise passes
-are memory-bound (a GEMM with inner size r does 2r FLOPs per (N, out) element it writes), so the byte model
-is the better guide on a GPU; on a CPU, with a much lower FLOP/byte ridge, the truth lies in between.
-Both say: fused wins from about a thousand tokens up (a few thousand for 7B shapes), and at >= 4096 tokens
-for every GPT-2 shape. A single torch.addmm(W, B, A, alpha=s) would form W' in one pass (2 in out instead
-of 6 in out) and move N_byte down by 3x; likewise addmm(base, xA^T, B^T, alpha=s) for split's tail.
+The byte model (fp32, e = 4 bytes per element moved through memory), forward, what each adds to plain, for
+the code in lora/layer.py:
+    split   x read again by x A^T (N in), the thin (N, r) written and read (2 N r), and base.addmm_(xA^T, B^T)
+            reads and writes the (N, out) output once more (2 N out)      ->  e N (in + 2 r + 2 out)
+    fused   torch.addmm(W, B, A, alpha=s) copies W into the new W' (read + write, 2 in out), then the GEMM with
+            inner size r reads and writes W' again (2 in out)               ->  e 4 in out
+so fused moves fewer bytes for N > N_byte = 4 in out / (in + 2 out) (r << in, out). 768 -> 2304: 1317 tokens;
+3072 -> 768: 2048; 4096 -> 4096: 5461; 4096 -> 11008: 6906. The thin GEMMs are memory-bound (a GEMM with
+inner size r does 2r FLOPs per element it writes), so the byte model is the better guide on a GPU; on a CPU,
+with a much lower FLOP/byte ridge, the truth lies in between. Both say: fused wins from one or two thousand
+tokens up for GPT-2's shapes; for LLaMA-7B's, the models disagree at 4096 tokens (fewer FLOPs, more bytes),
+so expect a tie there and a fused win only beyond ~6k tokens.
+
+Measurement. Split and fused are timed interleaved (split fwd, split bwd, fused fwd, fused bwd in every
+iteration) and the ratios are medians of per-iteration ratios: on a shared machine a slow patch then hits both
+alike instead of one of them.
 
 Backward (training) is a different story: both need dx = dy W' (or dy W plus a thin correction) and the
 thin dA, dB; fused recomputes W' and x A^T rather than saving them (see lora/layer.py). Timed here too.
 """
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +60,7 @@ def n_flop(fin, fout):
 
 
 def n_byte(fin, fout):
-    return 6 * fin * fout / (fin + 4 * fout)
+    return 4 * fin * fout / (fin + 2 * fout)
 
 
 def make_layer(fin, fout, r, mode, device, alpha=16.0):
@@ -72,29 +77,50 @@ def make_layer(fin, fout, r, mode, device, alpha=16.0):
     return layer
 
 
-def time_layer(layer, x, dy, cfg, dtype, backward=True):
-    """(fwd, bwd) summaries; bwd None for an inference-only forward (no_grad)."""
-    device = cfg["device"]
-    if not backward:
-        def infer():
-            with torch.no_grad(), timing.autocast_ctx(device, dtype):
-                layer(x)
-        return timing.time_fn(infer, device, cfg["warmup"], cfg["iters"]), None
+def fwd_bwd_phases(layer, x, dy, dtype):
+    """[forward, backward] callables for one layer, for timing.time_phases."""
+    state = {}
 
-    def fwd():
+    def forward():
         x.grad = None
         for p in layer.parameters():
             p.grad = None
-        with timing.autocast_ctx(device, dtype):
-            return layer(x)
-    return timing.time_fwd_bwd(fwd, device, cfg["warmup"], cfg["iters"], grad=dy)
+        with timing.autocast_ctx(x.device.type, dtype):
+            state["out"] = layer(x)
+    return [forward, lambda: state.pop("out").backward(dy)]
+
+
+def time_layer(layer, x, dy, cfg, dtype):
+    """(fwd, bwd) summaries of one layer on its own."""
+    (f_ms, b_ms), info = timing.time_phases(fwd_bwd_phases(layer, x, dy, dtype), cfg["device"], cfg["warmup"],
+                                            cfg["iters"])
+    return dict(timing.summarize(f_ms), noise=info), timing.summarize(b_ms)
+
+
+def time_merged(layer, x, cfg, dtype):
+    """Summary of an inference forward (no_grad) of a merged layer."""
+    def infer():
+        with torch.no_grad(), timing.autocast_ctx(cfg["device"], dtype):
+            layer(x)
+    return timing.time_fn(infer, cfg["device"], cfg["warmup"], cfg["iters"])
+
+
+def time_split_and_fused(split, fused, x, dy, cfg, dtype):
+    """Both layers in every iteration; their summaries, and the medians of the per-iteration fused/split ratios."""
+    phases = fwd_bwd_phases(split, x, dy, dtype) + fwd_bwd_phases(fused, x, dy, dtype)
+    (sf, sb, ff, fb), info = timing.time_phases(phases, cfg["device"], cfg["warmup"], cfg["iters"])
+    fwd_ratio = statistics.median(f / s for f, s in zip(ff, sf))
+    bwd_ratio = statistics.median(f / s for f, s in zip(fb, sb))
+    step_ratio = statistics.median((f1 + f2) / (s1 + s2) for f1, f2, s1, s2 in zip(ff, fb, sf, sb))
+    summaries = [dict(timing.summarize(ms), noise=info) for ms in (sf, sb, ff, fb)]
+    return summaries, fwd_ratio, bwd_ratio, step_ratio
 
 
 def first_win(points):
-    """points: [(tokens, fused_ms, split_ms)] sorted; smallest tokens from which fused stays faster, or None."""
+    """points: [(tokens, fused/split ratio)] sorted; smallest tokens from which fused stays faster, or None."""
     win = None
-    for tokens, fused, split in reversed(points):
-        if fused < split:
+    for tokens, ratio in reversed(points):
+        if ratio < 1.0:
             win = tokens
         else:
             break
@@ -137,29 +163,27 @@ def main(argv=None):
             if dtype != torch.float32:
                 dy = dy.to(dtype)
             plain_f, plain_b = time_layer(make_layer(fin, fout, 1, "plain", cfg["device"]), x, dy, cfg, dtype)
-            merged_f, _ = time_layer(make_layer(fin, fout, ranks[0], "merged", cfg["device"]), x, dy, cfg, dtype,
-                                     backward=False)
+            merged_f = time_merged(make_layer(fin, fout, ranks[0], "merged", cfg["device"]), x, cfg, dtype)
             for r in ranks:
-                split_f, split_b = time_layer(make_layer(fin, fout, r, "split", cfg["device"]), x, dy, cfg, dtype)
-                fused_f, fused_b = time_layer(make_layer(fin, fout, r, "fused", cfg["device"]), x, dy, cfg, dtype)
+                split, fused = (make_layer(fin, fout, r, mode, cfg["device"]) for mode in ("split", "fused"))
+                (split_f, split_b, fused_f, fused_b), fwd_ratio, bwd_ratio, step_ratio = time_split_and_fused(
+                    split, fused, x, dy, cfg, dtype)
                 row = dict(shape=f"{fin}x{fout}", tokens=n, r=r, plain_fwd=plain_f, plain_bwd=plain_b,
                            split_fwd=split_f, split_bwd=split_b, fused_fwd=fused_f, fused_bwd=fused_b,
-                           merged_fwd=merged_f)
-                row["discarded"] = sum(t["noise"]["discarded"] for t in (plain_f, merged_f, split_f, fused_f))
-                row["noisy"] = any(t["noise"]["noisy"] for t in (plain_f, merged_f, split_f, fused_f))
-                row["fwd_ratio"] = fused_f["median"] / split_f["median"]
-                row["bwd_ratio"] = fused_b["median"] / split_b["median"]
+                           merged_fwd=merged_f, fwd_ratio=fwd_ratio, bwd_ratio=bwd_ratio)
+                row["discarded"] = sum(t["noise"]["discarded"] for t in (plain_f, merged_f, split_f))
+                row["noisy"] = any(t["noise"]["noisy"] for t in (plain_f, merged_f, split_f))
                 rows.append(row)
-                per_rank[r].append((n, fused_f["median"], split_f["median"], fused_b["median"], split_b["median"]))
+                per_rank[r].append((n, fwd_ratio, bwd_ratio, step_ratio))
                 print(f"{fin}x{fout} N={n:>6} r={r:>3}: fwd plain {plain_f['median']:8.2f} split "
                       f"{split_f['median']:8.2f} fused {fused_f['median']:8.2f} merged {merged_f['median']:8.2f} | "
                       f"bwd plain {plain_b['median']:8.2f} split {split_b['median']:8.2f} fused "
                       f"{fused_b['median']:8.2f} ms", flush=True)
         for r, pts in per_rank.items():
             summary.append(dict(shape=f"{fin}x{fout}", r=r, n_flop=n_flop(fin, fout), n_byte=n_byte(fin, fout),
-                                fwd_from=first_win([(n, f, s) for n, f, s, _, _ in pts]),
-                                bwd_from=first_win([(n, fb, sb) for n, _, _, fb, sb in pts]),
-                                step_from=first_win([(n, f + fb, s + sb) for n, f, s, fb, sb in pts])))
+                                fwd_from=first_win([(n, f) for n, f, _, _ in pts]),
+                                bwd_from=first_win([(n, b) for n, _, b, _ in pts]),
+                                step_from=first_win([(n, st) for n, _, _, st in pts])))
 
     ms = lambda t: f"{t['median']:.2f}"  # noqa: E731
     ratio = lambda x: f"{x:.2f}"  # noqa: E731
@@ -186,7 +210,8 @@ def main(argv=None):
     verdict = "target (fused forward faster than split at >= 4096 tokens, r <= 64): " + verdict
     busy = (f"{sum(r['discarded'] for r in rows)} iterations re-run because other processes used the CPU"
             + (f"; NOISY (never quiet): {sum(r['noisy'] for r in rows)} rows" if any(r["noisy"] for r in rows) else ""))
-    md = (f"Times in ms (median of >= {cfg['iters']} iterations); ratios < 1: fused faster. {busy}.\n\n{md}\n\n"
+    md = (f"Times in ms (median of >= {cfg['iters']} iterations); ratios: median of per-iteration fused/split, "
+          f"the two timed interleaved; < 1: fused faster. {busy}.\n\n{md}\n\n"
           f"Where fused starts to win (smallest N in the sweep from which it stays faster) vs the model:\n\n"
           f"{md2}\n\n{verdict}")
     print()

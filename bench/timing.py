@@ -191,17 +191,6 @@ def time_fn(fn, device, warmup, iters):
     return dict(summarize(ms), noise=info)
 
 
-def time_fwd_bwd(fwd, device, warmup, iters, grad=None):
-    """`fwd()` returns a tensor; times it and its .backward(grad) separately. -> (fwd summary, bwd summary).
-
-    grad: the upstream gradient (same shape as the output), None for a scalar output.
-    """
-    state = {}
-    (f_ms, b_ms), info = time_phases([lambda: state.update(out=fwd()), lambda: state.pop("out").backward(grad)],
-                                     device, warmup, iters)
-    return dict(summarize(f_ms), noise=info), summarize(b_ms)
-
-
 # ---- FLOPs ----------------------------------------------------------------------------------------
 
 def train_flops_per_token(model, seq_len):

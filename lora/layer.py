@@ -26,6 +26,7 @@ A random and B zero, B gets a gradient at step one and A follows once B is nonze
 Two ways to compute the same thing (`mode`)
 -------------------------------------------
 split:  y = x W^T + b + s * (dropout(x) A^T) B^T. Three GEMMs (one big, two thin); autograd does the backward.
+        The last thin GEMM adds into x W^T + b in place (addmm_), so no (N, out) temporary is made.
 
 fused:  y = x W'^T + b with W' = W + s B A. One big GEMM per forward, after forming W' (costs out*r*in, no N).
         The backward is hand-written (`FusedLoRALinear` below). Let x be (N, in) with all leading dims flattened
@@ -54,8 +55,9 @@ Cost (N tokens, multiply-add = 2 FLOPs):
     backward (both) 2*N*in*out (dx) + about 4*N*r*(in+out) (dA, dB and the thin products they need)
 The FLOPs barely differ when r << in, out. What differs is memory traffic and kernel count: x A^T reads all of x
 (N x in) to do r/out of the big GEMM's math, so the thin GEMMs are memory-bound; fused reads x once in the forward
-and skips adding two (N, out) tensors. The activations kept for backward are about the same (x; split also keeps
-x A^T, N*r numbers). Measure on your GPU (bench/) before believing either way.
+and skips split's extra read and write of the (N, out) output, but reads and writes W' (out x in) instead. The
+activations kept for backward are about the same (x; split also keeps x A^T, N*r numbers). Measure on your GPU
+(bench/) before believing either way.
 
 Merging. After training, fold s B A into W: the layer becomes a plain F.linear, as fast as the original nn.Linear.
 `merge()` / `unmerge()` here are reversible (up to fp32 rounding: W + sBA - sBA is not bit-exact).
@@ -203,9 +205,11 @@ class LoRALinear(nn.Module):
             return FusedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         base = F.linear(x, self.weight, self.bias)  # (..., out)
         x_At = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-        # base + s * (x A^T) B^T as one addmm: the product is added into base's values, no (..., out) temporary
-        out = torch.addmm(base.reshape(-1, self.out_features), x_At.reshape(-1, self.r), self.lora_B.t(),
-                          alpha=self.scaling)  # (N, out)
+        # base += s * (x A^T) B^T in place, as one GEMM with beta=1: no (..., out) temporary and no extra pass
+        # over it. Autograd allows it because nothing saved `base` for backward (linear keeps x and W). In-place
+        # ops skip autocast, so B is cast to base's dtype by hand (a no-op in fp32, bf16 under CUDA autocast).
+        out = base.reshape(-1, self.out_features)  # (N, out), a view of base
+        out.addmm_(x_At.reshape(-1, self.r), self.lora_B.t().to(out.dtype), alpha=self.scaling)
         return out.view(base.shape)
 
     def extra_repr(self):

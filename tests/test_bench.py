@@ -85,11 +85,12 @@ def test_bf16_on_cpu_is_refused_with_a_clear_message():
 def test_fused_crossover_model_matches_hand_values():
     fvs = load_script("fused_vs_split")
     assert fvs.n_flop(768, 2304) == 576  # 768 * 2304 / 3072
-    assert fvs.n_byte(768, 2304) == pytest.approx(6 * 768 * 2304 / (768 + 4 * 2304))
-    # fused must stay faster from that token count on; a loss at the largest N means "never"
-    assert fvs.first_win([(16, 2.0, 1.0), (256, 0.9, 1.0), (4096, 0.5, 1.0)]) == 256
-    assert fvs.first_win([(16, 0.5, 1.0), (256, 2.0, 1.0), (4096, 0.5, 1.0)]) == 4096
-    assert fvs.first_win([(16, 0.5, 1.0), (4096, 2.0, 1.0)]) is None
+    assert fvs.n_byte(768, 2304) == pytest.approx(1316.57, abs=0.01)  # 4 * 768 * 2304 / (768 + 2 * 2304)
+    # points are (tokens, fused/split ratio): fused must stay faster from that token count on; a loss at the
+    # largest N means "never"
+    assert fvs.first_win([(16, 2.0), (256, 0.9), (4096, 0.5)]) == 256
+    assert fvs.first_win([(16, 0.5), (256, 2.0), (4096, 0.5)]) == 4096
+    assert fvs.first_win([(16, 0.5), (4096, 2.0)]) is None
 
 
 def test_rank_sweep_table_has_every_row_and_column(tmp_path):

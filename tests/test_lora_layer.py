@@ -185,3 +185,19 @@ def test_fused_matches_split_under_cuda_autocast_bf16():
         grads.append((y.float(), layer.lora_A.grad, layer.lora_B.grad))
     for s, f in zip(*grads):
         torch.testing.assert_close(f, s, rtol=3e-2, atol=3e-2 * s.abs().max().item())
+
+
+def test_split_under_autocast_returns_low_precision_output_and_fp32_grads():
+    # The split path adds the LoRA term in place (addmm_), which autocast does not cast, so the layer casts B
+    # itself. CI has no GPU: a layer this small checks the dtype logic with CPU autocast in microseconds
+    # (bf16 is only slow on CPU for real sizes). Compared with the formula in fp32.
+    layer = make_layer(in_f=16, out_f=8, r=4, dtype=torch.float32)
+    x = torch.randn(2, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    W, b, A, B = layer.weight, layer.bias, layer.lora_A, layer.lora_B
+    expected = x @ W.T + b + layer.scaling * (x @ A.T) @ B.T
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
