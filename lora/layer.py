@@ -203,14 +203,15 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)  # plain layer: same cost as nn.Linear
         if self.mode == "fused":
             return FusedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
-        base = F.linear(x, self.weight, self.bias)  # (..., out)
-        x_At = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-        # base += s * (x A^T) B^T in place, as one GEMM with beta=1: no (..., out) temporary and no extra pass
-        # over it. Autograd allows it because nothing saved `base` for backward (linear keeps x and W). In-place
-        # ops skip autocast, so B is cast to base's dtype by hand (a no-op in fp32, bf16 under CUDA autocast).
-        out = base.reshape(-1, self.out_features)  # (N, out), a view of base
-        out.addmm_(x_At.reshape(-1, self.r), self.lora_B.t().to(out.dtype), alpha=self.scaling)
-        return out.view(base.shape)
+        x2 = x.reshape(-1, self.in_features)  # (N, in): tokens flattened, a view for a contiguous x
+        out = F.linear(x2, self.weight, self.bias)  # (N, out), the frozen layer
+        x_At = F.linear(self.lora_dropout(x2), self.lora_A)  # (N, r)
+        # out += s * (x A^T) B^T in place, as one GEMM with beta=1: no (N, out) temporary and no extra pass over
+        # it. Autograd allows it because nothing saved `out` for backward (linear keeps x and W); `out` must not be
+        # a view, or autograd would wrap the backward in a copy of the whole gradient. In-place ops skip autocast,
+        # so B is cast to out's dtype by hand (a no-op in fp32, bf16 under CUDA autocast).
+        out.addmm_(x_At, self.lora_B.t().to(out.dtype), alpha=self.scaling)
+        return out.view(*x.shape[:-1], self.out_features)  # (..., out)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
