@@ -287,6 +287,7 @@ def main(argv=None):
         print(f"acc:      {result['correct']}/{n} = {result['acc']:.4f}")
         print(f"acc_norm: {result['correct_norm']}/{n} = {result['acc_norm']:.4f}")
     if ddp:
+        dist.barrier()  # leave together (see the end of train.py)
         dist.destroy_process_group()
     return result
 

@@ -363,4 +363,7 @@ if master_process and lora_config is not None:
 if wandb_run is not None:
     wandb_run.finish()
 if ddp:
+    # leave together: a rank that tears down its process group while rank 0 is still writing files can make
+    # gloo abort rank 0's exit (a "terminate called" SIGABRT after all the work is done)
+    dist.barrier()
     dist.destroy_process_group()
