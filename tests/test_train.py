@@ -196,6 +196,16 @@ def test_two_process_ddp_resume_gives_the_same_losses_as_an_uninterrupted_run(tm
         resumed.stdout[-2000:]  # bit for bit
 
 
+def test_resuming_with_another_number_of_processes_continues_and_says_dropout_will_differ(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    flags = dict(dropout=0.1, total_batch_size=4 * 16 * 4, eval_interval=0)
+    run_train(tiny_flags(tmp_path, max_steps=3, **flags), monkeypatch)  # one process, checkpoint at step 3
+    resumed = run_torchrun(tmp_path, tiny_flags(tmp_path, max_steps=6, init_from="resume", **flags))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "RNG states for 1 process(es) and this run has 2" in resumed.stdout
+    assert [r["step"] for r in read_log(tmp_path / "out")] == list(range(6))
+
+
 def test_hellaswag_runs_in_training_and_logs_the_score_of_the_model_at_that_step(tmp_path, monkeypatch):
     import eval_hellaswag
     from model import GPT, GPTConfig
