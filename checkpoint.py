@@ -36,29 +36,29 @@ def model_type_of(model):
     return "gpt2" if isinstance(model, GPT) else "llama"
 
 
-def rng_state():
-    """This process's RNG states: CPU torch, Python's random, and the current CUDA device's."""
+def rng_state(device="cpu"):
+    """This process's RNG states: CPU torch, Python's random, and the CUDA generator of `device` if it is a GPU."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if str(device).startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(states, rank=0):
+def set_rng_state(states, rank=0, device="cpu"):
     """Restore this rank's entry of the per-rank list that save_checkpoint wrote."""
     state = states[rank]
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_config=None, base=None,
                     rng_states=None):
     """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact.
 
-    rng_states: one rng_state() per DDP rank, gathered by the caller; None means a single process (this one)."""
+    rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG."""
     if lora_config is not None:
         from lora import lora_state_dict
         model_sd = lora_state_dict(model)

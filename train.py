@@ -176,7 +176,7 @@ torch.manual_seed(seed + ddp_rank)
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint["optimizer"])
     if len(checkpoint["rng"]) == world_size:  # one RNG state per rank: each continues its own stream
-        set_rng_state(checkpoint["rng"], ddp_rank)
+        set_rng_state(checkpoint["rng"], ddp_rank, device)
     elif master_process:
         print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
@@ -272,10 +272,11 @@ peak_flops = peak_for_name(torch.cuda.get_device_name(device)) if device_type ==
 
 def save(step):
     """Every rank calls this: rank 0 writes the checkpoint, with the RNG states of all ranks gathered into it."""
-    rng_states = [rng_state()]
-    if ddp:
+    mine = rng_state(device)
+    rng_states = [mine]
+    if ddp:  # one entry per rank, in rank order
         rng_states = [None] * world_size
-        dist.all_gather_object(rng_states, rng_state())
+        dist.all_gather_object(rng_states, mine)
     if master_process:
         save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
                         lora_base, rng_states)
