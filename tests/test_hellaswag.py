@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval_hellaswag
+from conftest import subprocess_env
 from eval_hellaswag import download, evaluate, load_examples, render_example, score_examples
 from model import GPT, GPTConfig
 from tokenizer import gpt2_encoding
@@ -246,13 +247,10 @@ def hf_folder_and_expected_counts(tmp_path_factory):
 
 
 def run_cli(launcher, model_dir, jsonl):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     args = ["eval_hellaswag.py", "--model", str(model_dir), "--file", str(jsonl), "--device", "cpu",
             "--batch_examples", "2"]
-    out = subprocess.run([sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, *launcher, *args], cwd=REPO, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     acc = re.findall(r"^acc: +(\d+)/(\d+) = ", out.stdout, re.M)
     acc_norm = re.findall(r"^acc_norm: +(\d+)/(\d+) = ", out.stdout, re.M)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 128
@@ -135,12 +136,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
-def run_torchrun(tmp_path, argv, script="train.py"):
+def run_torchrun(argv, script="train.py"):
     """`torchrun --standalone --nproc_per_node=2 SCRIPT ARGV` (gloo on CPU, one thread per process)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *argv]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora_r": 4, "lora_targets": "c_attn,c_fc"}], ids=["full", "lora"])
@@ -150,7 +149,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_pat
     run_train(tiny_flags(tmp_path, out_dir=tmp_path / "single", total_batch_size=4 * 16 * 4,
                          max_steps=4, eval_interval=2, **extra), monkeypatch)
     # two processes (gloo on CPU): 2 micro-steps each, the same 4 x 16 x 4 tokens per step
-    result = run_torchrun(tmp_path, tiny_flags(tmp_path, out_dir=tmp_path / "ddp", total_batch_size=4 * 16 * 4,
+    result = run_torchrun(tiny_flags(tmp_path, out_dir=tmp_path / "ddp", total_batch_size=4 * 16 * 4,
                                                max_steps=4, eval_interval=2, **extra))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
@@ -176,18 +175,18 @@ def test_two_process_ddp_resume_gives_the_same_losses_as_an_uninterrupted_run(tm
     write_shards(tmp_path / "data")
     # dropout on: each rank draws its own masks, so each rank's RNG must come back, not only rank 0's
     flags = dict(dropout=0.1, total_batch_size=4 * 16 * 4, eval_interval=0)
-    whole = run_torchrun(tmp_path, tiny_flags(tmp_path, out_dir=tmp_path / "whole", **flags))
+    whole = run_torchrun(tiny_flags(tmp_path, out_dir=tmp_path / "whole", **flags))
     assert whole.returncode == 0, whole.stderr[-4000:]
 
     crash_script = tmp_path / "crash_after_first_checkpoint.py"
     crash_script.write_text(CRASH_AFTER_FIRST_CHECKPOINT.format(root=str(ROOT)))
-    crashed = run_torchrun(tmp_path, tiny_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3,
+    crashed = run_torchrun(tiny_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3,
                                                 **flags), script=crash_script)
     assert crashed.returncode != 0 and "killed right after the first checkpoint" in crashed.stderr, \
         crashed.stderr[-4000:]
     saved = checkpoint.read_checkpoint(tmp_path / "split")
     assert saved["step"] == 3 and len(saved["rng"]) == 2
-    resumed = run_torchrun(tmp_path, tiny_flags(tmp_path, out_dir=tmp_path / "split", init_from="resume", **flags))
+    resumed = run_torchrun(tiny_flags(tmp_path, out_dir=tmp_path / "split", init_from="resume", **flags))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
 
     whole_log, split_log = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
@@ -200,7 +199,7 @@ def test_resuming_with_another_number_of_processes_continues_and_says_dropout_wi
     write_shards(tmp_path / "data")
     flags = dict(dropout=0.1, total_batch_size=4 * 16 * 4, eval_interval=0)
     run_train(tiny_flags(tmp_path, max_steps=3, **flags), monkeypatch)  # one process, checkpoint at step 3
-    resumed = run_torchrun(tmp_path, tiny_flags(tmp_path, max_steps=6, init_from="resume", **flags))
+    resumed = run_torchrun(tiny_flags(tmp_path, max_steps=6, init_from="resume", **flags))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "RNG states for 1 process(es) and this run has 2" in resumed.stdout
     assert [r["step"] for r in read_log(tmp_path / "out")] == list(range(6))
