@@ -1,6 +1,5 @@
 """train.py end to end on tiny models: DDP equivalence, resume, NaN stop, and the accumulation arithmetic."""
 import json
-import os
 import runpy
 import subprocess
 import sys
