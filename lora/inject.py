@@ -55,7 +55,11 @@ class LoRAConfig:
         if self.mode == "fused" and self.dropout > 0:
             raise ValueError("LoRAConfig: mode='fused' needs dropout=0 (see lora/layer.py); use mode='split'")
         if isinstance(self.targets, str):
-            re.compile(self.targets)  # fail now on a bad regex
+            try:
+                re.compile(self.targets)  # fail now on a bad regex
+            except re.error as e:
+                raise ValueError(f"LoRA targets {self.targets!r} is not a valid regular expression ({e}); give "
+                                 f"module names, e.g. ('c_attn',), or fix the regex") from None
         elif not self.targets:
             raise ValueError("LoRAConfig.targets is empty: name at least one nn.Linear, e.g. ('c_attn',)")
         if isinstance(self.modules_to_save, str):
