@@ -16,6 +16,7 @@ train.py calls `evaluate(model, examples, device, rank=..., world_size=...)` eve
 import argparse
 import json
 import os
+import sys
 import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
@@ -83,8 +84,14 @@ def check_example(example, where):
 def load_examples(path, limit=None):
     """The examples of a HellaSwag jsonl file (one JSON object a line), checked; the first `limit` if given."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        lines = enumerate(f, start=1)
+        try:
+            lines = list(lines)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text file (HellaSwag files are UTF-8 jsonl): pass the .jsonl "
+                             f"file") from None
+        for line_number, line in lines:
             if limit is not None and len(examples) >= limit:
                 break
             if not line.strip():
@@ -235,8 +242,11 @@ def checkpoint_encoder(spec, base=None):
     adapter_config = Path(spec) / "adapter_config.json"
     if adapter_config.is_file():
         folders.append(json.loads(adapter_config.read_text()).get("base_model_name_or_path"))
+    if (Path(spec) / "ckpt.pt").is_file():  # our out_dir: the folder its weights came from (mmap: no full read)
+        saved = torch.load(Path(spec) / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+        folders += [saved.get("base"), saved.get("config", {}).get("init_from")]
     for folder in folders:
-        if folder and (Path(folder) / "tokenizer.json").is_file():
+        if folder and folder not in ("scratch", "resume") and (Path(folder) / "tokenizer.json").is_file():
             from model import load_llama_tokenizer
             tokenizer = load_llama_tokenizer(folder)
             return lambda text: tokenizer.encode(text, add_special_tokens=False)
@@ -258,7 +268,7 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype == "bfloat16" and not device.startswith("cuda"):
-        raise SystemExit(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
+        raise ValueError(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
 
     if args.file is not None:
         path = args.file
@@ -271,13 +281,18 @@ def main(argv=None):
     examples = load_examples(path, args.limit)
 
     from checkpoint import load_model  # our out_dir, an HF folder, or an adapter on its base
+    from model import GPT
     model = load_model(args.model, base=args.base).to(device)
     encode = checkpoint_encoder(args.model, args.base)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     n_vocab = gpt2_encoding().n_vocab
     if encode is None and vocab_size is not None and vocab_size < n_vocab:
-        raise SystemExit(f"{args.model}: vocab_size {vocab_size} < GPT-2's {n_vocab} tokens and no tokenizer.json "
+        raise ValueError(f"{args.model}: vocab_size {vocab_size} < GPT-2's {n_vocab} tokens and no tokenizer.json "
                          f"in the model folder: GPT-2's encoding does not fit this model")
+    if encode is None and not isinstance(model, GPT):
+        raise ValueError(f"{args.model} is a {type(model).__name__} and no tokenizer.json was found in it or its "
+                         f"base: GPT-2's encoding would score nonsense; copy the tokenizer.json of the model it "
+                         f"came from into {args.model}")
 
     result = evaluate(model, examples, device, encode=encode, batch_examples=args.batch_examples, rank=rank,
                       world_size=world_size, progress=rank == 0, amp=dtype == "bfloat16")
@@ -293,4 +308,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))
