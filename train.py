@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 out_dir = "out"
 data_dir = "data/shakespeare"
 init_from = "scratch"  # 'scratch' | 'resume' | a Hugging Face folder or name | an out_dir of ours
-model_type = "gpt2"  # 'gpt2' | 'llama' (for init_from='scratch'; otherwise the checkpoint decides)
+model_type = "gpt2"  # a key of model.MODELS: 'gpt2' | 'llama' (for init_from='scratch'; else the checkpoint decides)
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -91,7 +91,7 @@ validate_config(config)  # every value by range and meaning, once, here
 from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
 from run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
 
@@ -159,16 +159,8 @@ if init_from == "resume":
         print(f"resuming from {out_dir} at step {start_step}"
               + (f"; applying {', '.join(resume_notes)}" if resume_notes else ""))
 elif init_from == "scratch":
-    if model_type == "gpt2":
-        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd, dropout=dropout, bias=bias))
-    elif model_type == "llama":
-        from model import LLaMA, LLaMAConfig
-        model = LLaMA(LLaMAConfig(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                                  n_kv_head=n_kv_head or n_head, max_seq_len=block_size, rope_theta=rope_theta,
-                                  intermediate_size=intermediate_size or 256 * math.ceil(8 * n_embd / 3 / 256)))
-    else:
-        raise ValueError(f"model_type={model_type!r}: use 'gpt2' or 'llama'")
+    model_cls = model_class(model_type)
+    model = model_cls(model_cls.scratch_config(config))
     model_source = None
 else:
     model = load_base(init_from)  # full fine-tuning, or the frozen base of a LoRA run (a LoRA run's: merged)

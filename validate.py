@@ -11,6 +11,8 @@ two keys goes into RELATIONS.
 import math
 import re
 
+from model import MODELS
+
 FIXED, FREE, LAUNCH = "fixed", "free", "launch"
 
 
@@ -50,7 +52,7 @@ CHECKS = {
     "out_dir":             (nonempty,                        "a folder name",                                LAUNCH),
     "init_from":           (nonempty,                        "'scratch', 'resume', a model folder or name",  LAUNCH),
     "data_dir":            (nonempty,                        "a folder of token shards",                     FIXED),
-    "model_type":          (one_of("gpt2", "llama"),         "'gpt2' or 'llama'",                            FIXED),
+    "model_type":          (one_of(*MODELS),                 f"one of {', '.join(map(repr, MODELS))}",      FIXED),
     "n_layer":             (at_least(1),                     "a positive int",                               FIXED),
     "n_head":              (at_least(1),                     "a positive int",                               FIXED),
     "n_embd":              (at_least(1),                     "a positive int",                               FIXED),
