@@ -11,7 +11,9 @@ import re
 import tempfile
 from contextlib import contextmanager
 
-TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # what atomic_path's mkstemp names look like
+# the temp names a killed write leaves: atomic_path's (mkstemp: .NAME.XXXXXXXX.tmp), and those of safetensors'
+# save_file, which writes its own temp file (.tmpXXXXXX) and renames it, inside ours
+TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 @contextmanager

@@ -80,6 +80,8 @@ def configure(defaults, argv):
             value = _parse_value(text)
             if isinstance(defaults.get(key), (tuple, list)) and isinstance(value, str):
                 value = tuple(v for v in value.split(",") if v)  # --lora_targets=q_proj,v_proj
+            if isinstance(defaults.get(key), float) and text.lower() in ("nan", "inf", "-inf"):
+                value = float(text)  # a float all the same: validate.py says why it is not a valid one
             overrides[key] = _check(key, value, defaults, arg)
             print(f"overriding: {key} = {overrides[key]!r}")
     return overrides

@@ -286,13 +286,13 @@ def main(argv=None):
     encode = checkpoint_encoder(args.model, args.base)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     n_vocab = gpt2_encoding().n_vocab
-    if encode is None and vocab_size is not None and vocab_size < n_vocab:
-        raise ValueError(f"{args.model}: vocab_size {vocab_size} < GPT-2's {n_vocab} tokens and no tokenizer.json "
-                         f"in the model folder: GPT-2's encoding does not fit this model")
     if encode is None and not isinstance(model, GPT):
         raise ValueError(f"{args.model} is a {type(model).__name__} and no tokenizer.json was found in it or its "
                          f"base: GPT-2's encoding would score nonsense; copy the tokenizer.json of the model it "
                          f"came from into {args.model}")
+    if encode is None and vocab_size is not None and vocab_size < n_vocab:
+        raise ValueError(f"{args.model}: vocab_size {vocab_size} < GPT-2's {n_vocab} tokens and no tokenizer.json "
+                         f"in the model folder: GPT-2's encoding does not fit this model")
 
     result = evaluate(model, examples, device, encode=encode, batch_examples=args.batch_examples, rank=rank,
                       world_size=world_size, progress=rank == 0, amp=dtype == "bfloat16")

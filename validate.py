@@ -51,7 +51,7 @@ CHECKS = {
     # key                  valid(value)                      what a valid value is                       on resume
     "out_dir":             (nonempty,                        "a folder name",                                LAUNCH),
     "init_from":           (nonempty,                        "'scratch', 'resume', a model folder or name",  LAUNCH),
-    "data_dir":            (nonempty,                        "a folder of token shards",                     FIXED),
+    "data_dir":            (nonempty,                        "a folder of token shards",                     FREE),
     "model_type":          (one_of(*MODELS),                 f"one of {', '.join(map(repr, MODELS))}",      FIXED),
     "n_layer":             (at_least(1),                     "a positive int",                               FIXED),
     "n_head":              (at_least(1),                     "a positive int",                               FIXED),
