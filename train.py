@@ -72,7 +72,7 @@ overwrite = False  # True: replace the run in out_dir (by default a new run refu
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 from errors import report_user_errors  # noqa: E402
-from validate import resume_config, validate_config  # noqa: E402
+from validate import loaded_model_config, resume_config, validate_config  # noqa: E402
 
 argv = report_user_errors(sys.argv[1:])  # user errors end the run with one line (--debug: with the traceback)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
@@ -167,6 +167,7 @@ else:
     lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
     base_fingerprint = fingerprint(model) if lora_r > 0 else None  # a resume refuses a base that has changed
     model_source = lora_base
+    config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
 for loader in (train_loader, val_loader):

@@ -123,6 +123,24 @@ def validate_config(config):
             raise ValueError(message(config))
 
 
+ARCHITECTURE = ("model_type", "n_layer", "n_head", "n_embd", "vocab_size", "dropout", "bias", "n_kv_head",
+                "intermediate_size", "rope_theta")
+
+
+def loaded_model_config(config, given, model, init_from):
+    """The config of a run that fine-tunes a loaded model: its architecture is the model's. A flag given for it must
+    agree (trained weights cannot be reshaped, nor dropout added); the returned config records the model's values,
+    so that the checkpoint says what was trained."""
+    actual = {"model_type": model.model_type, **model.config_dict()}
+    differ = [k for k in given if k in ARCHITECTURE and k in actual and config[k] != actual[k]
+              and not (k in ("n_kv_head", "intermediate_size") and config[k] == 0)]  # 0 = the model's default
+    if differ:
+        what = ", ".join(f"{k}={config[k]!r} (the model has {actual[k]!r})" for k in differ)
+        raise ValueError(f"init_from={init_from!r}: {what}: a loaded model keeps its architecture; drop "
+                         f"{' '.join('--' + k for k in differ)}, or train from scratch with --init_from=scratch")
+    return {**config, **{k: actual[k] for k in ARCHITECTURE if k in actual and k in config}}
+
+
 def on_resume(key):
     return CHECKS[key][2] if key in CHECKS else FREE
 

@@ -76,6 +76,12 @@ def test_run_refuses_the_out_dir_it_loads_its_base_from_even_with_overwrite(run_
     assert snapshot(run_copy / "out") == before
 
 
+def test_fine_tune_refuses_an_architecture_flag_its_loaded_model_does_not_have(run_copy, monkeypatch):
+    with pytest.raises(ValueError, match=r"n_layer=3 \(the model has 2\): a loaded model keeps its architecture"):
+        run_train(flags(run_copy, init_from=run_copy / "out", out_dir=run_copy / "fine", n_layer=3), monkeypatch)
+    assert list((run_copy / "fine").iterdir()) == []  # nothing written
+
+
 # --- resume ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("changed", [{"n_layer": 3}, {"lora_r": 4, "lora_targets": "c_proj"}], ids=["model", "lora"])
 def test_resume_refuses_a_changed_model_or_lora_flag_by_name(run_copy, monkeypatch, changed):
@@ -351,7 +357,16 @@ def test_sigkill_during_adapter_writes_always_leaves_a_whole_loadable_adapter(tm
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
-def test_training_killed_mid_run_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process, as in the children subprocess_env() starts: the same sums, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_killed_mid_run_resumes_to_the_losses_of_an_uninterrupted_run(tmp_path, monkeypatch, one_thread):
     write_shards(tmp_path / "data")
     run_flags = dict(max_steps=8, checkpoint_interval=1, dropout=0.1)
     run_train(flags(tmp_path, out_dir=tmp_path / "whole", **run_flags), monkeypatch)
