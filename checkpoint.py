@@ -4,8 +4,9 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
     model        full state dict, or for a LoRA run only the LoRA tensors (plus modules_to_save)
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
-    lora         the LoRAConfig as a dict, or None;  base: where a LoRA run's frozen base came from
-    base_fingerprint  fingerprint(base) when it was loaded: resuming on another base is refused
+    lora         the LoRAConfig as a dict, or None;  base: the model the run started from (None: scratch), which
+                 for a LoRA run is its frozen base
+    base_fingerprint  a LoRA run's fingerprint(base) when it started: loading it on another base is refused
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
@@ -92,19 +93,20 @@ def read_checkpoint(path):
     except Exception as e:  # a truncated or foreign file: torch's message is long and suggests unsafe loading
         reason = str(e).split(". ")[0]
         raise ValueError(f"{path} is not a readable checkpoint ({reason}): the file is truncated or not one of "
-                         f"train.py's; delete it and train again, or point at another checkpoint") from e
+                         f"train.py's; delete it and train again, or point at another checkpoint") from None
     missing = {"model", "model_type", "model_args", "lora", "step"} - set(checkpoint if isinstance(checkpoint, dict)
                                                                          else ())
     if missing:
         raise ValueError(f"{path} is not one of train.py's checkpoints (no {', '.join(sorted(missing))})")
-    checkpoint["path"] = str(path)
+    checkpoint["path"] = str(path)  # where it came from, for messages
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint, dtype=None):
-    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied."""
+def model_from_checkpoint(checkpoint, dtype=None, **overrides):
+    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
+    `overrides` may set dropout."""
     if checkpoint["lora"] is None:
-        model = build_model(checkpoint["model_type"], checkpoint["model_args"])
+        model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])
     else:
         from lora import LoRAConfig, apply_lora
@@ -113,7 +115,7 @@ def model_from_checkpoint(checkpoint, dtype=None):
                                                                     Path(base).resolve().parent):
             raise ValueError(f"{where}: a LoRA checkpoint whose base is its own out_dir {base} (its base was "
                              f"overwritten by it); the base model is gone: train the LoRA run again on its base")
-        model = load_base(base)
+        model = load_base(base, **overrides)
         expected, found = checkpoint.get("base_fingerprint"), fingerprint(model)
         if expected is not None and expected != found:
             raise ValueError(f"{where}: its base {base} has changed since this LoRA run started (fingerprint "
@@ -133,11 +135,11 @@ def model_from_checkpoint(checkpoint, dtype=None):
     return model
 
 
-def load_base(spec):
+def load_base(spec, **overrides):
     """load_model(spec) as a plain model to build on: a LoRA run's base and adapter merged into one set of
     weights, every parameter trainable (apply_lora and full fine-tuning both start from it)."""
     from lora import lora_layers, merge_and_unload
-    model = load_model(spec)
+    model = load_model(spec, **overrides)
     if lora_layers(model):
         print(f"{spec} is a LoRA run: building on its merged weights (base + scaling * B @ A)")
         merge_and_unload(model)
@@ -145,15 +147,16 @@ def load_base(spec):
     return model
 
 
-def load_model(spec, base=None, dtype=None):
+def load_model(spec, base=None, dtype=None, **overrides):
     """Any model a user may name, on the CPU:
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
+    `overrides` may set dropout, whatever the model's own config says.
     """
     path = Path(os.fspath(spec)).expanduser()
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
-        return model_from_checkpoint(read_checkpoint(path), dtype)
+        return model_from_checkpoint(read_checkpoint(path), dtype, **overrides)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
         from lora import load_adapter
@@ -161,7 +164,7 @@ def load_model(spec, base=None, dtype=None):
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
-        model = load_model(base, dtype=dtype)
+        model = load_model(base, dtype=dtype, **overrides)
         load_adapter(model, path)
         return model
-    return load_pretrained(spec, dtype=dtype)
+    return load_pretrained(spec, dtype=dtype, **overrides)

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,12 +63,14 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-lora_r = 0  # 0 = no LoRA: train all weights
-lora_alpha = 16.0
-lora_dropout = 0.0
-lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
-lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+# LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
+# lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
+from lora import lora_settings  # noqa: E402
+
+globals().update(lora_settings())
+lora_r = 0  # 0 = no LoRA: train all weights
 overwrite = False  # True: replace the run in out_dir (by default a new run refuses an out_dir holding another run)
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -75,7 +78,8 @@ from errors import report_user_errors  # noqa: E402
 from validate import loaded_model_config, resume_config, validate_config  # noqa: E402
 
 argv = report_user_errors(sys.argv[1:])  # user errors end the run with one line (--debug: with the traceback)
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 given = configure({k: globals()[k] for k in config_keys}, argv)  # the keys set by config files and flags
 globals().update(given)
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
@@ -91,9 +95,10 @@ validate_config(config)  # every value by range and meaning, once, here
 from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
-from model import GPT, model_class  # noqa: E402
+from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
 from run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
+from tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -142,17 +147,17 @@ val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_si
 
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
-start_step, lora_config, lora_base, base_fingerprint = 0, None, None, None
+# base: the model this run started from (None: scratch); a LoRA run's frozen base; it also names the tokenizer
+start_step, lora_config, base, base_fingerprint = 0, None, None, None
 if init_from == "resume":
-    model = model_from_checkpoint(checkpoint)  # a LoRA run rebuilds its base (checked by fingerprint) and adapter
-    start_step = checkpoint["step"]
+    # a LoRA run rebuilds its base (refused if its fingerprint changed) and re-applies its adapter
+    model = model_from_checkpoint(checkpoint, dropout=dropout)
+    start_step, base, base_fingerprint = checkpoint["step"], checkpoint["base"], checkpoint.get("base_fingerprint")
     if start_step >= max_steps:
         raise ValueError(f"{out_dir} is already trained to step {start_step} and max_steps={max_steps}: "
                          f"pass a larger --max_steps to train on")
     if checkpoint["lora"] is not None:
         lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
-        lora_base, base_fingerprint = checkpoint["base"], checkpoint.get("base_fingerprint")
-    model_source = lora_base or checkpoint["config"].get("init_from")  # the folder the run's weights came from
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
         truncate_log(Path(out_dir) / "log.jsonl", start_step)  # the steps from start_step on are logged anew
@@ -161,20 +166,18 @@ if init_from == "resume":
 elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
-    model_source = None
 else:
-    model = load_base(init_from)  # full fine-tuning, or the frozen base of a LoRA run (a LoRA run's: merged)
-    lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+    model = load_base(init_from, dropout=dropout)  # full fine-tuning, or the frozen base of a LoRA run (a LoRA run's: merged)
+    base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
     base_fingerprint = fingerprint(model) if lora_r > 0 else None  # a resume refuses a base that has changed
-    model_source = lora_base
     config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
 for loader in (train_loader, val_loader):
     loader.check_vocab(model.config.vocab_size)  # token ids the model has no embedding for are refused
 if init_from != "resume" and lora_r > 0:
-    from lora import LoRAConfig, apply_lora
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
+    from lora import apply_lora, lora_config_from
+    lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
     apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
 if lora_config is not None:
     from lora import print_trainable_parameters
@@ -199,6 +202,17 @@ if checkpoint is not None:
         print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
+
+# the tokenizer of the model (tokenizer.py): for samples, and for HellaSwag, which cannot run without it
+try:
+    tokenizer = tokenizer_for(base, raw_model.config.vocab_size)
+except (ValueError, FileNotFoundError, ImportError) as e:
+    if hellaswag_every > 0:
+        raise
+    tokenizer = None
+    if master_process and sample_interval > 0:
+        print(f"no samples: {e}")
+sampling = master_process and sample_interval > 0 and tokenizer is not None
 
 
 def get_lr(step):
@@ -227,55 +241,23 @@ def estimate_val_loss():
     return loss_sum.item() / eval_iters
 
 
-def sample_codec():
-    """(encode, decode, eos_id) for printing samples, or None when there is nothing to print with: GPT-2's
-    tokenizer for a GPT, the tokenizer.json of its Hugging Face folder for a LLaMA."""
-    if isinstance(raw_model, GPT):
-        from tokenizer import EOT, gpt2_encoding
-        enc = gpt2_encoding()
-        if raw_model.config.vocab_size < enc.n_vocab:
-            return None
-        return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
-    folder = model_source if model_source not in (None, "scratch", "resume") else None
-    try:
-        from model import load_llama_tokenizer
-        tok = load_llama_tokenizer(folder) if folder else None
-    except (FileNotFoundError, ImportError) as e:
-        print(f"no samples: {e}")
-        return None
-    return (tok.encode, tok.decode, tok.eos_id) if tok else None
-
-
 def print_samples(step):
     """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
     training RNG, so a resumed run stays identical to an uninterrupted one."""
-    codec = sample_codec()
-    if codec is None:
-        return
-    encode, decode, eos_id = codec
     raw_model.eval()
-    prompt = torch.tensor(encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
+    prompt = torch.tensor(tokenizer.encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     new_tokens = min(sample_tokens, raw_model.max_seq_len - prompt.size(1))  # the KV cache holds max_seq_len
     with autocast:
-        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=eos_id, generator=gen)
+        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=tokenizer.eos_id,
+                                 generator=gen)
     raw_model.train()
     for i in range(num_samples):
-        print(f"sample {i}: {decode(out[i].tolist())!r}")
-
-
-import eval_hellaswag  # noqa: E402
-# HellaSwag text is tokenized with GPT-2's BPE for a GPT, with the tokenizer.json of its folder for a LLaMA
-hellaswag_encode = None
-if hellaswag_every > 0 and not isinstance(raw_model, GPT):
-    hellaswag_encode = eval_hellaswag.checkpoint_encoder(model_source) if model_source else None
-    if hellaswag_encode is None:
-        raise ValueError(f"hellaswag_every={hellaswag_every} on a LLaMA needs its tokenizer.json, and "
-                         f"{model_source or 'a model trained from scratch'} has none: put the tokenizer.json the "
-                         f"shards were made with into that folder, or --hellaswag_every=0")
+        print(f"sample {i}: {tokenizer.decode(out[i].tolist())!r}")
 
 
 def hellaswag_accuracy():
+    import eval_hellaswag
     if master_process:
         eval_hellaswag.download("val", "data/hellaswag")  # once, before any rank reads it
     if ddp:
@@ -283,8 +265,9 @@ def hellaswag_accuracy():
     path = eval_hellaswag.download("val", "data/hellaswag")  # now cached: every rank just gets the path
     examples = eval_hellaswag.load_examples(path, limit=hellaswag_limit or None)
     # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
-    return eval_hellaswag.evaluate(raw_model, examples, device, encode=hellaswag_encode, rank=ddp_rank,
-                                   world_size=world_size, amp=dtype != "float32")
+    encode = partial(tokenizer.encode, add_special_tokens=False)  # context and endings are encoded apart: no BOS
+    return eval_hellaswag.evaluate(raw_model, examples, device, encode, rank=ddp_rank, world_size=world_size,
+                                   amp=dtype != "float32")
 
 
 wandb_run = None
@@ -325,7 +308,7 @@ def save(step):
         dist.all_gather_object(rng_states, mine)
     if master_process:
         save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
-                        lora_base, rng_states, base_fingerprint)
+                        base, rng_states, base_fingerprint)
     saved_step = step
 
 
@@ -343,7 +326,7 @@ for step in range(start_step, max_steps):
         record["hellaswag_acc"], record["hellaswag_acc_norm"] = result["acc"], result["acc_norm"]
         if master_process:
             print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
-    if master_process and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last_step):
+    if sampling and step > 0 and (step % sample_interval == 0 or last_step):
         print_samples(step)
 
     t0 = time.perf_counter()
@@ -401,7 +384,7 @@ for step in range(start_step, max_steps):
 
 if master_process and lora_config is not None:
     from lora import merge_and_unload, save_adapter
-    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
+    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
     if merge_on_save:
         merge_and_unload(raw_model).save_pretrained(Path(out_dir) / "merged")

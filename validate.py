@@ -58,7 +58,7 @@ CHECKS = {
     "n_embd":              (at_least(1),                     "a positive int",                               FIXED),
     "block_size":          (at_least(1),                     "a positive int (tokens per sequence)",         FIXED),
     "vocab_size":          (at_least(1),                     "a positive int",                               FIXED),
-    "dropout":             (in_range(0.0, 1.0),              "in [0, 1)",                                    FIXED),
+    "dropout":             (in_range(0.0, 1.0),              "in [0, 1)",                                    FREE),
     "bias":                (one_of(True, False),             "True or False",                                FIXED),
     "n_kv_head":           (at_least(0),                     ">= 0 (0 = n_head)",                            FIXED),
     "intermediate_size":   (at_least(0),                     ">= 0 (0 = the usual 8/3 * n_embd)",            FIXED),
@@ -93,6 +93,9 @@ CHECKS = {
     "lora_dropout":        (in_range(0.0, 1.0),              "in [0, 1)",                                    FIXED),
     "lora_targets":        (lora_targets,                    "module names, or one valid regular expression", FIXED),
     "lora_mode":           (one_of("split", "fused"),        "'split' or 'fused'",                           FIXED),
+    "lora_rslora":         (one_of(True, False),             "True or False",                                FIXED),
+    "lora_modules_to_save": (lambda v: all(isinstance(m, str) and m for m in v),
+                                                             "a tuple of module names",                      FIXED),
 }
 
 RELATIONS = [
@@ -123,13 +126,13 @@ def validate_config(config):
             raise ValueError(message(config))
 
 
-ARCHITECTURE = ("model_type", "n_layer", "n_head", "n_embd", "vocab_size", "dropout", "bias", "n_kv_head",
-                "intermediate_size", "rope_theta")
+ARCHITECTURE = ("model_type", "n_layer", "n_head", "n_embd", "vocab_size", "bias", "n_kv_head", "intermediate_size",
+                "rope_theta")  # (dropout is not: it applies to a loaded model too)
 
 
 def loaded_model_config(config, given, model, init_from):
     """The config of a run that fine-tunes a loaded model: its architecture is the model's. A flag given for it must
-    agree (trained weights cannot be reshaped, nor dropout added); the returned config records the model's values,
+    agree (trained weights cannot be reshaped); the returned config records the model's values,
     so that the checkpoint says what was trained."""
     actual = {"model_type": model.model_type, **model.config_dict()}
     differ = [k for k in given if k in ARCHITECTURE and k in actual and config[k] != actual[k]
