@@ -273,17 +273,15 @@ def test_user_error_is_one_line_without_traceback_and_debug_shows_the_traceback(
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "batch_size=0" in debug.stderr
 
 
-def test_checkpoint_adapter_and_merged_files_get_the_permissions_the_umask_gives(tmp_path, monkeypatch):
-    write_shards(tmp_path / "data")
-    base = tmp_path / "base"
-    tiny_gpt_folder(base)
+def test_checkpoint_adapter_and_merged_files_get_the_permissions_the_umask_gives(run_copy, monkeypatch):
     old = os.umask(0o022)
     try:
-        run_train(flags(tmp_path, max_steps=1, init_from=base, lora_r=2, merge_on_save=True), monkeypatch)
+        run_train(flags(run_copy, max_steps=1, init_from=run_copy / "out", out_dir=run_copy / "lora", lora_r=2,
+                        merge_on_save=True), monkeypatch)
     finally:
         os.umask(old)
-    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert {p.relative_to(tmp_path / "out").as_posix() for p in files} >= {
+    files = [p for p in (run_copy / "lora").rglob("*") if p.is_file()]
+    assert {p.relative_to(run_copy / "lora").as_posix() for p in files} >= {
         "ckpt.pt", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/model.safetensors"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
 
