@@ -94,10 +94,8 @@ def read_checkpoint(path):
         reason = str(e).split(". ")[0]
         raise ValueError(f"{path} is not a readable checkpoint ({reason}): the file is truncated or not one of "
                          f"train.py's; delete it and train again, or point at another checkpoint") from None
-    missing = {"model", "model_type", "model_args", "lora", "step"} - set(checkpoint if isinstance(checkpoint, dict)
-                                                                         else ())
-    if missing:
-        raise ValueError(f"{path} is not one of train.py's checkpoints (no {', '.join(sorted(missing))})")
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not one of train.py's checkpoints (it holds a {type(checkpoint).__name__})")
     checkpoint["path"] = str(path)  # where it came from, for messages
     return checkpoint
 
@@ -105,6 +103,10 @@ def read_checkpoint(path):
 def model_from_checkpoint(checkpoint, dtype=None, **overrides):
     """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
     `overrides` may set dropout."""
+    missing = {"model", "model_type", "model_args", "lora", "base"} - set(checkpoint)
+    if missing:
+        raise ValueError(f"{checkpoint.get('path', 'checkpoint')} is not one of train.py's checkpoints (no "
+                         f"{', '.join(sorted(missing))})")
     if checkpoint["lora"] is None:
         model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])

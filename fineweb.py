@@ -331,4 +331,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

@@ -64,8 +64,14 @@ def truncate_log(log_path, step):
     log_path = Path(log_path)
     if not log_path.is_file():
         return
+    def before(line):
+        try:
+            return json.loads(line)["step"] < step
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill in the middle of its write
+            return False
+
     with open(log_path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+        lines = [line for line in f if before(line)]
     with atomic_path(log_path) as tmp, open(tmp, "w") as f:
         f.writelines(lines)
 

@@ -89,6 +89,9 @@ if init_from == "resume":  # the run's settings come back from its checkpoint; o
     checkpoint = read_checkpoint(out_dir)
     config, resume_notes = resume_config(checkpoint["config"], config, given, out_dir)
     globals().update(config)
+    if checkpoint["step"] >= max_steps:
+        raise ValueError(f"{out_dir} is already trained to step {checkpoint['step']} and max_steps={max_steps}: "
+                         f"pass a larger --max_steps to train on")
 validate_config(config)  # every value by range and meaning, once, here
 # -----------------------------------------------------------------------------------------------
 
@@ -153,9 +156,6 @@ if init_from == "resume":
     # a LoRA run rebuilds its base (refused if its fingerprint changed) and re-applies its adapter
     model = model_from_checkpoint(checkpoint, dropout=dropout)
     start_step, base, base_fingerprint = checkpoint["step"], checkpoint["base"], checkpoint.get("base_fingerprint")
-    if start_step >= max_steps:
-        raise ValueError(f"{out_dir} is already trained to step {start_step} and max_steps={max_steps}: "
-                         f"pass a larger --max_steps to train on")
     if checkpoint["lora"] is not None:
         lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
     train_loader.load_state_dict(checkpoint["loader"])
@@ -167,7 +167,7 @@ elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
 else:
-    model = load_base(init_from, dropout=dropout)  # full fine-tuning, or the frozen base of a LoRA run (a LoRA run's: merged)
+    model = load_base(init_from, dropout=dropout)  # to fine-tune fully, or a LoRA base (a LoRA out_dir: merged)
     base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
     base_fingerprint = fingerprint(model) if lora_r > 0 else None  # a resume refuses a base that has changed
     config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
