@@ -82,7 +82,7 @@ CHECKS = {
     "hellaswag_every":     (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "hellaswag_limit":     (at_least(0),                     ">= 0 (0 = all)",                               FREE),
     "log_interval":        (at_least(1),                     "a positive int",                               FREE),
-    "compile":             (one_of(True, False),             "True or False",                                LAUNCH),
+    "compile":             (one_of("auto", True, False),     "'auto', True or False",                       LAUNCH),
     "dtype":               (one_of("auto", "float32", "bfloat16", "float16"),
                                                              "'auto', 'float32', 'bfloat16' or 'float16'",   LAUNCH),
     "device":              (device_name,                     "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",     LAUNCH),
