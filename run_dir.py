@@ -36,8 +36,8 @@ def claim_out_dir(out_dir, init_from, overwrite, argv=None, master=True):
     out = Path(out_dir)
     if init_from not in ("scratch", "resume") and Path(init_from).exists() and _inside(init_from, out):
         raise ValueError(f"out_dir {out_dir!r} holds the model this run loads (init_from={init_from!r}): its files "
-                         f"would be replaced by this run's. Give the new run another --out_dir, or continue that "
-                         f"run with: {_command(argv, init_from='resume', out_dir=out_dir)}")
+                         f"would be replaced by this run's. Give the new run another out_dir: "
+                         f"{_command(argv, out_dir=str(out).rstrip('/') + '-finetune')}")
     if master:
         for folder in (out, out / "adapter", out / "merged"):
             for name in remove_stale_temps(folder):
