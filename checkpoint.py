@@ -9,6 +9,8 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
                  exactly where it stopped
+A LoRA run on a quantized base (config["quantize"] = 'nf4' | 'int8') stores no quantized tensor: quantization is
+deterministic, so loading re-quantizes the base and gets the very same packed weights.
 """
 import dataclasses
 import os
@@ -83,17 +85,28 @@ def read_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train with out_dir={path.parent} first "
                                 f"(init_from='resume' continues a run that saved one)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: tensors are read from disk when used, so a quantized load never holds the whole fp32 state dict
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def model_from_checkpoint(checkpoint, dtype=None):
-    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied."""
-    if checkpoint["lora"] is None:
+def model_from_checkpoint(checkpoint, dtype=None, quantize=None):
+    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
+
+    quantize: None = as the run trained (a QLoRA run's base is quantized again), '' = full precision, or
+    'nf4' | 'int8' (model/quant.py)."""
+    if quantize is None:
+        quantize = checkpoint["config"].get("quantize", "")
+    if checkpoint["lora"] is None and quantize:
+        from model.quant import fill_quantized
+        with torch.device("meta"):  # no memory: the tensors arrive one by one, the Linear weights get quantized
+            model = build_model(checkpoint["model_type"], checkpoint["model_args"])
+        model = fill_quantized(model, checkpoint["model"].items(), quantize, dtype=dtype, describe="checkpoint")
+    elif checkpoint["lora"] is None:
         model = build_model(checkpoint["model_type"], checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     else:
         from lora import LoRAConfig, apply_lora
-        model = load_model(checkpoint["base"])
+        model = load_model(checkpoint["base"], dtype=dtype, quantize=quantize)
         lora = dict(checkpoint["lora"])
         for key in ("targets", "modules_to_save"):
             if isinstance(lora.get(key), list):
@@ -103,20 +116,26 @@ def model_from_checkpoint(checkpoint, dtype=None):
         if unexpected or any(".lora_" in k for k in missing):
             raise ValueError(f"LoRA checkpoint does not fit its base {checkpoint['base']}: "
                              f"unexpected {unexpected[:4]}, missing {[k for k in missing if '.lora_' in k][:4]}")
-    if dtype is not None:
+    if dtype is not None and not quantize:  # a quantized model was filled in `dtype` already
         model.to(dtype)
     return model
 
 
-def load_model(spec, base=None, dtype=None):
+def load_model(spec, base=None, dtype=None, quantize=None):
     """Any model a user may name, on the CPU:
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
     - a Hugging Face folder or cached hub name      -> GPT or LLaMA by config.json's model_type
+    quantize: '' or None = full precision, except that None loads a QLoRA run's out_dir the way it trained;
+    'nf4' | 'int8' quantizes the base's Linear layers while loading (model/quant.py). This is what a `--quantize`
+    flag passes on (eval_hellaswag.py, sample.py).
     """
+    if quantize:
+        from model.quant import check_method
+        check_method(quantize)
     path = Path(os.fspath(spec)).expanduser()
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
-        return model_from_checkpoint(read_checkpoint(path), dtype)
+        return model_from_checkpoint(read_checkpoint(path), dtype, quantize)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
         from lora import load_adapter
@@ -124,7 +143,10 @@ def load_model(spec, base=None, dtype=None):
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
-        model = load_model(base, dtype=dtype)
+        model = load_model(base, dtype=dtype, quantize=quantize or "")
         load_adapter(model, path)
         return model
+    if quantize:
+        from model.quant import load_quantized
+        return load_quantized(spec, quantize, dtype=dtype)
     return load_pretrained(spec, dtype=dtype)

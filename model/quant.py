@@ -85,14 +85,13 @@ def nearest(scaled, levels):
 
 
 def absmax_quantize(values, block, levels):
-    """Blockwise absmax quantization of a 1-D tensor: (codes uint8 (n,), absmax fp32 (n / block,)).
+    """Blockwise absmax quantization of a 1-D tensor: (codes uint8 (n_blocks, block), absmax fp32 (n_blocks,)).
 
-    Zeros pad the last block; they change neither its absmax nor any code."""
-    n = values.numel()
-    blocks = F.pad(values, (0, -n % block)).view(-1, block)  # (n_blocks, block)
+    Zeros pad the last block; they change neither its absmax nor any other code."""
+    blocks = F.pad(values, (0, -values.numel() % block)).view(-1, block)  # (n_blocks, block)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)  # each block now in [-1, 1]
-    return nearest(scaled, levels).view(-1)[:n], absmax
+    return nearest(scaled, levels), absmax
 
 
 # ---- quantized weights --------------------------------------------------------------------------------------------
@@ -103,11 +102,13 @@ class NF4Weight(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.shape, self.dtype = tuple(weight.shape), weight.dtype
-        codes, absmax = absmax_quantize(weight.detach().reshape(-1).float(), BLOCK, NF4)
-        codes = F.pad(codes, (0, -codes.numel() % 2))  # an even count, to pack two per byte
-        self.register_buffer("codes", (codes[0::2] << 4) | codes[1::2])  # (ceil(n/2),) uint8
+        n = weight.numel()
+        codes, absmax = absmax_quantize(weight.detach().reshape(-1).float(), BLOCK, NF4)  # (n_blocks, 64), (n_blocks,)
+        codes = codes.view(-1)
+        self.register_buffer("codes", ((codes[0::2] << 4) | codes[1::2])[: (n + 1) // 2])  # (ceil(n/2),) uint8
         absmax_mean = absmax.mean()  # absmax values are all positive: centre them to use the map's sign bit
         absmax_codes, absmax_scale = absmax_quantize(absmax - absmax_mean, GROUP, DYNAMIC)
+        absmax_codes = absmax_codes.view(-1)[: absmax.numel()]
         self.register_buffer("absmax_codes", absmax_codes)  # (n_blocks,) uint8
         self.register_buffer("absmax_scale", absmax_scale)  # (n_groups,) fp32
         self.register_buffer("absmax_mean", absmax_mean)  # () fp32
@@ -272,54 +273,57 @@ def peak_rss_bytes():
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def load_quantized(spec, method, skip=DEFAULT_SKIP, verbose=True):
-    """A Hugging Face folder (or cached hub name) or a full checkpoint of ours (out_dir with ckpt.pt), loaded with
-    its Linear layers quantized as they arrive.
+def load_quantized(spec, method, skip=DEFAULT_SKIP, dtype=None, verbose=True):
+    """A Hugging Face GPT-2 or LLaMA folder (or cached hub name), its Linear layers quantized as they are read.
 
-    The model is built on the meta device (no memory), then filled one tensor at a time from the checkpoint
-    (safetensors, or a memory-mapped ckpt.pt): a weight to quantize exists in full precision only until its packed
-    copy is made. Peak memory: the packed model, the unquantized tensors (embeddings, norms, biases, skipped
-    layers) and one layer's weight plus its quantization temporaries.
+    The model is built on the meta device (no memory), then filled one tensor at a time (model/stream.py): a weight
+    to quantize exists in full precision only until its packed copy is made. Peak memory is the packed model, the
+    unquantized tensors (embeddings, norms, biases, skipped layers) and one layer's weight with its temporaries.
     """
-    from model.tensors import meta_model_and_tensors
+    from model.stream import meta_model_and_hf_tensors
+    model, tensors, describe = meta_model_and_hf_tensors(spec)
+    return fill_quantized(model, tensors, method, skip, dtype, describe, verbose)
+
+
+@torch.no_grad()
+def fill_quantized(model, tensors, method, skip=DEFAULT_SKIP, dtype=None, describe="checkpoint", verbose=True):
+    """Materialize a meta-device `model` from an iterable of (name, tensor), quantizing its Linear weights
+    (all but `skip` and tied ones) as they arrive. Other tensors become Parameters in `dtype` (default fp32)."""
     check_method(method)
+    dtype = dtype or torch.float32
     rss_before = peak_rss_bytes()
-    model, tensors, describe = meta_model_and_tensors(spec)
     targets = set(quantizable(model, skip))
-    names_of = {}  # id(meta parameter) -> every name it has (a tied weight has two)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(name)
     params = dict(model.named_parameters(remove_duplicate=False))
+    names_of = {}  # id(meta parameter) -> every name it has (a tied weight has two)
+    for name, p in params.items():
+        names_of.setdefault(id(p), []).append(name)
     loaded, packed = set(), {}
-    with torch.no_grad():
-        for name, tensor in tensors:
-            module_name, _, kind = name.rpartition(".")
-            if module_name in targets and kind == "weight":
-                packed[module_name] = QUANTIZERS[method](tensor.float())  # the fp32 copy is dropped right here
-                loaded.add(name)
-                continue
-            if name not in params:
-                raise ValueError(f"{describe}: tensor {name} does not belong to {type(model).__name__}")
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(f"{describe}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}")
-            value = nn.Parameter(tensor.to(torch.float32, copy=True), requires_grad=False)
-            for alias in names_of[id(params[name])]:  # every module holding it (ties survive)
-                owner, _, attr = alias.rpartition(".")
-                setattr(model.get_submodule(owner), attr, value)
-                loaded.add(alias)
-    missing = sorted(n for n in params if n not in loaded)
+    for name, tensor in tensors:
+        if name not in params:
+            raise ValueError(f"{describe}: tensor {name} does not belong to {type(model).__name__}")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ValueError(f"{describe}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(params[name].shape)}")
+        module_name, _, kind = name.rpartition(".")
+        if module_name in targets and kind == "weight":
+            packed[module_name] = QUANTIZERS[method](tensor.to(dtype))  # the full-precision copy is dropped here
+            loaded.add(name)
+            continue
+        value = nn.Parameter(tensor.to(dtype, copy=True))
+        for alias in names_of[id(params[name])]:  # every module holding it: ties survive
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attr, value)
+            loaded.add(alias)
+    missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"{describe}: no tensor for {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
     for module_name, qweight in packed.items():
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(qweight, model.get_submodule(module_name).bias))
-    for p in model.parameters():
-        p.requires_grad_(True)  # as a loaded model's are; apply_lora freezes the base
     if verbose:
         nbytes, n = quantized_bytes(model)
         other = sum(p.numel() * p.element_size() for p in model.parameters())
         print(f"loaded {describe} with {len(packed)} Linear layers in {method}: {nbytes / 2**20:,.1f} MiB for "
-              f"{n:,} weights ({nbytes / n:.3f} bytes each), {other / 2**20:,.1f} MiB in full precision; "
-              f"peak RSS while loading {peak_rss_bytes() / 2**20:,.0f} MiB (before: {rss_before / 2**20:,.0f} MiB)")
+              f"{n:,} weights ({nbytes / n:.3f} bytes each) + {other / 2**20:,.1f} MiB unquantized; peak RSS while "
+              f"loading {peak_rss_bytes() / 2**20:,.0f} MiB (before: {rss_before / 2**20:,.0f} MiB)")
     return model
