@@ -7,15 +7,15 @@ The model has the checkpoint's architecture but no memory (every tensor on "meta
 safetensors files (safe_open reads one tensor per get_tensor) or a memory-mapped pytorch_model.bin, so only the
 tensor being handled is in memory.
 """
+import importlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .gpt import GPT, GPTConfig, config_from_hf as gpt_config_from_hf, tensor_from_hf as gpt_tensor_from_hf
+from . import model_class
 from .hf import load_hf_config, resolve_model_dir
-from .llama import LLaMA, LLaMAConfig, config_from_hf as llama_config_from_hf
 
 
 def hf_tensors(model_dir):
@@ -43,19 +43,18 @@ def hf_tensors(model_dir):
 
 def meta_model_and_hf_tensors(spec):
     """(model on the meta device, iterator of (our name, tensor), a description for messages) for a Hugging Face
-    GPT-2 or LLaMA folder (or cached hub name): the tensors in our names and our (out, in) layout."""
+    folder (or cached hub name) of any family in model.MODELS. Each family's file has the two functions its own
+    from_pretrained uses: config_from_hf(hf) -> config kwargs, and tensor_from_hf(name, tensor, config) -> (our
+    name, tensor in our layout) or None for a tensor we do not keep."""
     model_dir = resolve_model_dir(spec)
     hf = load_hf_config(model_dir)
-    if hf.get("model_type") == "gpt2":
-        with torch.device("meta"):
-            model = GPT(GPTConfig(**gpt_config_from_hf(hf, model_dir)))
-        tensors = (t for t in (gpt_tensor_from_hf(k, v) for k, v in hf_tensors(model_dir)) if t)
-    elif hf.get("model_type") == "llama":
-        with torch.device("meta"):
-            model = LLaMA(LLaMAConfig(**llama_config_from_hf(hf)))  # a tied lm_head is embed_tokens' tensor
-        tied = model.config.tie_word_embeddings
-        tensors = ((k, v) for k, v in hf_tensors(model_dir)
-                   if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight"))
-    else:
-        raise ValueError(f"{model_dir}: model_type {hf.get('model_type')!r} is not supported (gpt2 or llama)")
+    try:
+        cls = model_class(hf.get("model_type"))
+        family = importlib.import_module(cls.__module__)  # model.gpt, model.llama
+        config = cls.config_class(**family.config_from_hf(hf))
+    except ValueError as e:
+        raise ValueError(f"{model_dir}: {e}") from None
+    with torch.device("meta"):
+        model = cls(config)  # a tied lm_head is the embedding's tensor, here too
+    tensors = (t for t in (family.tensor_from_hf(k, v, config) for k, v in hf_tensors(model_dir)) if t)
     return model, tensors, str(model_dir)
