@@ -68,6 +68,7 @@ lora_dropout = 0.0
 lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
 lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), model/quant.py
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -128,9 +129,17 @@ val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_si
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
 start_step, checkpoint, lora_config, lora_base = 0, None, None, None
+if quantize and (init_from == "scratch" or (init_from != "resume" and lora_r == 0)):
+    raise ValueError(f"quantize={quantize!r} freezes a loaded base: set init_from to a model and lora_r > 0")
 if init_from == "resume":
     checkpoint = read_checkpoint(out_dir)
-    model = model_from_checkpoint(checkpoint)  # a LoRA run rebuilds its base and re-applies its adapter
+    trained_with = checkpoint["config"].get("quantize", "")
+    if quantize and quantize != trained_with:
+        raise ValueError(f"quantize={quantize!r}, but {out_dir} trained with quantize={trained_with!r}; resume "
+                         f"without --quantize (the checkpoint decides)")
+    quantize = config["quantize"] = trained_with
+    # a LoRA run rebuilds its base (quantizing it again gives the same packed weights) and re-applies its adapter
+    model = model_from_checkpoint(checkpoint)
     start_step = checkpoint["step"]
     if checkpoint["lora"] is not None:
         lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
@@ -142,7 +151,7 @@ elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
 else:
-    model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
+    model = load_model(init_from, quantize=quantize)  # full fine-tuning, or the frozen base of a LoRA run
     lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
@@ -159,7 +168,8 @@ raw_model = model  # the plain module: checkpoints, sampling and the optimizer u
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    # no buffer broadcast before each forward: our only buffers are a quantized base's, equal on every rank
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 optimizer = raw_model.configure_optimizers(weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
 # from here on each rank draws its own dropout masks (nanoGPT's seed_offset): with one seed everywhere, every rank
@@ -351,8 +361,17 @@ if master_process and lora_config is not None:
     save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
     if merge_on_save:
-        merge_and_unload(raw_model).save_pretrained(Path(out_dir) / "merged")
-        print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format)")
+        from model.quant import dequantize
+        raw_model.eval()
+        x = val_loader.next_batch()[0].to(device)
+        with torch.no_grad(), autocast:
+            unmerged = raw_model(x)[0].float()
+        merged = dequantize(merge_and_unload(raw_model))  # full precision; a quantized W is dequantized first
+        with torch.no_grad(), autocast:
+            error = (merged(x)[0].float() - unmerged).abs().max().item()
+        merged.save_pretrained(Path(out_dir) / "merged")
+        print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format, {merged.lm_head.weight.dtype}); "
+              f"max |logit difference| merged vs unmerged on a val batch: {error:.2e}")
 if wandb_run is not None:
     wandb_run.finish()
 if ddp:
