@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from lora import (FusedLoRALinear, LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_and_unload, merge_lora,
                   remove_lora)
 from model import GPT, GPTConfig, LLaMA, LLaMAConfig
+from test_train_lora import hf_gpt2_base  # noqa: F401 (a fixture: a GPT-2 trained briefly, as an HF folder)
 from model.quant import (DYNAMIC, NF4, Int8Weight, NF4Weight, QuantLinear, dequantize, load_quantized, quantize,
                          quantized_bytes)
 
@@ -224,3 +225,75 @@ def test_merging_lora_in_place_on_a_quantized_base_is_refused():
     model = apply_lora(quantize(tiny_gpt(), "nf4"), LoRAConfig(r=2))
     with pytest.raises(RuntimeError, match="merge_and_unload"):
         merge_lora(model)
+
+
+# ---- QLoRA through train.py ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, hf_gpt2_base):
+    """train.py fine-tuning LoRA on the NF4-quantized base (counting by 1) to count by 3; merged on save."""
+    from test_train import run_train, write_shards
+    from test_train_lora import lora_flags
+    tmp = tmp_path_factory.mktemp("qlora")
+    write_shards(tmp / "data", stride=3)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_train(lora_flags(tmp, hf_gpt2_base, quantize="nf4"), monkeypatch)
+    return tmp
+
+
+@pytest.mark.slow
+def test_qlora_run_lowers_the_loss_and_checkpoints_only_the_adapter(qlora_run):
+    import numpy as np
+    import checkpoint
+    from test_train import read_log
+    losses = [r["train_loss"] for r in read_log(qlora_run / "out")]
+    assert np.mean(losses[-5:]) < losses[0] - 0.3
+    saved = checkpoint.read_checkpoint(qlora_run / "out")
+    assert saved["config"]["quantize"] == "nf4" and all(".lora_" in k for k in saved["model"])
+
+
+@pytest.mark.slow
+def test_qlora_adapter_in_peft_on_the_dequantized_base_gives_our_logits(qlora_run, hf_gpt2_base, tmp_path):
+    import checkpoint
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    dequantize(load_quantized(hf_gpt2_base, "nf4", verbose=False)).save_pretrained(tmp_path / "deq")
+    idx = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ours = checkpoint.load_model(qlora_run / "out").eval()(idx)[0]  # re-quantizes the base, as it trained
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "deq")
+        theirs = peft.PeftModel.from_pretrained(hf, qlora_run / "out" / "adapter").eval()(idx).logits
+        merged = transformers.GPT2LMHeadModel.from_pretrained(qlora_run / "out" / "merged").eval()(idx).logits
+    assert (theirs - ours).abs().max() < 1e-4
+    assert (merged - ours).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_qlora_run_resumes_with_the_same_losses(tmp_path, monkeypatch, hf_gpt2_base):
+    import checkpoint
+    from test_train import read_log, run_train, write_shards
+    from test_train_lora import lora_flags
+    write_shards(tmp_path / "data", stride=3)
+    flags = dict(quantize="int8", max_steps=4, merge_on_save=False)
+    run_train(lora_flags(tmp_path, hf_gpt2_base, out_dir=tmp_path / "whole", **flags), monkeypatch)
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(lora_flags(tmp_path, hf_gpt2_base, out_dir=tmp_path / "crash", checkpoint_interval=2, **flags),
+                  monkeypatch)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    run_train(lora_flags(tmp_path, hf_gpt2_base, out_dir=tmp_path / "crash", init_from="resume", max_steps=4,
+                         merge_on_save=False), monkeypatch)
+    whole, resumed = read_log(tmp_path / "whole"), read_log(tmp_path / "crash")
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+
+
+def test_train_refuses_quantize_without_a_lora_base(tmp_path, monkeypatch):
+    from test_train import run_train, tiny_flags, write_shards
+    write_shards(tmp_path / "data")
+    with pytest.raises(ValueError, match="quantize='nf4' freezes a loaded base"):
+        run_train(tiny_flags(tmp_path, quantize="nf4"), monkeypatch)
