@@ -4,7 +4,8 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
     model        full state dict, or for a LoRA run only the LoRA tensors (plus modules_to_save)
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
-    lora         the LoRAConfig as a dict, or None;  base: where a LoRA run's frozen base came from
+    lora         the LoRAConfig as a dict, or None;  base: the model the run started from (None: scratch), which
+                 for a LoRA run is its frozen base
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
@@ -76,24 +77,23 @@ def read_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def model_from_checkpoint(checkpoint, dtype=None, quantize=None):
+def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
     """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
-
-    quantize: None = as the run trained (a QLoRA run's base is quantized again), '' = full precision, or
-    'nf4' | 'int8' (model/quant.py)."""
+    `overrides` may set dropout. quantize: None = as the run trained (a QLoRA run's base is quantized again),
+    '' = full precision, or 'nf4' | 'int8' (model/quant.py)."""
     if quantize is None:
         quantize = checkpoint["config"].get("quantize", "")
     if checkpoint["lora"] is None and quantize:
         from model.quant import fill_quantized
         with torch.device("meta"):  # no memory: the tensors arrive one by one, the Linear weights get quantized
-            model = build_model(checkpoint["model_type"], checkpoint["model_args"])
+            model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model = fill_quantized(model, checkpoint["model"].items(), quantize, dtype=dtype, describe="checkpoint")
     elif checkpoint["lora"] is None:
-        model = build_model(checkpoint["model_type"], checkpoint["model_args"])
+        model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])
     else:
         from lora import LoRAConfig, apply_lora
-        model = load_model(checkpoint["base"], dtype=dtype, quantize=quantize)
+        model = load_model(checkpoint["base"], dtype=dtype, quantize=quantize, **overrides)
         lora = dict(checkpoint["lora"])
         for key in ("targets", "modules_to_save"):
             if isinstance(lora.get(key), list):
@@ -108,11 +108,12 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None):
     return model
 
 
-def load_model(spec, base=None, dtype=None, quantize=None):
+def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     """Any model a user may name, on the CPU:
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
+    `overrides` may set dropout, whatever the model's own config says.
     quantize: '' or None = full precision, except that None loads a QLoRA run's out_dir the way it trained;
     'nf4' | 'int8' quantizes the base's Linear layers while loading (model/quant.py). This is what a `--quantize`
     flag passes on (eval_hellaswag.py, sample.py).
@@ -122,7 +123,7 @@ def load_model(spec, base=None, dtype=None, quantize=None):
         check_method(quantize)
     path = Path(os.fspath(spec)).expanduser()
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
-        return model_from_checkpoint(read_checkpoint(path), dtype, quantize)
+        return model_from_checkpoint(read_checkpoint(path), dtype, quantize, **overrides)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
         from lora import load_adapter
@@ -130,10 +131,10 @@ def load_model(spec, base=None, dtype=None, quantize=None):
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
-        model = load_model(base, dtype=dtype, quantize=quantize or "")
+        model = load_model(base, dtype=dtype, quantize=quantize or "", **overrides)
         load_adapter(model, path)
         return model
     if quantize:
         from model.quant import load_quantized
-        return load_quantized(spec, quantize, dtype=dtype)
-    return load_pretrained(spec, dtype=dtype)
+        return load_quantized(spec, quantize, dtype=dtype, **overrides)
+    return load_pretrained(spec, dtype=dtype, **overrides)

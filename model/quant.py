@@ -273,15 +273,16 @@ def peak_rss_bytes():
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def load_quantized(spec, method, skip=DEFAULT_SKIP, dtype=None, verbose=True):
+def load_quantized(spec, method, skip=DEFAULT_SKIP, dtype=None, verbose=True, **overrides):
     """A Hugging Face GPT-2 or LLaMA folder (or cached hub name), its Linear layers quantized as they are read.
 
     The model is built on the meta device (no memory), then filled one tensor at a time (model/stream.py): a weight
     to quantize exists in full precision only until its packed copy is made. Peak memory is the packed model, the
     unquantized tensors (embeddings, norms, biases, skipped layers) and one layer's weight with its temporaries.
+    `overrides` may set dropout, as for from_pretrained.
     """
     from model.stream import meta_model_and_hf_tensors
-    model, tensors, describe = meta_model_and_hf_tensors(spec)
+    model, tensors, describe = meta_model_and_hf_tensors(spec, **overrides)
     return fill_quantized(model, tensors, method, skip, dtype, describe, verbose)
 
 

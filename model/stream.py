@@ -41,17 +41,20 @@ def hf_tensors(model_dir):
                 yield name, f.get_tensor(name)
 
 
-def meta_model_and_hf_tensors(spec):
+def meta_model_and_hf_tensors(spec, **overrides):
     """(model on the meta device, iterator of (our name, tensor), a description for messages) for a Hugging Face
     folder (or cached hub name) of any family in model.MODELS. Each family's file has the two functions its own
     from_pretrained uses: config_from_hf(hf) -> config kwargs, and tensor_from_hf(name, tensor, config) -> (our
-    name, tensor in our layout) or None for a tensor we do not keep."""
+    name, tensor in our layout) or None for a tensor we do not keep. `overrides` may set dropout."""
     model_dir = resolve_model_dir(spec)
     hf = load_hf_config(model_dir)
     try:
         cls = model_class(hf.get("model_type"))
         family = importlib.import_module(cls.__module__)  # model.gpt, model.llama
-        config = cls.config_class(**family.config_from_hf(hf))
+        unknown = set(overrides) - {"dropout"}
+        if unknown:
+            raise ValueError(f"only dropout can be overridden, got {sorted(unknown)}")
+        config = cls.config_class(**{**family.config_from_hf(hf), **overrides})
     except ValueError as e:
         raise ValueError(f"{model_dir}: {e}") from None
     with torch.device("meta"):
