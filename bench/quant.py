@@ -14,8 +14,7 @@
    and then trains: the peak RSS of loading, what the loaded model keeps resident, and the peak RSS of the steps
    (Linux: the peak is reset between the two through /proc/self/clear_refs). GPT-2 124M shapes with random
    weights (timing and memory do not depend on the values), and a LLaMA shape.
-Targets: NF4 <= 0.55 bytes per quantized weight; an NF4-base LoRA step <= 1.6x the fp32-base step on CPU; peak
-memory of the GPT-2 124M NF4-base step well below the fp32 one.
+The numbers and what they are compared with: bench/README.md.
 """
 import argparse
 import os
@@ -245,8 +244,7 @@ def main(argv=None):
                   ("whole model MiB (fp32)", "model_mib", lambda x: f"{x:,.0f}"),
                   ("mean abs err / mean abs W", "rel_error", pct)]))
     nf4 = [r["bytes_per_weight"] for r in storage if r["method"] == "nf4"]
-    md.append(f"NF4 bytes per quantized weight: {max(nf4):.4f} (target <= 0.55: "
-              f"{'MET' if max(nf4) <= 0.55 else 'MISSED'})")
+    md.append(f"NF4 bytes per quantized weight: at most {max(nf4):.4f}")
     if cfg["base"]:
         md.append(f"## Val loss of {cfg['base']} ({cfg['val_batches']} batches of 8 x {cfg['val_T']} tokens of "
                   f"{cfg['data_dir']} val)\n\n" + "\n".join(
@@ -272,7 +270,7 @@ def main(argv=None):
             nf4_row = next(r for r in rows if r["base"] == "nf4")
             md.append(f"## LoRA step: {label}\n\n{table}\n\nRounds kept {rows[0]['step']['n']}; "
                       f"re-run because the CPU was busy: {common.noise_note(noise)}. NF4-base step / fp32-base "
-                      f"step: {nf4_row['vs_fp32']:.3f} (target <= 1.6: {'MET' if nf4_row['vs_fp32'] <= 1.6 else 'MISSED'})")
+                      f"step (paired): {nf4_row['vs_fp32']:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = "\n\n".join(md)
