@@ -262,7 +262,7 @@ def dequantize(model: nn.Module) -> nn.Module:
 
 def quantized_bytes(model):
     """(bytes, weights) over the model's quantized weights: bytes / weights is the storage per weight."""
-    qweights = [m.weight for m in model.modules() if isinstance(m, QuantLinear)]
+    qweights = [m for m in model.modules() if isinstance(m, tuple(QUANTIZERS.values()))]  # in a LoRA layer too
     return sum(w.nbytes() for w in qweights), sum(w.shape[0] * w.shape[1] for w in qweights)
 
 

@@ -162,6 +162,14 @@ def test_quantize_replaces_every_untied_linear_and_keeps_the_head_tied_to_the_em
     assert nbytes / n < 0.55
 
 
+def test_parameter_counts_include_the_quantized_weights():
+    from lora import count_parameters
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=2))
+    counts = count_parameters(model)
+    quantize(remove_lora(model), "nf4")
+    assert count_parameters(apply_lora(model, LoRAConfig(r=2))) == counts
+
+
 def test_merge_and_unload_of_lora_on_nf4_is_the_dequantized_weight_plus_the_update():
     model = apply_lora(quantize(tiny_gpt(), "nf4"), LoRAConfig(r=4, targets=("c_attn",)))
     for _, layer in lora_layers(model):
