@@ -11,6 +11,8 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
                  exactly where it stopped
+A LoRA run on a quantized base (config["quantize"] = 'nf4' | 'int8') stores no quantized tensor: quantization is
+deterministic, so loading re-quantizes the base and gets the very same packed weights.
 """
 import dataclasses
 import hashlib
@@ -88,8 +90,8 @@ def read_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train with out_dir={path.parent} first "
                                 f"(init_from='resume' continues a run that saved one)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mmap: tensors are read from disk when used, so a quantized load never holds the whole fp32 state dict
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file: torch's message is long and suggests unsafe loading
         reason = str(e).split(". ")[0]
         raise ValueError(f"{path} is not a readable checkpoint ({reason}): the file is truncated or not one of "
@@ -100,14 +102,22 @@ def read_checkpoint(path):
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint, dtype=None, **overrides):
+def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
     """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
-    `overrides` may set dropout."""
+    `overrides` may set dropout. quantize: None = as the run trained (a QLoRA run's base is quantized again),
+    '' = full precision, or 'nf4' | 'int8' (model/quant.py)."""
     missing = {"model", "model_type", "model_args", "lora", "base"} - set(checkpoint)
     if missing:
         raise ValueError(f"{checkpoint.get('path', 'checkpoint')} is not one of train.py's checkpoints (no "
                          f"{', '.join(sorted(missing))})")
-    if checkpoint["lora"] is None:
+    if quantize is None:
+        quantize = checkpoint["config"].get("quantize", "")
+    if checkpoint["lora"] is None and quantize:
+        from model.quant import fill_quantized
+        with torch.device("meta"):  # no memory: the tensors arrive one by one, the Linear weights get quantized
+            model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
+        model = fill_quantized(model, checkpoint["model"].items(), quantize, dtype=dtype, describe="checkpoint")
+    elif checkpoint["lora"] is None:
         model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])
     else:
@@ -117,7 +127,7 @@ def model_from_checkpoint(checkpoint, dtype=None, **overrides):
                                                                     Path(base).resolve().parent):
             raise ValueError(f"{where}: a LoRA checkpoint whose base is its own out_dir {base} (its base was "
                              f"overwritten by it); the base model is gone: train the LoRA run again on its base")
-        model = load_base(base, **overrides)
+        model = load_base(base, dtype=dtype, quantize=quantize, **overrides)
         expected, found = checkpoint.get("base_fingerprint"), fingerprint(model)
         if expected is not None and expected != found:
             raise ValueError(f"{where}: its base {base} has changed since this LoRA run started (fingerprint "
@@ -132,16 +142,16 @@ def model_from_checkpoint(checkpoint, dtype=None, **overrides):
         if unexpected or any(".lora_" in k for k in missing):
             raise ValueError(f"LoRA checkpoint does not fit its base {checkpoint['base']}: "
                              f"unexpected {unexpected[:4]}, missing {[k for k in missing if '.lora_' in k][:4]}")
-    if dtype is not None:
+    if dtype is not None and not quantize:  # a quantized model was filled in `dtype` already
         model.to(dtype)
     return model
 
 
-def load_base(spec, **overrides):
-    """load_model(spec) as a plain model to build on: a LoRA run's base and adapter merged into one set of
-    weights, every parameter trainable (apply_lora and full fine-tuning both start from it)."""
+def load_base(spec, **kwargs):
+    """load_model(spec, **kwargs) as a plain model to build on: a LoRA run's base and adapter merged into one set
+    of weights, every parameter trainable (apply_lora and full fine-tuning both start from it)."""
     from lora import lora_layers, merge_and_unload
-    model = load_model(spec, **overrides)
+    model = load_model(spec, **kwargs)
     if lora_layers(model):
         print(f"{spec} is a LoRA run: building on its merged weights (base + scaling * B @ A)")
         merge_and_unload(model)
@@ -149,16 +159,22 @@ def load_base(spec, **overrides):
     return model
 
 
-def load_model(spec, base=None, dtype=None, **overrides):
+def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     """Any model a user may name, on the CPU:
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
     `overrides` may set dropout, whatever the model's own config says.
+    quantize: '' or None = full precision, except that None loads a QLoRA run's out_dir the way it trained;
+    'nf4' | 'int8' quantizes the base's Linear layers while loading (model/quant.py). This is what a `--quantize`
+    flag passes on (eval_hellaswag.py, sample.py).
     """
+    if quantize:
+        from model.quant import check_method
+        check_method(quantize)
     path = Path(os.fspath(spec)).expanduser()
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
-        return model_from_checkpoint(read_checkpoint(path), dtype, **overrides)
+        return model_from_checkpoint(read_checkpoint(path), dtype, quantize, **overrides)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
         from lora import load_adapter
@@ -166,7 +182,10 @@ def load_model(spec, base=None, dtype=None, **overrides):
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
-        model = load_model(base, dtype=dtype, **overrides)
+        model = load_model(base, dtype=dtype, quantize=quantize or "", **overrides)
         load_adapter(model, path)
         return model
+    if quantize:
+        from model.quant import load_quantized
+        return load_quantized(spec, quantize, dtype=dtype, **overrides)
     return load_pretrained(spec, dtype=dtype, **overrides)

@@ -64,6 +64,7 @@ wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), model/quant.py
 # LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
 # lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
 # on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
@@ -176,7 +177,8 @@ elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
 else:
-    model = load_base(init_from, dropout=dropout)  # to fine-tune fully, or a LoRA base (a LoRA out_dir: merged)
+    # to fine-tune fully, or a LoRA run's frozen base (quantized while loading for QLoRA; a LoRA out_dir: merged)
+    model = load_base(init_from, quantize=quantize, dropout=dropout)
     base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
     base_fingerprint = fingerprint(model) if lora_r > 0 else None  # a resume refuses a base that has changed
     config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
@@ -197,7 +199,8 @@ raw_model = model  # the plain module: checkpoints, sampling and the optimizer u
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    # no buffer broadcast before each forward: our only buffers are a quantized base's, equal on every rank
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 optimizer = raw_model.configure_optimizers(weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
 # from here on each rank draws its own dropout masks (nanoGPT's seed_offset): with one seed everywhere, every rank
@@ -395,8 +398,17 @@ if master_process and lora_config is not None:
     save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
     if merge_on_save:
-        merge_and_unload(raw_model).save_pretrained(Path(out_dir) / "merged")
-        print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format)")
+        from model.quant import dequantize
+        raw_model.eval()
+        x = val_loader.next_batch()[0].to(device)
+        with torch.no_grad(), autocast:
+            unmerged = raw_model(x)[0].float()
+        merged = dequantize(merge_and_unload(raw_model))  # full precision; a quantized W is dequantized first
+        with torch.no_grad(), autocast:
+            error = (merged(x)[0].float() - unmerged).abs().max().item()
+        merged.save_pretrained(Path(out_dir) / "merged")
+        print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format, full precision); largest "
+              f"|logit difference| merged vs unmerged on a val batch: {error:.2e}")
 if wandb_run is not None:
     wandb_run.finish()
 if ddp:

@@ -96,6 +96,7 @@ CHECKS = {
     "lora_rslora":         (one_of(True, False),             "True or False",                                FIXED),
     "lora_modules_to_save": (lambda v: all(isinstance(m, str) and m for m in v),
                                                              "a tuple of module names",                      FIXED),
+    "quantize":            (one_of("", "nf4", "int8"),       "'', 'nf4' or 'int8'",                          FIXED),
 }
 
 RELATIONS = [
@@ -111,6 +112,8 @@ RELATIONS = [
     (lambda c: c["sample_interval"] == 0 or len(c["sample_prompt"]) > 0,
      lambda c: "sample_prompt='' is empty: samples continue a prompt; give one (e.g. --sample_prompt='\\n') or "
                "--sample_interval=0"),
+    (lambda c: not c["quantize"] or c["init_from"] == "resume" or (c["init_from"] != "scratch" and c["lora_r"] > 0),
+     lambda c: f"quantize={c['quantize']!r} freezes a loaded base: set init_from to a model and lora_r > 0"),
     (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),
      lambda c: f"lora_mode='fused' needs lora_dropout=0 (got {c['lora_dropout']}): use lora_mode='split'"),
 ]

@@ -11,8 +11,9 @@ Matching `targets` against qualified module names (the names of model.named_modu
   - a single string: a regular expression that must match the whole name (re.fullmatch), e.g.
     r"transformer\\.h\\.(10|11)\\.attn\\.c_attn" for the last two layers only. A string with a comma (names
     written as one string, "q_proj,v_proj") is refused: give names as a list.
-Only nn.Linear modules are adapted. A matched leaf that is not an nn.Linear (an Embedding, a LayerNorm) is an
-error; matched containers (e.g. ".*attn.*" also matching the attention block) are skipped.
+Only nn.Linear modules (and QuantLinear, a quantized base: model/quant.py) are adapted. A matched leaf that is
+neither (an Embedding, a LayerNorm) is an error; matched containers (e.g. ".*attn.*" also matching the attention
+block) are skipped.
 
 Decisions worth knowing:
   - apply_lora on a model that already has LoRA layers is an error (no silent stacking of adapters).
@@ -31,9 +32,11 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields, replace
 
+import torch
 import torch.nn as nn
 
-from lora.layer import MODES, LoRALinear
+from lora.layer import MODES, LoRALinear, dense
+from model.quant import QuantLinear
 
 
 @dataclass
@@ -125,7 +128,7 @@ def _find_targets(model, targets):
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets):
             continue
-        if type(module) is nn.Linear:  # exact type: subclasses may have their own forward
+        if type(module) in (nn.Linear, QuantLinear):  # exact type: subclasses may have their own forward
             linears.append(name)
         elif not list(module.children()):
             wrong_type.append(f"{name} ({type(module).__name__})")
@@ -168,7 +171,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         linear = model.get_submodule(name)
         layer = LoRALinear(linear, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
                            mode=config.mode)
-        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
+        shared = [o for o in owners.get(id(linear.weight), []) if o != f"{name}.weight"]  # none if quantized
         if shared:
             layer.weight_is_tied = True
             warnings.warn(f"LoRA target {name}.weight is tied to {', '.join(shared)}: LoRA adapts {name}'s output "
@@ -257,17 +260,21 @@ def remove_lora(model: nn.Module) -> nn.Module:
 def _replace_lora_layers(model, merge):
     for name, layer in lora_layers(model):
         weight = layer.weight  # the same Parameter: ties and optimizer references survive
-        if merge and layer.weight_is_tied:
+        quantized = not isinstance(weight, torch.Tensor)  # a QuantLinear's packed weight (model/quant.py)
+        if merge and (layer.weight_is_tied or quantized):  # a merged weight of its own, in full precision
             delta = layer.delta_weight()
-            weight = nn.Parameter((layer.weight.detach().to(delta.dtype) + delta).to(layer.weight.dtype),
-                                  requires_grad=layer.weight.requires_grad)
+            weight = nn.Parameter((dense(layer.weight).detach().to(delta.dtype) + delta).to(layer.weight.dtype),
+                                  requires_grad=False if quantized else layer.weight.requires_grad)
         elif merge:
             layer.merge()
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = weight
-        linear.bias = layer.bias
+        if quantized and not merge:
+            plain = QuantLinear(weight, layer.bias)  # the quantized layer it wrapped
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            plain.weight = weight
+            plain.bias = layer.bias
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, linear)
+        setattr(model.get_submodule(parent_name), child_name, plain)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -16,6 +16,8 @@ Two ways to compute the same y (`mode`):
 Which is faster depends on the token count and the shapes: the cost model and the measurements are in
 bench/fused_vs_split.py and bench/results/. merge() folds s B A into W (a plain F.linear; unmerge() undoes it up to
 rounding). As in loralib, the frozen weight keeps the name `weight`, so a plain checkpoint loads unchanged.
+On a quantized base (QLoRA, model/quant.py) `weight` is packed: it is read only through dense() and frozen_linear(),
+which dequantize on the fly and keep no full-precision W; merge() refuses (use merge_and_unload).
 """
 import math
 
@@ -23,7 +25,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.quant import QuantLinear, dequant_linear
+
 MODES = ("split", "fused")
+
+
+def dense(weight):
+    """The frozen base weight as an (out, in) tensor: the Parameter itself, or a quantized weight dequantized."""
+    return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+
+def frozen_linear(x, weight, bias):
+    """x W^T + b for the frozen base: F.linear, or for a quantized W a linear that dequantizes in forward and
+    backward (model/quant.py) rather than keeping a full-precision copy of W for the backward."""
+    return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else dequant_linear(x, weight, bias)
 
 
 class FusedLoRALinear(torch.autograd.Function):
@@ -37,12 +52,14 @@ class FusedLoRALinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        merged_weight = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # W + s*B@A: (out, in), temporary
+        merged_weight = torch.addmm(dense(weight), lora_B, lora_A, alpha=scaling)  # W + s*B@A: (out, in), temporary
         # saved: x, W, A, B. W, A, B are parameters (no extra memory), so only x is new, the same x the frozen layer
         # keeps anyway. W' is not saved but recomputed in backward: keeping it would hold one more weight-sized
         # tensor per layer until backward (GPT-2 124M, c_attn only: 12 * 768 * 2304 * 4 bytes = 85 MB in fp32), while
-        # recomputing costs 2*out*r*in FLOPs, a fraction r/N of the dx GEMM
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        # recomputing costs 2*out*r*in FLOPs, a fraction r/N of the dx GEMM. A quantized W stays packed (in ctx).
+        quantized = not isinstance(weight, torch.Tensor)
+        ctx.save_for_backward(x, None if quantized else weight, lora_A, lora_B)
+        ctx.quantized_weight = weight if quantized else None
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         return F.linear(x, merged_weight, bias)  # (..., out), the one big GEMM
@@ -61,13 +78,14 @@ class FusedLoRALinear(torch.autograd.Function):
         # and no (out, in) gradient exists. Autograd on x @ (W + s*B@A).T would form dW', a full weight-sized
         # gradient per layer per step: exactly what LoRA is meant to avoid.
         x, weight, lora_A, lora_B = ctx.saved_tensors
+        weight = weight if ctx.quantized_weight is None else ctx.quantized_weight
         s = ctx.scaling
         need_x, need_w, need_b, need_A, need_B, _ = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         dx = dw = db = dA = dB = None
         if need_x:  # recompute W' rather than keep it alive since the forward (see forward)
-            merged_weight = torch.addmm(weight, lora_B, lora_A, alpha=s)  # (out, in)
+            merged_weight = torch.addmm(dense(weight), lora_B, lora_A, alpha=s)  # (out, in)
             dx = (dy @ merged_weight.to(dy.dtype)).reshape(x.shape).to(x.dtype)  # (..., in)
         if need_A:
             dy_B = dy @ lora_B.to(dy.dtype)  # (N, r)
@@ -85,15 +103,15 @@ class FusedLoRALinear(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """A frozen linear layer W (out, in) + bias, plus a trainable update s * B @ A of rank r.
 
-    Built from an existing nn.Linear, whose weight and bias Parameters it takes over (the same objects, no copy,
-    so a weight tied to another module stays tied). They are frozen here (requires_grad=False).
+    Built from an existing nn.Linear (or a QuantLinear), whose weight and bias it takes over (the same objects, no
+    copy, so a weight tied to another module stays tied). They are frozen here (requires_grad=False).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  mode: str = "split"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, QuantLinear)):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a QuantLinear, got {type(base).__name__}")
         if not (isinstance(r, int) and r > 0):
             raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
@@ -144,6 +162,10 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
+        if not isinstance(self.weight, torch.Tensor):
+            raise RuntimeError("this LoRA layer's base weight is quantized: merging in place would re-quantize "
+                               "W + s*B@A, which is lossy. Use merge_and_unload(model), which dequantizes W and "
+                               "gives a full-precision merged layer.")
         if self.weight_is_tied:
             raise RuntimeError("this LoRA layer's weight is tied to another module (e.g. lm_head and wte): merging "
                                "in place would change that module too. Use merge_and_unload(model), which gives "
@@ -165,11 +187,11 @@ class LoRALinear(nn.Module):
         if self.merged or not self.enabled:
             if self.merged and not self.enabled:
                 raise RuntimeError("LoRA layer is merged and disabled; unmerge it to run the base model")
-            return F.linear(x, self.weight, self.bias)  # plain layer: same cost as nn.Linear
+            return frozen_linear(x, self.weight, self.bias)  # plain layer: same cost as nn.Linear
         if self.mode == "fused":
             return FusedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         x2 = x.reshape(-1, self.in_features)  # (N, in): tokens flattened, a view for a contiguous x
-        out = F.linear(x2, self.weight, self.bias)  # (N, out), the frozen layer
+        out = frozen_linear(x2, self.weight, self.bias)  # (N, out), the frozen layer
         x_At = F.linear(self.lora_dropout(x2), self.lora_A)  # (N, r)
         # out += s * (x A^T) B^T in place, as one GEMM with beta=1: no (N, out) temporary and no extra pass over
         # it. Autograd allows it because nothing saved `out` for backward (linear keeps x and W); `out` must not be

@@ -29,12 +29,13 @@ those modules' size; ours train in place and are counted once.
 import torch.nn as nn
 
 from lora.layer import LoRALinear
+from model.quant import quantized_bytes
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) over distinct parameters."""
+    """(trainable, total) over distinct parameters; a quantized weight (model/quant.py) counts its (out, in) weights."""
     params = list(model.parameters())  # .parameters() already yields a shared Parameter once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized_bytes(model)[1]
 
 
 def print_trainable_parameters(model: nn.Module) -> str:

@@ -154,40 +154,24 @@ class GPT(CausalLM):
         `overrides` may set dropout (the checkpoint's architecture itself cannot change).
         """
         model_dir = resolve_model_dir(name_or_path)
-        hf = load_hf_config(model_dir)
-        if hf.get("model_type") != cls.model_type:
-            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not "
-                             f"{cls.model_type!r}; model.load_pretrained picks the class by model_type")
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{model_dir}: activation_function={hf['activation_function']!r} is not supported "
-                             f"(our GPT uses GPT-2's tanh GELU)")
-        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-            if hf.get(flag):
-                raise ValueError(f"{model_dir}: config.json sets {flag}=true, which our GPT does not implement")
         unknown = set(overrides) - {"dropout"}
         if unknown:
             raise ValueError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")
-        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
-                           layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), **overrides)
+        try:
+            config = GPTConfig(**config_from_hf(load_hf_config(model_dir)), **overrides)
+        except ValueError as e:
+            raise ValueError(f"{model_dir}: {e}") from None
         model = cls(config)
-        sd_hf = load_hf_state_dict(model_dir)
-        # GPT2Model checkpoints (like the original "gpt2") have no "transformer." prefix and no lm_head
-        sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
-                 for k, v in sd_hf.items()}
-        sd_hf.pop("lm_head.weight", None)  # tied to wte: one tensor
+        sd_hf = dict(t for t in (tensor_from_hf(k, v) for k, v in load_hf_state_dict(model_dir).items()) if t)
         ours = [k for k in model.state_dict() if k != "lm_head.weight"]
-        check_keys(f"GPT.from_pretrained({name_or_path})", ours, sd_hf, ignore=(".attn.bias", ".attn.masked_bias"))
+        check_keys(f"GPT.from_pretrained({name_or_path})", ours, sd_hf)
         with torch.no_grad():
             sd = model.state_dict()
             for k in ours:
-                w = sd_hf[k]
-                if k.endswith(cls.CONV1D_NAMES):
-                    w = w.t()  # Conv1D (in, out) -> Linear (out, in)
-                if w.shape != sd[k].shape:
-                    raise ValueError(f"{model_dir}: tensor {k} has shape {tuple(w.shape)}, "
+                if sd_hf[k].shape != sd[k].shape:
+                    raise ValueError(f"{model_dir}: tensor {k} has shape {tuple(sd_hf[k].shape)}, "
                                      f"config.json implies {tuple(sd[k].shape)}")
-                sd[k].copy_(w)
+                sd[k].copy_(sd_hf[k])
         if dtype is not None:
             model.to(dtype)
         return model
@@ -211,3 +195,29 @@ class GPT(CausalLM):
                 continue
             sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
         save_hf_folder(model_dir, self.hf_config(), sd)
+
+# ---- Hugging Face GPT-2 checkpoints, one config and one tensor at a time ----------------------------------------
+def config_from_hf(hf):
+    """GPTConfig keyword arguments from a Hugging Face GPT-2 config.json dict; refuses what our GPT lacks."""
+    if hf.get("model_type") != GPT.model_type:
+        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not {GPT.model_type!r}; "
+                         f"model.load_pretrained picks the class by model_type")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"activation_function={hf['activation_function']!r} is not supported "
+                         f"(our GPT uses GPT-2's tanh GELU)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(flag):
+            raise ValueError(f"config.json sets {flag}=true, which our GPT does not implement")
+    return dict(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def tensor_from_hf(name, tensor, config=None):
+    """(our name, tensor) for a Hugging Face GPT-2 tensor, or None for one we do not keep: the attention mask
+    buffers, and lm_head.weight (tied to wte: one tensor). GPT2Model checkpoints (like the original "gpt2") have
+    no "transformer." prefix; Conv1D weights (in, out) become Linear weights (out, in)."""
+    if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None
+    name = name if name.startswith("transformer.") else "transformer." + name
+    return name, tensor.t() if name.endswith(GPT.CONV1D_NAMES) else tensor

@@ -254,13 +254,10 @@ class LLaMA(CausalLM):
             model = cls(config)
         model = model.to(dtype or torch.float32).to_empty(device="cpu")
         model._tie_weights()  # to_empty made lm_head and embed_tokens two separate tensors again
-        sd_hf = load_hf_state_dict(model_dir)
-        if config.tie_word_embeddings:
-            sd_hf.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+        sd_hf = dict(t for t in (tensor_from_hf(k, v, config) for k, v in load_hf_state_dict(model_dir).items()) if t)
         sd = model.state_dict()
         ours = [k for k in sd if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        # checkpoints from older transformers store RoPE's inv_freq; we compute it (see rope_frequencies)
-        check_keys(f"LLaMA.from_pretrained({name_or_path})", ours, sd_hf, ignore=("rotary_emb.inv_freq",))
+        check_keys(f"LLaMA.from_pretrained({name_or_path})", ours, sd_hf)
         with torch.no_grad():
             for k in ours:
                 if sd_hf[k].shape != sd[k].shape:
@@ -312,3 +309,12 @@ def config_from_hf(hf):
                 attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
                 dropout=hf.get("attention_dropout", 0.0), bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=hf.get("eos_token_id"))
+
+
+def tensor_from_hf(name, tensor, config):
+    """(our name, tensor) for a Hugging Face LLaMA tensor (the same names), or None for one we do not keep: RoPE's
+    inv_freq, which older transformers stored and we compute (rope_frequencies), and a tied lm_head.weight, which
+    some checkpoints store next to the embedding it shares."""
+    if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+        return None
+    return name, tensor

@@ -66,9 +66,10 @@ def test_saved_adapter_reloads_to_the_same_logits_in_ours_and_in_peft(tmp_path, 
     assert config["base_model_name_or_path"] == str(hf_gpt2_base)
 
 
-def test_lora_run_resumes_with_the_same_losses(tmp_path, monkeypatch, hf_gpt2_base):
+def whole_and_resumed_losses(tmp_path, monkeypatch, base, **flags):
+    """train_loss per step of a 6-step LoRA run, and of the same run killed after its step-3 checkpoint, resumed."""
     write_shards(tmp_path / "data", stride=3)
-    run_train(lora_flags(tmp_path, hf_gpt2_base, out_dir=tmp_path / "whole", max_steps=6), monkeypatch)
+    run_train(lora_flags(tmp_path, base, out_dir=tmp_path / "whole", max_steps=6, **flags), monkeypatch)
     real_save = checkpoint.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
@@ -77,13 +78,17 @@ def test_lora_run_resumes_with_the_same_losses(tmp_path, monkeypatch, hf_gpt2_ba
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run_train(lora_flags(tmp_path, hf_gpt2_base, out_dir=tmp_path / "crash", max_steps=6, checkpoint_interval=3),
+        run_train(lora_flags(tmp_path, base, out_dir=tmp_path / "crash", max_steps=6, checkpoint_interval=3, **flags),
                   monkeypatch)
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    run_train(lora_flags(tmp_path, hf_gpt2_base, out_dir=tmp_path / "crash", max_steps=6, init_from="resume"),
+    run_train(lora_flags(tmp_path, base, out_dir=tmp_path / "crash", max_steps=6, init_from="resume", **flags),
               monkeypatch)
-    whole, resumed = read_log(tmp_path / "whole"), read_log(tmp_path / "crash")
-    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+    return [[r["train_loss"] for r in read_log(tmp_path / run)] for run in ("whole", "crash")]
+
+
+def test_lora_run_resumes_with_the_same_losses(tmp_path, monkeypatch, hf_gpt2_base):
+    whole, resumed = whole_and_resumed_losses(tmp_path, monkeypatch, hf_gpt2_base)
+    assert resumed == whole
 
 
 def test_full_fine_tune_from_a_hugging_face_folder_trains_every_weight(tmp_path, monkeypatch, hf_gpt2_base):
