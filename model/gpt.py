@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .generate import KVCache, cached_attention, generate
+from .attention import KVCache, cached_attention
+from .generate import generate
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .optim import configure_adamw
 
@@ -134,8 +135,6 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         return logits, next_token_loss(logits, targets)

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .generate import KVCache, cached_attention, generate
+from .attention import KVCache, cached_attention
+from .generate import generate
 from .gpt import init_weights, next_token_loss
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .optim import configure_adamw
@@ -218,8 +219,6 @@ class LLaMA(nn.Module):
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
         return logits, next_token_loss(logits, targets)
 
