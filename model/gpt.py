@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import KVCache, cached_attention
+from .chunked_loss import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from .generate import generate
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .optim import configure_adamw
@@ -51,6 +53,25 @@ def next_token_loss(logits, targets):
     if targets is None:
         return None
     return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+
+
+def head_and_loss(model, x, targets):
+    """(logits, loss) from the final hidden states x (B, T, C). Without targets: (lm_head(x), None). With targets:
+    (None, loss) from the chunked linear + cross-entropy (model/chunked_loss.py), which never forms the (B, T, V)
+    logits; model.loss_chunk_size = 0 takes the plain path instead (full logits, then next_token_loss)."""
+    if targets is None or model.loss_chunk_size == 0:
+        logits = model.lm_head(x)  # (B, T, V)
+        return logits, next_token_loss(logits, targets)
+    return None, linear_cross_entropy(x, model.lm_head.weight, targets, model.loss_chunk_size)
+
+
+def run_block(model, block, x, *args):
+    """block(x, *args). With model.activation_checkpointing in training, the block keeps only its input x for
+    backward and runs its forward again there (torch.utils.checkpoint; use_reentrant=False so inputs that do not
+    require grad, LoRA's frozen path, still get gradients; the RNG state is restored, so dropout repeats)."""
+    if model.activation_checkpointing and model.training and torch.is_grad_enabled():
+        return checkpoint(block, x, *args, use_reentrant=False)
+    return block(x, *args)
 
 
 class CausalSelfAttention(nn.Module):
@@ -117,6 +138,8 @@ class GPT(nn.Module):
         # weight tying: the output projection is the token embedding (saves 38M params at 124M scale)
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(lambda module: init_weights(module, config.n_layer))
+        self.loss_chunk_size = DEFAULT_CHUNK_SIZE  # tokens per chunk of the loss; 0: full logits (see head_and_loss)
+        self.activation_checkpointing = False  # recompute each block in backward (see run_block)
 
     @property
     def max_seq_len(self):
@@ -134,10 +157,8 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        return logits, next_token_loss(logits, targets)
+            x = run_block(self, block, x, kv_cache)
+        return head_and_loss(self, self.transformer.ln_f(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight

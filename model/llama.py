@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, cached_attention
+from .chunked_loss import DEFAULT_CHUNK_SIZE
 from .generate import generate
-from .gpt import init_weights, next_token_loss
+from .gpt import head_and_loss, init_weights, run_block
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .optim import configure_adamw
 
@@ -196,6 +197,8 @@ class LLaMA(nn.Module):
         self._tie_weights()
         # GPT-2's init (model/gpt.py): N(0, 0.02), residual projections scaled down; RMSNorm starts at ones
         self.apply(lambda module: init_weights(module, config.n_layer))
+        self.loss_chunk_size = DEFAULT_CHUNK_SIZE  # tokens per chunk of the loss; 0: full logits (see head_and_loss)
+        self.activation_checkpointing = False  # recompute each layer in backward (see run_block)
 
     def _tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -218,9 +221,8 @@ class LLaMA(nn.Module):
         cos, sin = rope_cos_sin(rope_frequencies(self.config, idx.device), positions)  # (T, D) each, all layers
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv_cache)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        return logits, next_token_loss(logits, targets)
+            x = run_block(self, layer, x, cos, sin, kv_cache)
+        return head_and_loss(self, self.model.norm(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
