@@ -8,18 +8,15 @@ One difference: Hugging Face stores GPT-2's projections as `Conv1D` with weight 
 Shapes: B batch, T sequence length, C = n_embd channels, H = n_head heads, D = C // H head size.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .attention import KVCache, cached_attention
-from .chunked_loss import DEFAULT_CHUNK_SIZE, linear_cross_entropy
-from .generate import generate
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
-from .optim import configure_adamw
+from .lm import CausalLM
 
 
 @dataclass
@@ -45,33 +42,6 @@ def init_weights(module, n_layer):
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-
-def next_token_loss(logits, targets):
-    """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping targets of -1; None without
-    targets. In float32 even under bf16 autocast: a softmax over 50k logits needs the precision."""
-    if targets is None:
-        return None
-    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-
-
-def head_and_loss(model, x, targets):
-    """(logits, loss) from the final hidden states x (B, T, C). Without targets: (lm_head(x), None). With targets:
-    (None, loss) from the chunked linear + cross-entropy (model/chunked_loss.py), which never forms the (B, T, V)
-    logits; model.loss_chunk_size = 0 takes the plain path instead (full logits, then next_token_loss)."""
-    if targets is None or model.loss_chunk_size == 0:
-        logits = model.lm_head(x)  # (B, T, V)
-        return logits, next_token_loss(logits, targets)
-    return None, linear_cross_entropy(x, model.lm_head.weight, targets, model.loss_chunk_size)
-
-
-def run_block(model, block, x, *args):
-    """block(x, *args). With model.activation_checkpointing in training, the block keeps only its input x for
-    backward and runs its forward again there (torch.utils.checkpoint; use_reentrant=False so inputs that do not
-    require grad, LoRA's frozen path, still get gradients; the RNG state is restored, so dropout repeats)."""
-    if model.activation_checkpointing and model.training and torch.is_grad_enabled():
-        return checkpoint(block, x, *args, use_reentrant=False)
-    return block(x, *args)
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,7 +93,10 @@ class Block(nn.Module):
         return x
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
+    model_type, config_class = "gpt2", GPTConfig
+    CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -138,16 +111,16 @@ class GPT(nn.Module):
         # weight tying: the output projection is the token embedding (saves 38M params at 124M scale)
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(lambda module: init_weights(module, config.n_layer))
-        self.loss_chunk_size = DEFAULT_CHUNK_SIZE  # tokens per chunk of the loss; 0: full logits (see head_and_loss)
-        self.activation_checkpointing = False  # recompute each block in backward (see run_block)
+
+    @staticmethod
+    def scratch_config(s):
+        """GPTConfig from train.py's settings, for init_from='scratch'."""
+        return GPTConfig(block_size=s["block_size"], vocab_size=s["vocab_size"], n_layer=s["n_layer"],
+                         n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], bias=s["bias"])
 
     @property
     def max_seq_len(self):
         return self.config.block_size
-
-    def num_params(self):
-        """Parameters counted once (the tied lm_head/wte matrix is one tensor)."""
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None):
         B, T = idx.size()
@@ -157,28 +130,14 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = run_block(self, block, x, kv_cache)
-        return head_and_loss(self, self.transformer.ln_f(x), targets)  # training: (None, loss)
+            x = self.run_block(block, x, kv_cache)
+        return self.head_and_loss(self.transformer.ln_f(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
-                 generator=None):
-        """idx (B, T) -> (B, T + new). Several samples of one prompt: repeat the prompt along B."""
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
-        """AdamW; weight decay on matrices and embeddings (dim >= 2), not on biases and LayerNorm gains.
-
-        Only parameters with requires_grad are handed over, so a LoRA model's frozen base stays out.
-        """
-        return configure_adamw(self, weight_decay, learning_rate, betas, device_type, verbose)
-
     # ---- Hugging Face checkpoints ------------------------------------------------------------------
-    CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, **overrides):
         """Load a Hugging Face GPT-2 folder (or a hub name found in the local cache).
@@ -187,9 +146,9 @@ class GPT(nn.Module):
         """
         model_dir = resolve_model_dir(name_or_path)
         hf = load_hf_config(model_dir)
-        if hf.get("model_type") != "gpt2":
-            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not 'gpt2'; "
-                             f"use LLaMA.from_pretrained or model.load_pretrained for other architectures")
+        if hf.get("model_type") != cls.model_type:
+            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not "
+                             f"{cls.model_type!r}; model.load_pretrained picks the class by model_type")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{model_dir}: activation_function={hf['activation_function']!r} is not supported "
                              f"(our GPT uses GPT-2's tanh GELU)")
@@ -226,7 +185,7 @@ class GPT(nn.Module):
 
     def hf_config(self):
         c = self.config
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+        return {"model_type": self.model_type, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
                 "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
                 "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
@@ -243,7 +202,3 @@ class GPT(nn.Module):
                 continue
             sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
         save_hf_folder(model_dir, self.hf_config(), sd)
-
-    def config_dict(self):
-        return asdict(self.config)
-
