@@ -68,6 +68,8 @@ lora_dropout = 0.0
 lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
 lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
+activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -81,6 +83,7 @@ from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_
 from dataloader import DataLoaderLite  # noqa: E402
 from model import GPT, model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
+from model.memory import estimate_peak_bytes, peak_memory_bytes  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -103,6 +106,8 @@ if dtype == "auto":
 if device_type != "cuda" and dtype != "float32":
     raise ValueError(f"dtype={dtype!r} on {device_type}: low-precision autocast is for CUDA (bf16 is ~400x "
                      f"slower on CPU); use --dtype=float32")
+if loss_chunk_size < 0:
+    raise ValueError(f"loss_chunk_size={loss_chunk_size}: use a number of tokens >= 1, or 0 for the full logits")
 # weights and optimizer stay fp32; autocast runs the matmuls in bf16/fp16 on CUDA
 autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
@@ -124,6 +129,11 @@ if master_process:
 
 train_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="train")
 val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="val")
+
+# the memory a step needs is measured against what the process holds before the model exists
+if device_type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+idle_memory = peak_memory_bytes(device)
 
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
@@ -156,6 +166,7 @@ if lora_config is not None:
         print_trainable_parameters(model)
 model.to(device)
 raw_model = model  # the plain module: checkpoints, sampling and the optimizer use it
+raw_model.loss_chunk_size, raw_model.activation_checkpointing = loss_chunk_size, activation_checkpointing
 if compile:
     model = torch.compile(model)
 if ddp:
@@ -173,6 +184,9 @@ if checkpoint is not None:
         print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
+memory_estimate = estimate_peak_bytes(raw_model, batch_size, block_size, act_bytes=4 if dtype == "float32" else 2)
+if master_process:
+    print(f"memory model, peak of a training step: {memory_estimate.summary()}")
 
 
 def get_lr(step):
@@ -343,6 +357,11 @@ for step in range(start_step, max_steps):
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log(record, step=step)
+    if master_process and (step == start_step + 1 or (last_step and step == start_step)):
+        # after two steps: AdamW makes its moments in the first, so only the second step holds everything
+        what = "max_memory_allocated" if device_type == "cuda" else "peak RSS above the process before the model"
+        print(f"peak memory measured: {(peak_memory_bytes(device) - idle_memory) / 1e9:.2f} GB ({what}); "
+              f"predicted {memory_estimate.peak / 1e9:.2f} GB")
     if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
         save(step + 1)  # step + 1: the next step to run after resuming
 

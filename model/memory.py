@@ -15,7 +15,11 @@ optimizer step (weights, gradients, moments). AdamW allocates its moments in its
 of a run peaks lower than the ones after it when many tensors train.
 Assumes dropout = 0 (a dropout layer adds a mask per (B, T, C) tensor it drops) and no LoRA dropout.
 """
+import resource
+import sys
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -106,3 +110,12 @@ def estimate_peak_bytes(model, batch_size, seq_len, activation_checkpointing=Non
     optimizer_step = weights + grads + adamw
     peak = max(start_of_backward, end_of_backward, optimizer_step)
     return MemoryEstimate(weights, grads, adamw, activations, loss, workspace, recompute, peak)
+
+
+def peak_memory_bytes(device):
+    """CUDA: the peak bytes of live tensors since the last reset. Elsewhere: this process's peak resident set size
+    (no per-tensor counter exists on CPU; subtract the peak before the model to get what training added)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
