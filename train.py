@@ -184,7 +184,8 @@ if checkpoint is not None:
         print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
-memory_estimate = estimate_peak_bytes(raw_model, batch_size, block_size, act_bytes=4 if dtype == "float32" else 2)
+memory_estimate = estimate_peak_bytes(raw_model, batch_size, block_size, act_bytes=4 if dtype == "float32" else 2,
+                                      device=device)
 if master_process:
     print(f"memory model, peak of a training step: {memory_estimate.summary()}")
 

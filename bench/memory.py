@@ -57,7 +57,7 @@ def run_row(cfg, row):
     timing.NOISE_LIMIT = cfg["noise_limit"]
     device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
     model, optimizer, (idx, targets) = build(cfg, row["mode"], row["B"], row["T"])
-    estimate = estimate_peak_bytes(model, row["B"], row["T"], act_bytes=act_bytes(cfg))
+    estimate = estimate_peak_bytes(model, row["B"], row["T"], act_bytes=act_bytes(cfg), device=device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)  # the weights stay: they are part of the prediction
     t = timing.time_train_step(model, optimizer, idx, targets, device, dtype, cfg["warmup"], cfg["iters"])

@@ -6,13 +6,17 @@ A step holds, besides the weights (all of them, frozen or not):
     (saved_widths below; tests/test_memory.py checks the count against saved_tensors_hooks).
     With activation checkpointing a block saves only its input, and one block's list is rebuilt in backward;
   - the loss: one chunk of (n, V) float32 logits (model/chunked_loss.py), dx (N, C), and dW (V, C) if the head
-    trains; with loss_chunk_size = 0, the full logits, log_softmax's output and their gradient: three (N, V);
+    trains; with loss_chunk_size = 0, four (N, V): the logits (returned to the caller), log_softmax's output,
+    and in backward the gradient w.r.t. each, both alive while log_softmax's backward runs;
   - backward's working set: the gradients flowing through the block being differentiated, about two
     (B, T, widest hidden) tensors plus two of the residual stream.
 The peak is the largest of three moments: the start of backward (every activation saved, the loss's buffers
 alive), the backward of the first block (every gradient made, one block's activations alive), and the
 optimizer step (weights, gradients, moments). AdamW allocates its moments in its first step, so the first step
 of a run peaks lower than the ones after it when many tensors train.
+On CPU, where the measure is the process's resident memory, add what running a step at all costs: torch's
+kernels, thread pools and allocator arenas on first use, ~0.1 GB (CPU_RUNTIME_BYTES, measured on a 2-layer model
+whose tensors are a few MB). On CUDA, max_memory_allocated counts tensors only.
 Assumes dropout = 0 (a dropout layer adds a mask per (B, T, C) tensor it drops) and no LoRA dropout.
 """
 import resource
@@ -20,6 +24,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+CPU_RUNTIME_BYTES = 100_000_000
 
 
 @dataclass
@@ -31,13 +37,15 @@ class MemoryEstimate:
     loss: int  # the loss's own buffers in backward (chunk of logits, dx, dW of a trainable head)
     workspace: int  # gradients flowing through one block in backward
     recompute: int  # one block's activations rebuilt in backward (activation checkpointing), else 0
+    runtime: int  # CPU: the process's own growth once it runs a step (CPU_RUNTIME_BYTES); CUDA: 0
     peak: int  # the largest of the three moments (see the module docstring)
 
     def summary(self):
         gb = lambda b: f"{b / 1e9:.2f}"  # noqa: E731
         return (f"{gb(self.peak)} GB = max(start of backward, end of backward, optimizer step); weights "
                 f"{gb(self.weights)}, grads {gb(self.grads)}, AdamW {gb(self.adamw)}, activations {gb(self.activations)}"
-                f", loss {gb(self.loss)}, backward working set {gb(self.workspace + self.recompute)} GB")
+                f", loss {gb(self.loss)}, backward working set {gb(self.workspace + self.recompute)}, runtime "
+                f"{gb(self.runtime)} GB")
 
 
 def keeps_input(*linears):
@@ -76,17 +84,18 @@ def lora_widths(model):
 
 
 def estimate_peak_bytes(model, batch_size, seq_len, activation_checkpointing=None, loss_chunk_size=None,
-                        act_bytes=4):
+                        act_bytes=4, device="cpu"):
     """MemoryEstimate of one training step of `model` on (batch_size, seq_len) tokens.
 
     activation_checkpointing and loss_chunk_size default to the model's own settings. act_bytes: bytes per
     activation element (4 in float32; about 2 under bf16 autocast, where norms and the softmax stay float32).
+    device: where it runs (CPU adds CPU_RUNTIME_BYTES).
     """
     ckpt = model.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
     chunk = model.loss_chunk_size if loss_chunk_size is None else loss_chunk_size
     c = model.config
     N, C, V, L = batch_size * seq_len, c.n_embd, c.vocab_size, c.n_layer
-    params = {p.data_ptr(): p for p in model.parameters()}.values()  # tied tensors once
+    params = list(model.parameters())  # a tied tensor once
     weights = sum(p.numel() * p.element_size() for p in params)
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     block, final = saved_widths(model)
@@ -99,7 +108,7 @@ def estimate_peak_bytes(model, batch_size, seq_len, activation_checkpointing=Non
     if chunk > 0:
         loss = min(chunk, N) * V * 4 + N * C * act_bytes + head_grad  # one chunk, dx, dW
     else:
-        loss = 3 * N * V * 4 + N * C * act_bytes + head_grad  # logits, log_softmax, their gradient; dx
+        loss = 4 * N * V * 4 + N * C * act_bytes + head_grad  # logits, log_softmax, a gradient of each; dx
     workspace = N * (2 * max(block) + 2 * C) * act_bytes
     recompute = per_block if ckpt else 0
     adamw, grads = 2 * trainable, trainable
@@ -108,8 +117,9 @@ def estimate_peak_bytes(model, batch_size, seq_len, activation_checkpointing=Non
     start_of_backward = weights + adamw + activations + max(loss, head_grad + recompute + workspace)
     end_of_backward = weights + adamw + grads + per_block + workspace  # block 0: saved or rebuilt, all grads made
     optimizer_step = weights + grads + adamw
-    peak = max(start_of_backward, end_of_backward, optimizer_step)
-    return MemoryEstimate(weights, grads, adamw, activations, loss, workspace, recompute, peak)
+    runtime = 0 if str(device).startswith("cuda") else CPU_RUNTIME_BYTES
+    peak = max(start_of_backward, end_of_backward, optimizer_step) + runtime
+    return MemoryEstimate(weights, grads, adamw, activations, loss, workspace, recompute, runtime, peak)
 
 
 def peak_memory_bytes(device):

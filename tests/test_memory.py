@@ -188,3 +188,17 @@ def test_train_with_checkpointing_and_chunked_loss_follows_the_plain_run_and_rep
     assert out.count("memory model, peak of a training step:") == 2
     assert out.count("peak memory measured:") == 2
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_the_head_gradient_stays_float32():
+    x, weight, targets = hidden_weight_targets()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, weight, targets, chunk_size=7)
+        expected = F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)  # what lm_head + the loss do
+    loss.backward()
+    dw = weight.grad.clone()
+    expected_dx, expected_dw = torch.autograd.grad(expected, (x, weight))
+    assert loss.dtype == torch.float32 and dw.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)  # bf16 logits: ~3 significant digits
+    torch.testing.assert_close(x.grad, expected_dx, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(dw, expected_dw, rtol=2e-2, atol=2e-3)
