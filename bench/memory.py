@@ -7,10 +7,11 @@ Rows (each in its own fresh process, so that the peak is the row's own):
   full        every parameter trains; chunked linear + cross-entropy (the default loss)
   lora        LoRA r=16 on c_attn, c_proj, c_fc; chunked loss
   lora-ckpt   LoRA + activation checkpointing (each block recomputed in backward)
+  lora-fwdgrad  LoRA; chunked loss with its gradients formed in forward (loss_recompute = False)
   lora-plain  LoRA with loss_chunk_size = 0: full logits then F.cross_entropy, the loss before the chunked one
   full-plain  full fine-tuning with the plain loss
 Measured: CUDA max_memory_allocated; CPU peak RSS of the row's process minus an idle child's (torch imported).
---compare times lora-plain, lora and lora-ckpt on one model in one process, interleaved step by step (one step
+--compare times lora-plain, lora, lora-fwdgrad and lora-ckpt on one model in one process, interleaved step by step (one step
 of each per iteration), and reports the medians of the per-iteration ratios to lora-plain.
 """
 import argparse
@@ -24,15 +25,15 @@ import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
 
-MODES = {  # name: (LoRA?, activation checkpointing?, chunked loss?)
-    "full": (False, False, True), "lora": (True, False, True), "lora-ckpt": (True, True, True),
-    "lora-plain": (True, False, False), "full-plain": (False, False, False)}
+MODES = {  # name: (LoRA?, activation checkpointing?, loss: "chunked" | "fwdgrad" | "plain")
+    "full": (False, False, "chunked"), "lora": (True, False, "chunked"), "lora-ckpt": (True, True, "chunked"),
+    "lora-fwdgrad": (True, False, "fwdgrad"), "lora-plain": (True, False, "plain"), "full-plain": (False, False, "plain")}
 
 
 def build(cfg, mode, B, T):
     """(model, optimizer, batch) for one row: GPT of cfg's shape, LoRA or not, with the mode's memory settings."""
     from lora import LoRAConfig, apply_lora
-    lora, ckpt, chunked = MODES[mode]
+    lora = MODES[mode][0]
     model = common.make_gpt(dict(cfg, T=T))
     if lora:
         apply_lora(model, LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], targets=cfg["targets"]))
@@ -43,8 +44,9 @@ def build(cfg, mode, B, T):
 
 
 def set_mode(model, mode, cfg):
-    _, ckpt, chunked = MODES[mode]
-    model.activation_checkpointing, model.loss_chunk_size = ckpt, cfg["chunk"] if chunked else 0
+    _, ckpt, loss = MODES[mode]
+    model.activation_checkpointing, model.loss_chunk_size = ckpt, 0 if loss == "plain" else cfg["chunk"]
+    model.loss_recompute = loss != "fwdgrad"
 
 
 def act_bytes(cfg):
@@ -129,7 +131,7 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--chunk", type=int, default=1024, help="loss_chunk_size of the chunked loss")
     p.add_argument("--compare", action="store_true",
-                   help="also time lora-plain, lora, lora-ckpt interleaved in one process at the largest shape")
+                   help="also time lora-plain, lora, lora-fwdgrad, lora-ckpt interleaved in one process at the largest shape")
     p.add_argument("--noise_limit", type=float, default=timing.NOISE_LIMIT,
                    help="CPU: re-run iterations during which other processes used more than this share of the "
                         "machine (timing.py); 1 keeps every iteration (a busy shared machine), the load is recorded")
@@ -174,7 +176,7 @@ def main(argv=None):
     extra = dict(idle_rss=idle)
     if cfg["compare"]:
         B, T = max(shapes, key=lambda s: s[0] * s[1])
-        summaries, ratios = compare(cfg, B, T, ["lora-plain", "lora", "lora-ckpt"])
+        summaries, ratios = compare(cfg, B, T, ["lora-plain", "lora", "lora-fwdgrad", "lora-ckpt"])
         extra["compare"] = dict(B=B, T=T, summaries=summaries, ratios=ratios)
         lines = [f"| {m} | {s['median']:,.0f} ({s['p25']:,.0f}-{s['p75']:,.0f}) | {ratios[m]:.3f} |"
                  for m, s in summaries.items()]

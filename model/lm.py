@@ -7,8 +7,9 @@ A family (model/gpt.py, model/llama.py) subclasses CausalLM and provides:
     forward(idx, targets=None, kv_cache=None) -> (logits, loss)
     max_seq_len, make_kv_cache(batch_size, max_len)
     from_pretrained(folder, dtype=None, dropout=...), save_pretrained(folder)
-and its forward runs each block through run_block and ends with head_and_loss, which own two memory settings:
+and its forward runs each block through run_block and ends with head_and_loss, which own three memory settings:
     loss_chunk_size             tokens per chunk of the training loss (model/chunked_loss.py); 0: full logits
+    loss_recompute              the loss's logits recomputed in backward (True) or its gradients made in forward
     activation_checkpointing    recompute each block in backward instead of keeping its activations
 """
 from dataclasses import asdict
@@ -36,6 +37,7 @@ class CausalLM(nn.Module):
     config_class: type
     CONV1D_NAMES = ()  # weights Hugging Face stores transposed, (in, out): GPT-2's Conv1D projections
     loss_chunk_size = DEFAULT_CHUNK_SIZE  # run-time settings, not architecture: set them on the model
+    loss_recompute = True  # the loss recomputes its logits in backward; False: gradients formed in forward
     activation_checkpointing = False
 
     def run_block(self, block, x, *args):
@@ -53,7 +55,8 @@ class CausalLM(nn.Module):
         if targets is None or self.loss_chunk_size == 0:
             logits = self.lm_head(x)  # (B, T, V)
             return logits, next_token_loss(logits, targets)
-        return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size)
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size,
+                                          recompute=self.loss_recompute)
 
     def num_params(self):
         """Parameters counted once (a tied lm_head/embedding matrix is one tensor)."""

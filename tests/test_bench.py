@@ -174,4 +174,4 @@ def test_memory_bench_writes_measured_and_predicted_peaks_and_interleaved_ratios
     assert [r["name"] for r in saved["rows"]] == ["lora 2x16", "lora-ckpt 2x16"]
     assert all(r["measured"] == r["peak_mem"] - saved["idle_rss"] and r["predicted"] > 0 for r in saved["rows"])
     assert saved["compare"]["ratios"]["lora-plain"] == 1.0 and set(saved["compare"]["ratios"]) == {
-        "lora-plain", "lora", "lora-ckpt"}
+        "lora-plain", "lora", "lora-fwdgrad", "lora-ckpt"}

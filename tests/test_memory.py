@@ -24,21 +24,23 @@ def hidden_weight_targets(seed=0):
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 15, 45, 64])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_chunked_loss_and_gradients_equal_cross_entropy_on_full_logits(chunk_size, reduction):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_chunked_loss_and_gradients_equal_cross_entropy_on_full_logits(chunk_size, reduction, recompute):
     x, weight, targets = hidden_weight_targets()
     expected = F.cross_entropy(x @ weight.t(), targets, ignore_index=-1, reduction=reduction)
-    expected_dx, expected_dw = torch.autograd.grad(expected, (x, weight))
-    loss = linear_cross_entropy(x, weight, targets, chunk_size=chunk_size, reduction=reduction)
-    dx, dw = torch.autograd.grad(loss, (x, weight))
+    expected_dx, expected_dw = torch.autograd.grad(2.5 * expected, (x, weight))  # an upstream gradient of 2.5
+    loss = linear_cross_entropy(x, weight, targets, chunk_size=chunk_size, reduction=reduction, recompute=recompute)
+    dx, dw = torch.autograd.grad(2.5 * loss, (x, weight))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, expected_dx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw, expected_dw, rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_head_gets_no_gradient_and_hidden_states_still_do():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_frozen_head_gets_no_gradient_and_hidden_states_still_do(recompute):
     x, weight, targets = hidden_weight_targets()
     weight.requires_grad_(False)
-    linear_cross_entropy(x, weight, targets, chunk_size=7).backward()
+    linear_cross_entropy(x, weight, targets, chunk_size=7, recompute=recompute).backward()
     expected_dx, = torch.autograd.grad(F.cross_entropy(x @ weight.t(), targets, ignore_index=-1), (x,))
     assert weight.grad is None
     torch.testing.assert_close(x.grad, expected_dx, rtol=1e-5, atol=1e-5)
@@ -76,8 +78,10 @@ def loss_and_grads(model, idx, targets):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_model_training_loss_and_gradients_equal_cross_entropy_on_its_logits(family):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_model_training_loss_and_gradients_equal_cross_entropy_on_its_logits(family, recompute):
     model, (idx, targets) = tiny(family), batch()  # 3 x 15 = 45 tokens
+    model.loss_recompute = recompute
     logits, _ = model(idx)  # (B, T, V): the path evaluation and generation use
     expected = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
     expected.backward()
@@ -190,10 +194,11 @@ def test_train_with_checkpointing_and_chunked_loss_follows_the_plain_run_and_rep
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_the_head_gradient_stays_float32():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_the_head_gradient_stays_float32(recompute):
     x, weight, targets = hidden_weight_targets()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = linear_cross_entropy(x, weight, targets, chunk_size=7)
+        loss = linear_cross_entropy(x, weight, targets, chunk_size=7, recompute=recompute)
         expected = F.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)  # what lm_head + the loss do
     loss.backward()
     dw = weight.grad.clone()
