@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,18 +63,21 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-lora_r = 0  # 0 = no LoRA: train all weights
-lora_alpha = 16.0
-lora_dropout = 0.0
-lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
-lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
 loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
 activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
+# LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
+# lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
+from lora import lora_settings  # noqa: E402
+
+globals().update(lora_settings())
+lora_r = 0  # 0 = no LoRA: train all weights
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
 # -----------------------------------------------------------------------------------------------
@@ -81,9 +85,10 @@ config = {k: globals()[k] for k in config_keys}  # what this run used: logged an
 from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
-from model import GPT, model_class  # noqa: E402
+from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
 from model.memory import estimate_peak_bytes, peak_memory_bytes  # noqa: E402
+from tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -137,14 +142,14 @@ idle_memory = peak_memory_bytes(device)
 
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
-start_step, checkpoint, lora_config, lora_base = 0, None, None, None
+# base: the model this run started from (None: scratch); a LoRA run's frozen base; it also names the tokenizer
+start_step, checkpoint, lora_config, base = 0, None, None, None
 if init_from == "resume":
     checkpoint = read_checkpoint(out_dir)
-    model = model_from_checkpoint(checkpoint)  # a LoRA run rebuilds its base and re-applies its adapter
-    start_step = checkpoint["step"]
+    model = model_from_checkpoint(checkpoint, dropout=dropout)  # a LoRA run rebuilds its base, re-applies its adapter
+    start_step, base = checkpoint["step"], checkpoint["base"]
     if checkpoint["lora"] is not None:
         lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
-        lora_base = checkpoint["base"]
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
         print(f"resuming from {out_dir} at step {start_step}")
@@ -152,13 +157,13 @@ elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
 else:
-    model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
-    lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+    model = load_model(init_from, dropout=dropout)  # full fine-tuning, or the frozen base of a LoRA run
+    base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
 if init_from != "resume" and lora_r > 0:
-    from lora import LoRAConfig, apply_lora
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
+    from lora import apply_lora, lora_config_from
+    lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
     apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
 if lora_config is not None:
     from lora import print_trainable_parameters
@@ -189,6 +194,17 @@ memory_estimate = estimate_peak_bytes(raw_model, batch_size, block_size, act_byt
 if master_process:
     print(f"memory model, peak of a training step: {memory_estimate.summary()}")
 
+# the tokenizer of the model (tokenizer.py): for samples, and for HellaSwag, which cannot run without it
+try:
+    tokenizer = tokenizer_for(base, raw_model.config.vocab_size)
+except (ValueError, FileNotFoundError, ImportError) as e:
+    if hellaswag_every > 0:
+        raise
+    tokenizer = None
+    if master_process and sample_interval > 0:
+        print(f"no samples: {e}")
+sampling = master_process and sample_interval > 0 and tokenizer is not None
+
 
 def get_lr(step):
     """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
@@ -216,41 +232,19 @@ def estimate_val_loss():
     return loss_sum.item() / eval_iters
 
 
-def sample_codec():
-    """(encode, decode, eos_id) for printing samples, or None when there is nothing to print with: GPT-2's
-    tokenizer for a GPT, the tokenizer.json of its Hugging Face folder for a LLaMA."""
-    if isinstance(raw_model, GPT):
-        from tokenizer import EOT, gpt2_encoding
-        enc = gpt2_encoding()
-        if raw_model.config.vocab_size < enc.n_vocab:
-            return None
-        return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
-    folder = lora_base or (init_from if init_from not in ("scratch", "resume") else None)
-    try:
-        from model import load_llama_tokenizer
-        tok = load_llama_tokenizer(folder) if folder else None
-    except (FileNotFoundError, ImportError) as e:
-        print(f"no samples: {e}")
-        return None
-    return (tok.encode, tok.decode, tok.eos_id) if tok else None
-
-
 def print_samples(step):
     """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
     training RNG, so a resumed run stays identical to an uninterrupted one."""
-    codec = sample_codec()
-    if codec is None:
-        return
-    encode, decode, eos_id = codec
     raw_model.eval()
-    prompt = torch.tensor(encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
+    prompt = torch.tensor(tokenizer.encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     new_tokens = min(sample_tokens, raw_model.max_seq_len - prompt.size(1))  # the KV cache holds max_seq_len
     with autocast:
-        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=eos_id, generator=gen)
+        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=tokenizer.eos_id,
+                                 generator=gen)
     raw_model.train()
     for i in range(num_samples):
-        print(f"sample {i}: {decode(out[i].tolist())!r}")
+        print(f"sample {i}: {tokenizer.decode(out[i].tolist())!r}")
 
 
 def hellaswag_accuracy():
@@ -262,7 +256,8 @@ def hellaswag_accuracy():
     path = eval_hellaswag.download("val", "data/hellaswag")  # now cached: every rank just gets the path
     examples = eval_hellaswag.load_examples(path, limit=hellaswag_limit or None)
     # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
-    result = eval_hellaswag.evaluate(raw_model, examples, device, rank=ddp_rank, world_size=world_size,
+    encode = partial(tokenizer.encode, add_special_tokens=False)  # context and endings are encoded apart: no BOS
+    result = eval_hellaswag.evaluate(raw_model, examples, device, encode, rank=ddp_rank, world_size=world_size,
                                      amp=dtype != "float32")
     return result["acc_norm"]
 
@@ -286,7 +281,7 @@ def save(step):
         dist.all_gather_object(rng_states, mine)
     if master_process:
         save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
-                        lora_base, rng_states)
+                        base, rng_states)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -302,7 +297,7 @@ for step in range(start_step, max_steps):
         record["hellaswag_acc_norm"] = record["hellaswag_acc"] = hellaswag_accuracy()
         if master_process:
             print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
-    if master_process and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last_step):
+    if sampling and step > 0 and (step % sample_interval == 0 or last_step):
         print_samples(step)
 
     t0 = time.perf_counter()
@@ -368,7 +363,7 @@ for step in range(start_step, max_steps):
 
 if master_process and lora_config is not None:
     from lora import merge_and_unload, save_adapter
-    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
+    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
     if merge_on_save:
         merge_and_unload(raw_model).save_pretrained(Path(out_dir) / "merged")
