@@ -68,7 +68,9 @@ def run_row(cfg, row):
 
 
 def compare(cfg, B, T, modes):
-    """Interleaved step times of `modes` on one LoRA model: {mode: summary}, {mode: median ratio to modes[0]}."""
+    """Interleaved step times of `modes` on one LoRA model: {"summaries": {mode: summary}, "ratios": {mode: median
+    ratio to modes[0]}}. Runs in a child process: on Linux a child's peak RSS starts at its parent's (fork, then
+    exec, keeps the high-water mark), so the parent must stay small for the rows measured after it."""
     device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
     model, optimizer, (idx, targets) = build(cfg, modes[0], B, T)
 
@@ -81,10 +83,11 @@ def compare(cfg, B, T, modes):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
+    timing.NOISE_LIMIT = cfg["noise_limit"]
     cols, info = timing.time_phases([step_of(m) for m in modes], device, cfg["warmup"], cfg["iters"])
     summaries = {m: dict(timing.summarize(ms), noise=info) for m, ms in zip(modes, cols)}
     ratios = {m: statistics.median(a / b for a, b in zip(ms, cols[0])) for m, ms in zip(modes, cols)}
-    return summaries, ratios
+    return dict(summaries=summaries, ratios=ratios)
 
 
 def chart(rows, path):
@@ -113,6 +116,18 @@ def chart(rows, path):
     return path
 
 
+def table(rows, cuda, idle):
+    gb = lambda b: f"{b / 1e9:.3f}"  # noqa: E731
+    columns = [("row", "name", None), ("B", "B", None), ("T", "T", None),
+               ("measured GB" + (" (max allocated)" if cuda else " (peak RSS - idle)"), "measured", gb),
+               ("predicted GB", "predicted", gb), ("predicted / measured - 1", "error", lambda e: f"{100 * e:+.1f}%"),
+               ("step ms (median)", "step_ms", lambda x: f"{x:,.0f}")]
+    if not cuda:
+        columns.append(("re-run (busy CPU)", "noise", common.noise_note))
+    md = common.markdown_table(rows, columns)
+    return f"Idle child process (torch imported): peak RSS {common.si(idle, 'B')}\n\n" + md if idle else md
+
+
 def parse_shapes(text):
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
@@ -131,7 +146,8 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--chunk", type=int, default=1024, help="loss_chunk_size of the chunked loss")
     p.add_argument("--compare", action="store_true",
-                   help="also time lora-plain, lora, lora-fwdgrad, lora-ckpt interleaved in one process at the largest shape")
+                   help="first time lora-plain, lora, lora-fwdgrad, lora-ckpt interleaved in one process at the largest shape")
+    p.add_argument("--compare_iters", type=int, default=3, help="timed iterations of --compare")
     p.add_argument("--noise_limit", type=float, default=timing.NOISE_LIMIT,
                    help="CPU: re-run iterations during which other processes used more than this share of the "
                         "machine (timing.py); 1 keeps every iteration (a busy shared machine), the load is recorded")
@@ -152,8 +168,23 @@ def main(argv=None):
           f"n_layer={cfg['n_layer']} n_embd={cfg['n_embd']} vocab={cfg['vocab_size']}; LoRA r={cfg['r']} on "
           f"{','.join(cfg['targets'])}; loss chunk {cfg['chunk']}; warmup {cfg['warmup']}, iters {cfg['iters']}")
 
+    extra, compare_md = {}, ""
+    if cfg["compare"]:  # first: the number the loss is judged by, on a model of its own in this process
+        B, T = max(shapes, key=lambda s: s[0] * s[1])
+        modes_compared = ["lora-plain", "lora", "lora-fwdgrad", "lora-ckpt"]
+        result = timing.run_isolated(compare, dict(cfg, iters=cfg["compare_iters"]), B, T, modes_compared)
+        summaries, ratios = result["summaries"], result["ratios"]
+        extra["compare"] = dict(B=B, T=T, summaries=summaries, ratios=ratios)
+        lines = [f"| {m} | {s['median']:,.0f} ({s['p25']:,.0f}-{s['p75']:,.0f}) | {ratios[m]:.3f} |"
+                 for m, s in summaries.items()]
+        compare_md = (f"\n\nStep time, LoRA r={cfg['r']}, B={B}, T={T}: {', '.join(modes_compared)} interleaved step "
+                      f"by step on one model (median of {summaries['lora']['n']} steps each):\n\n"
+                      "| setting | step ms (median, IQR) | median ratio to lora-plain |\n|---|---|---|\n"
+                      + "\n".join(lines))
+        print("\n".join(lines), flush=True)
     idle = 0 if cuda else timing.idle_baseline_bytes(cfg)
-    rows = []
+    extra["idle_rss"] = idle
+    env, rows = common.environment(cfg["device"], cfg["threads"]), []
     for B, T in shapes:
         for mode in modes:
             res = timing.run_isolated(run_row, cfg, dict(name=f"{mode} {B}x{T}", mode=mode, B=B, T=T))
@@ -163,31 +194,11 @@ def main(argv=None):
             print(f"{res['name']:>20}: measured {common.si(res['measured'], 'B')}, predicted "
                   f"{common.si(res['predicted'], 'B')} ({100 * res['error']:+.1f}%), step {res['step_ms']:.0f} ms",
                   flush=True)
-    gb = lambda b: f"{b / 1e9:.3f}"  # noqa: E731
-    columns = [("row", "name", None), ("B", "B", None), ("T", "T", None),
-               ("measured GB" + (" (max allocated)" if cuda else " (peak RSS - idle)"), "measured", gb),
-               ("predicted GB", "predicted", gb), ("predicted / measured - 1", "error", lambda e: f"{100 * e:+.1f}%"),
-               ("step ms (median)", "step_ms", lambda x: f"{x:,.0f}")]
-    if not cuda:
-        columns.append(("re-run (busy CPU)", "noise", common.noise_note))
-    md = common.markdown_table(rows, columns)
-    if idle:
-        md = f"Idle child process (torch imported): peak RSS {common.si(idle, 'B')}\n\n" + md
-    extra = dict(idle_rss=idle)
-    if cfg["compare"]:
-        B, T = max(shapes, key=lambda s: s[0] * s[1])
-        summaries, ratios = compare(cfg, B, T, ["lora-plain", "lora", "lora-fwdgrad", "lora-ckpt"])
-        extra["compare"] = dict(B=B, T=T, summaries=summaries, ratios=ratios)
-        lines = [f"| {m} | {s['median']:,.0f} ({s['p25']:,.0f}-{s['p75']:,.0f}) | {ratios[m]:.3f} |"
-                 for m, s in summaries.items()]
-        md += (f"\n\nStep time, LoRA r={cfg['r']}, B={B}, T={T}, the three settings interleaved step by step on one "
-               f"model (median of {summaries['lora']['n']} steps each):\n\n"
-               "| setting | step ms (median, IQR) | median ratio to lora-plain |\n|---|---|---|\n" + "\n".join(lines))
-        print("\n".join(lines))
+            md = table(rows, cuda, idle) + compare_md
+            env = common.environment(cfg["device"], cfg["threads"])  # written after every row: a long sweep
+            paths = common.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md, extra, command=command)
     print()
     print(md)
-    env = common.environment(cfg["device"], cfg["threads"])
-    paths = common.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md, extra, command=command)
     png = chart(rows, os.path.join(cfg["out_dir"], f"{env['device']}_{cfg['name']}.png"))
     print("wrote", *paths, *([png] if png else []))
     return rows
