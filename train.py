@@ -56,7 +56,7 @@ checkpoint_interval = 1000  # also saved at the end
 hellaswag_every = 0  # 0 = off
 hellaswag_limit = 0  # 0 = all 10042 val examples
 log_interval = 1
-compile = True  # torch.compile the model (CUDA)
+compile = "auto"  # torch.compile the model: 'auto' = on for CUDA, off on CPU (bench/results/cpu_train_defaults.md)
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 seed = 1337
@@ -105,6 +105,15 @@ else:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 master_process = ddp_rank == 0  # logs, samples and checkpoints
 device_type = "cuda" if device.startswith("cuda") else device
+if compile not in (True, False, "auto"):
+    raise ValueError(f"compile={compile!r}: use 'auto' (on for CUDA only), True or False")
+if compile == "auto":
+    compile = device_type == "cuda"
+if wandb_log and master_process:
+    try:
+        import wandb  # optional: WANDB_MODE=offline works without an account
+    except ImportError:
+        raise SystemExit("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
 
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -264,7 +273,6 @@ def hellaswag_accuracy():
 
 wandb_run = None
 if wandb_log and master_process:
-    import wandb  # optional: WANDB_MODE=offline works without an account
     wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 log_path = Path(out_dir) / "log.jsonl"
 flops_per_step = flops_per_token(raw_model, block_size, raw_model.config.n_layer, raw_model.config.n_embd) * total_batch_size
