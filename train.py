@@ -65,6 +65,8 @@ wandb_project = "nanolora"
 wandb_run_name = "run"
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
 quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), model/quant.py
+loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
+activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
 # LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
 # lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
 # on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
@@ -102,6 +104,7 @@ from dataloader import DataLoaderLite  # noqa: E402
 from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
 from run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
+from model.memory import estimate_peak_bytes, peak_memory_bytes  # noqa: E402
 from tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
@@ -158,6 +161,11 @@ if master_process:
 train_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="train")
 val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="val")
 
+# the memory a step needs is measured against what the process holds before the model exists
+if device_type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+idle_memory = peak_memory_bytes(device)
+
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
 # base: the model this run started from (None: scratch); a LoRA run's frozen base; it also names the tokenizer
@@ -196,6 +204,7 @@ if lora_config is not None:
         print_trainable_parameters(model)
 model.to(device)
 raw_model = model  # the plain module: checkpoints, sampling and the optimizer use it
+raw_model.loss_chunk_size, raw_model.activation_checkpointing = loss_chunk_size, activation_checkpointing
 if compile:
     model = torch.compile(model)
 if ddp:
@@ -214,6 +223,10 @@ if checkpoint is not None:
         print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
+memory_estimate = estimate_peak_bytes(raw_model, batch_size, block_size, act_bytes=4 if dtype == "float32" else 2,
+                                      device=device)
+if master_process:
+    print(f"memory model, peak of a training step: {memory_estimate.summary()}")
 
 # the tokenizer of the model (tokenizer.py): for samples, and for HellaSwag, which cannot run without it
 try:
@@ -390,6 +403,11 @@ for step in range(start_step, max_steps):
             f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")  # strict JSON: NaN -> null
         if wandb_run is not None:
             wandb_run.log(record, step=step)
+    if master_process and (step == start_step + 1 or (last_step and step == start_step)):
+        # after two steps: AdamW makes its moments in the first, so only the second step holds everything
+        what = "max_memory_allocated" if device_type == "cuda" else "peak RSS above the process before the model"
+        print(f"peak memory measured: {(peak_memory_bytes(device) - idle_memory) / 1e9:.2f} GB ({what}); "
+              f"predicted {memory_estimate.peak / 1e9:.2f} GB")
     if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
         save(step + 1)  # step + 1: the next step to run after resuming
 

@@ -97,6 +97,8 @@ CHECKS = {
     "lora_modules_to_save": (lambda v: all(isinstance(m, str) and m for m in v),
                                                              "a tuple of module names",                      FIXED),
     "quantize":            (one_of("", "nf4", "int8"),       "'', 'nf4' or 'int8'",                          FIXED),
+    "loss_chunk_size":     (at_least(0),                     ">= 0 (tokens per loss chunk; 0 = full logits)", FREE),
+    "activation_checkpointing": (one_of(True, False),        "True or False",                                FREE),
 }
 
 RELATIONS = [

@@ -18,7 +18,6 @@ reported on CUDA with a 16-bit dtype and a GPU in model/flops.py's table.
 """
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
+from model.memory import peak_memory_bytes  # noqa: E402
 
 # ---- device and precision ---------------------------------------------------------------------------------------
 
@@ -210,14 +210,6 @@ def num_trainable(model):
 
 
 # ---- isolated runs and peak memory ----------------------------------------------------------------
-
-def peak_memory_bytes(device):
-    """CUDA: peak allocated by tensors since the last reset. CPU: this process's peak RSS."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
-
 
 def _child(fn, args, threads):
     torch.set_num_threads(threads)

@@ -43,14 +43,6 @@ def init_weights(module, n_layer):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
 
-def next_token_loss(logits, targets):
-    """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping targets of -1; None without
-    targets. In float32 even under bf16 autocast: a softmax over 50k logits needs the precision."""
-    if targets is None:
-        return None
-    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -137,10 +129,8 @@ class GPT(CausalLM):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, kv_cache)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        return logits, next_token_loss(logits, targets)
+            x = self.run_block(block, x, kv_cache)
+        return self.head_and_loss(self.transformer.ln_f(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight

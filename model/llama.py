@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, cached_attention
-from .gpt import init_weights, next_token_loss
+from .gpt import init_weights
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .lm import CausalLM
 
@@ -224,9 +224,8 @@ class LLaMA(CausalLM):
         cos, sin = rope_cos_sin(rope_frequencies(self.config, idx.device), positions)  # (T, D) each, all layers
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, kv_cache)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        return logits, next_token_loss(logits, targets)
+            x = self.run_block(layer, x, cos, sin, kv_cache)
+        return self.head_and_loss(self.model.norm(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight

@@ -7,19 +7,56 @@ A family (model/gpt.py, model/llama.py) subclasses CausalLM and provides:
     forward(idx, targets=None, kv_cache=None) -> (logits, loss)
     max_seq_len, make_kv_cache(batch_size, max_len)
     from_pretrained(folder, dtype=None, dropout=...), save_pretrained(folder)
+and its forward runs each block through run_block and ends with head_and_loss, which own three memory settings:
+    loss_chunk_size             tokens per chunk of the training loss (model/chunked_loss.py); 0: full logits
+    loss_recompute              the loss's logits recomputed in backward (True) or its gradients made in forward
+    activation_checkpointing    recompute each block in backward instead of keeping its activations
 """
 from dataclasses import asdict
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from .chunked_loss import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from .generate import generate
 from .optim import configure_adamw
+
+
+def next_token_loss(logits, targets):
+    """Mean cross-entropy of logits (B, T, V) against targets (B, T), skipping targets of -1; None without
+    targets. In float32 even under bf16 autocast: a softmax over 50k logits needs the precision."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
 class CausalLM(nn.Module):
     model_type: str
     config_class: type
     CONV1D_NAMES = ()  # weights Hugging Face stores transposed, (in, out): GPT-2's Conv1D projections
+    loss_chunk_size = DEFAULT_CHUNK_SIZE  # run-time settings, not architecture: set them on the model
+    loss_recompute = True  # the loss recomputes its logits in backward; False: gradients formed in forward
+    activation_checkpointing = False
+
+    def run_block(self, block, x, *args):
+        """block(x, *args). With activation_checkpointing in training, the block keeps only its input x for backward
+        and runs its forward again there (torch.utils.checkpoint; use_reentrant=False so that inputs which do not
+        require grad, LoRA's frozen path, still get gradients; the RNG state is restored, so dropout repeats)."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
+    def head_and_loss(self, x, targets):
+        """(logits, loss) from the final hidden states x (B, T, C). Without targets: (lm_head(x), None). With
+        targets: (None, mean loss over targets != -1) from the chunked linear + cross-entropy, which never forms the
+        (B, T, V) logits; loss_chunk_size = 0 takes the plain path instead (full logits, then F.cross_entropy)."""
+        if targets is None or self.loss_chunk_size == 0:
+            logits = self.lm_head(x)  # (B, T, V)
+            return logits, next_token_loss(logits, targets)
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size,
+                                          recompute=self.loss_recompute)
 
     def num_params(self):
         """Parameters counted once (a tied lm_head/embedding matrix is one tensor)."""

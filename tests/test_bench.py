@@ -164,3 +164,16 @@ def test_timings_taken_while_another_process_burns_cpu_are_thrown_away(monkeypat
         hog.kill()
         hog.wait()
     assert info["noisy"] and info["discarded"] > 0
+
+
+def test_memory_bench_writes_measured_and_predicted_peaks_and_interleaved_ratios(tmp_path):
+    tiny = TINY[:TINY.index("--B")] + TINY[TINY.index("--iters"):]  # the batch comes from --shapes
+    cmd = [sys.executable, "bench/memory.py", *tiny, "--shapes", "2x16", "--modes", "lora,lora-ckpt",
+           "--chunk", "8", "--compare", "--compare_iters", "1", "--noise_limit", "1", "--out_dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "cpu_memory.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == ["lora 2x16", "lora-ckpt 2x16"]
+    assert all(r["measured"] == r["peak_mem"] - saved["idle_rss"] and r["predicted"] > 0 for r in saved["rows"])
+    assert saved["compare"]["ratios"]["lora-plain"] == 1.0 and set(saved["compare"]["ratios"]) == {
+        "lora-plain", "lora", "lora-fwdgrad", "lora-ckpt"}
