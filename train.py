@@ -329,7 +329,7 @@ for step in range(start_step, max_steps):
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
     lr = get_lr(step)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+ gives lora_B a multiple (lora/loraplus.py)
     scaler.step(optimizer)
     scaler.update()
     if device_type == "cuda":
