@@ -68,6 +68,7 @@ class DoRAFunction(torch.autograd.Function):
         dB = s dz^T (x A^T)                    (out, N) @ (N, r)
         dm = sum_n (dy * z)_n / ||V||          (out,)
         db = sum_n dy_n
+    These are the exact derivatives with ||V|| held constant (what `norm`, if given, makes explicit).
     dV = dz^T x would be weight-sized; associativity gives dA and dB without it. dm needs z: keeping it costs one
     (N, out) activation, the same one autograd keeps in the split mode; the alternatives are a second big GEMM
     in the backward (recompute z) or the weight-sized dy^T x. Saved: x, z, g, ||V|| and the parameters; V is
@@ -76,10 +77,11 @@ class DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, norm=None):
         with torch.autocast(x.device.type, enabled=False):
             V = torch.addmm(weight, lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=scaling)  # (out, in)
-            norm = torch.linalg.norm(V, dim=1)  # (out,)
+            if norm is None:  # the layer's case; gradcheck passes the norm in, to hold it fixed explicitly
+                norm = torch.linalg.norm(V, dim=1)  # (out,)
         g = magnitude / norm  # (out,)
         z = F.linear(x, V)  # (..., out): the one big GEMM, on the V the norm needed anyway
         y = z * g.to(z.dtype)
@@ -94,7 +96,7 @@ class DoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, lora_A, lora_B, z, g, norm = ctx.saved_tensors
         s = ctx.scaling
-        need_x, need_w, need_b, need_A, need_B, need_m, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         dz = dy * g.to(dy.dtype)  # (N, out)
@@ -113,7 +115,7 @@ class DoRAFunction(torch.autograd.Function):
             db = dy.sum(0).to(weight.dtype)  # (out,)
         if need_w:  # only if someone unfroze the base weight: dW = dV = dz^T x (norm constant)
             dw = (dz.t() @ x2.to(dz.dtype)).to(weight.dtype)  # (out, in)
-        return dx, dw, db, dA, dB, dm, None
+        return dx, dw, db, dA, dB, dm, None, None
 
 
 def forward_fused(layer, x):
