@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 out_dir = "out"
 data_dir = "data/shakespeare"
 init_from = "scratch"  # 'scratch' | 'resume' | a Hugging Face folder or name | an out_dir of ours
-model_type = "gpt2"  # 'gpt2' | 'llama' (for init_from='scratch'; otherwise the checkpoint decides)
+model_type = "gpt2"  # a key of model.MODELS: 'gpt2' | 'llama' (for init_from='scratch'; else the checkpoint decides)
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -62,16 +62,21 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-lora_r = 0  # 0 = no LoRA: train all weights
-lora_alpha = 16.0
-lora_dropout = 0.0
-lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
-lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+# LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
+# lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora,
+# lora_modules_to_save, lora_init ('kaiming' | 'gaussian' | 'pissa' | 'pissa_niter_K'), lora_use_dora (DoRA),
+# lora_loraplus_lr_ratio (LoRA+: lora_B's learning rate over lora_A's)
+from lora import lora_settings  # noqa: E402
+
+globals().update(lora_settings())
+lora_r = 0  # 0 = no LoRA: train all weights
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
 # -----------------------------------------------------------------------------------------------
@@ -79,7 +84,7 @@ config = {k: globals()[k] for k in config_keys}  # what this run used: logged an
 from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
@@ -139,24 +144,16 @@ if init_from == "resume":
     if master_process:
         print(f"resuming from {out_dir} at step {start_step}")
 elif init_from == "scratch":
-    if model_type == "gpt2":
-        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd, dropout=dropout, bias=bias))
-    elif model_type == "llama":
-        from model import LLaMA, LLaMAConfig
-        model = LLaMA(LLaMAConfig(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                                  n_kv_head=n_kv_head or n_head, max_seq_len=block_size, rope_theta=rope_theta,
-                                  intermediate_size=intermediate_size or 256 * math.ceil(8 * n_embd / 3 / 256)))
-    else:
-        raise ValueError(f"model_type={model_type!r}: use 'gpt2' or 'llama'")
+    model_cls = model_class(model_type)
+    model = model_cls(model_cls.scratch_config(config))
 else:
     model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
     lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
 if init_from != "resume" and lora_r > 0:
-    from lora import LoRAConfig, apply_lora
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
+    from lora import apply_lora, lora_config_from
+    lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
     apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
 if lora_config is not None:
     from lora import print_trainable_parameters
