@@ -162,3 +162,19 @@ def test_timings_taken_while_another_process_burns_cpu_are_thrown_away(monkeypat
         hog.kill()
         hog.wait()
     assert info["noisy"] and info["discarded"] > 0
+
+
+def test_rank_sweep_dora_rows_train_the_magnitudes_too(tmp_path):
+    sweep = load_script("lora_rank_sweep")
+    rows = sweep.main(TINY + ["--ranks", "2", "--modes", "split,dora,dora_fused", "--inprocess",
+                              "--out_dir", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["split-r2", "dora-r2", "dora_fused-r2"]
+    magnitudes = 96 + 32 + 128 + 32  # one per output feature of each adapted layer
+    assert [r["trainable"] for r in rows] == [LORA_R2, LORA_R2 + magnitudes, LORA_R2 + magnitudes]
+
+
+def test_named_adapters_bench_times_three_models_and_the_switch(tmp_path):
+    bench = load_script("named_adapters")
+    rows = bench.main(TINY + ["--rounds", "1", "--r", "2", "--out_dir", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["before", "single", "named"]
+    assert json.loads((tmp_path / "cpu_named_adapters.json").read_text())["rows"][-1]["switch_ms"] > 0
