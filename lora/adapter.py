@@ -241,8 +241,8 @@ def _check_same_layers(layers, lora, want, path):
             found, expected = tuple(lora[name][part].shape), tuple(param.shape)
             if found != expected:
                 raise ValueError(f"{path}: {name}.{PARAM_NAMES[part]} has shape {found}, the model expects "
-                                 f"{expected} (layer {layer.out_features}x{layer.in_features}, r={layer.r}): the adapter "
-                                 f"was made for a different base model")
+                                 f"{expected} (layer {layer.out_features}x{layer.in_features}, r={layer.r}): the "
+                                 f"adapter was made for a different base model")
 
 
 def _match_modules_to_save(model, other, want, conv1d, path):

@@ -282,7 +282,8 @@ def _replace_lora_layers(model, merge):
     for name, layer in lora_layers(model):
         weight = layer.weight  # the same Parameter: ties and optimizer references survive
         if merge and layer.weight_is_tied:
-            weight = nn.Parameter(layer.merged_weight().to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+            weight = nn.Parameter(layer.merged_weight().to(layer.weight.dtype),
+                                  requires_grad=layer.weight.requires_grad)
         elif merge:
             layer.merge()
         elif hasattr(layer, "lora_A_init"):  # PiSSA: put back W = W_res + s B0 A0 (up to rounding)

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from lora import (LoRAConfig, active_adapter, add_weighted_adapter, adapter_layers, adapter_names, apply_lora, load_adapter,
-                  lora_disabled, lora_layers, merge_and_unload, save_adapter, set_adapter)
+from lora import (LoRAConfig, active_adapter, add_weighted_adapter, adapter_layers, adapter_names, apply_lora,
+                  load_adapter, lora_disabled, lora_layers, merge_and_unload, save_adapter, set_adapter)
 from model import GPT
 
 transformers = pytest.importorskip("transformers")

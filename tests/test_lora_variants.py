@@ -242,14 +242,15 @@ def test_loraplus_groups_and_training_equal_peft_create_loraplus_optimizer(base)
     ref_opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0,
                                         loraplus_weight_decay=0.1, betas=(0.9, 0.95))
     our_opt = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
-    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in our_opt.param_groups for p in g["params"]}
-    ref_lr = {n: (g["lr"], g["weight_decay"]) for g in ref_opt.param_groups for p in g["params"]
-              for n, q in pm.named_parameters() if q is p}
-    for name, p in ours.named_parameters():
-        if p.requires_grad:
-            key = next(k for k in ref_lr if k.endswith(name.replace(".lora_A", ".lora_A.default.weight").replace(
-                ".lora_B", ".lora_B.default.weight")) or k.endswith(name.replace("ln_f.", "ln_f.modules_to_save.default.")))
-            assert lr_of[id(p)] == pytest.approx(ref_lr[key]), name
+    ours_lr = {id(p): (g["lr"], g["weight_decay"]) for g in our_opt.param_groups for p in g["params"]}
+    ref_lr = {id(p): (g["lr"], g["weight_decay"]) for g in ref_opt.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(trainable) == len(ref_lr)
+    for name, p in trainable:  # PEFT's name for it: <layer>.lora_A.default.weight, ln_f.modules_to_save.default.*
+        module, _, tensor = name.rpartition(".")
+        peft_name = (f"{name}.default.weight" if tensor.startswith("lora_") else
+                     f"{module}.modules_to_save.default.{tensor}")
+        assert ours_lr[id(p)] == pytest.approx(ref_lr[id(pm.get_parameter("base_model.model." + peft_name))]), name
     targets = torch.roll(IDX, -1, 1)
     for _ in range(3):
         for model, opt in ((pm, ref_opt), (ours, our_opt)):
