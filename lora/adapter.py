@@ -24,6 +24,7 @@ unknown option that is set. Weights are read from safetensors, or
 from an old-style adapter_model.bin with torch.load(weights_only=True), which cannot run code.
 """
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -165,6 +166,10 @@ def load_adapter(model, path, mode="split", adapter_name=None):
                       modules_to_save=tuple(config.get("modules_to_save") or ()),
                       use_dora=bool(config.get("use_dora", False)),
                       init=config["init_lora_weights"] if is_pissa(config.get("init_lora_weights")) else "kaiming")
+    if want.init.startswith("pissa_niter_"):
+        warnings.warn(f"{path}: an unconverted PiSSA adapter (init_lora_weights={want.init!r}): its residual base "
+                      f"is rebuilt with a new randomized SVD, as PEFT does, so it differs from the one it was trained "
+                      f"on; save PiSSA adapters converted to plain LoRA instead")
     applied_here = not lora_layers(model)
     added_here = not applied_here and adapter_name is not None and adapter_name not in named.adapter_names(model)
     if applied_here:
