@@ -137,7 +137,8 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
         for key in ("targets", "modules_to_save"):
             if isinstance(lora.get(key), list):
                 lora[key] = tuple(lora[key])
-        apply_lora(model, LoRAConfig(**lora))
+        from lora.pissa import saved_factors
+        apply_lora(model, LoRAConfig(**lora), pissa_factors=saved_factors(checkpoint["model"]))  # PiSSA: same W_res
         missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         if unexpected or any(".lora_" in k for k in missing):
             raise ValueError(f"LoRA checkpoint does not fit its base {checkpoint['base']}: "

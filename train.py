@@ -69,7 +69,9 @@ loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/
 activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
 # LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
 # lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
-# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora,
+# lora_modules_to_save, lora_init ('kaiming' | 'gaussian' | 'pissa' | 'pissa_niter_K'), lora_use_dora (DoRA),
+# lora_loraplus_lr_ratio (LoRA+: lora_B's learning rate over lora_A's)
 from lora import lora_settings  # noqa: E402
 
 globals().update(lora_settings())
@@ -381,7 +383,7 @@ for step in range(start_step, max_steps):
         stop_non_finite(f"step {step}: the loss is {loss_accum.item()} and the gradient norm {norm.item()}")
     lr = get_lr(step)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+ gives lora_B a multiple (lora/loraplus.py)
     scaler.step(optimizer)
     scaler.update()
     if device_type == "cuda":

@@ -5,7 +5,8 @@
     python bench/lora_rank_sweep.py --profile split-r32   # torch.profiler table of one row
 
 Rows: full (every parameter trains), LoRA split (y = xW^T + s(xA^T)B^T) and fused (y = x(W + sBA)^T) for
-each rank, and merged (the adapter folded into W: inference forward only). Columns: forward, backward and
+each rank, DoRA (lora/dora.py) in both modes (--modes split,dora,dora_fused), and merged (the adapter folded
+into W: inference forward only). Columns: forward, backward and
 optimizer-step times (median, interquartile range), peak memory, trainable parameters, tokens/s, achieved
 FLOP/s, MFU on a GPU from bench/timing.py's table, and the step time relative to full.
 
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
 
-MODES = ("full", "split", "fused", "merged")
+MODES = ("full", "split", "fused", "merged", "dora", "dora_fused")  # dora*: DoRA (lora/dora.py) in split/fused
 
 
 def build(cfg, row):
@@ -40,8 +41,9 @@ def build(cfg, row):
     from lora import LoRAConfig, apply_lora, merge_lora
     model = common.make_gpt(cfg)
     if row["mode"] != "full":
-        mode = "split" if row["mode"] == "merged" else row["mode"]
-        apply_lora(model, LoRAConfig(r=row["r"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"], mode=mode))
+        mode = "fused" if row["mode"].endswith("fused") else "split"
+        apply_lora(model, LoRAConfig(r=row["r"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"], mode=mode,
+                                     use_dora=row["mode"].startswith("dora")))
     optimizer = None
     if row["mode"] == "merged":
         merge_lora(model)
@@ -115,9 +117,9 @@ def parse_row(name, ranks):
     mode, _, r = name.partition("-r")
     if mode in ("full", "merged") and not r:
         return dict(name=name, mode=mode, r=ranks[0])
-    if mode in ("split", "fused") and r.isdigit() and int(r) > 0:
+    if mode in ("split", "fused", "dora", "dora_fused") and r.isdigit() and int(r) > 0:
         return dict(name=name, mode=mode, r=int(r))
-    raise SystemExit(f"--profile {name}: name a row as full, merged, split-rN or fused-rN")
+    raise SystemExit(f"--profile {name}: name a row as full, merged, split-rN, fused-rN, dora-rN or dora_fused-rN")
 
 
 def iqr(t):
@@ -177,7 +179,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(p)
     p.add_argument("--ranks", default="1,8,16,32,64,128")
-    p.add_argument("--modes", default=",".join(MODES), help="any of full,split,fused,merged")
+    p.add_argument("--modes", default="full,split,fused,merged", help=f"any of {','.join(MODES)}")
     p.add_argument("--profile", nargs="?", const="auto", default=None, metavar="ROW",
                    help="print a torch.profiler table for one row (e.g. full, split-r32) instead of the sweep")
     p.add_argument("--inprocess", action="store_true",

@@ -1,5 +1,7 @@
 """nanoLoRA's LoRA: a hand-written LoRALinear (layer.py), putting it into any model (inject.py), looking at the
 result (summary.py), and adapters on disk in Hugging Face PEFT's format (adapter.py). Read them in that order.
+The variants, one small file each: dora.py (DoRA), pissa.py (PiSSA init), loraplus.py (LoRA+ learning rates),
+named.py (several named adapters on one model, weighted combinations).
 
     from lora import LoRAConfig, apply_lora, print_trainable_parameters, save_adapter
     apply_lora(model, LoRAConfig(r=8, alpha=16, targets=("c_attn",)))
@@ -12,9 +14,13 @@ from lora.inject import (LoRAConfig, apply_lora, disable_lora, enable_lora, lora
                          lora_layers, lora_settings, lora_state_dict, mark_only_lora_trainable, merge_and_unload,
                          merge_lora, remove_lora, set_lora_mode, unmerge_lora)
 from lora.layer import FusedLoRALinear, LoRALinear
+from lora.named import (active_adapter, add_adapter, add_weighted_adapter, adapter_layers, adapter_names,
+                        delete_adapter, set_adapter)
 from lora.summary import count_parameters, print_trainable_parameters, summary
 
 __all__ = ["LoRALinear", "FusedLoRALinear", "LoRAConfig", "apply_lora", "mark_only_lora_trainable", "lora_layers",
            "lora_state_dict", "set_lora_mode", "merge_lora", "unmerge_lora", "merge_and_unload", "remove_lora",
            "disable_lora", "enable_lora", "lora_disabled", "count_parameters", "print_trainable_parameters",
-           "summary", "save_adapter", "load_adapter", "read_adapter", "lora_settings", "lora_config_from"]
+           "summary", "save_adapter", "load_adapter", "read_adapter", "lora_settings", "lora_config_from",
+           "add_adapter", "set_adapter", "delete_adapter", "adapter_names", "adapter_layers", "active_adapter",
+           "add_weighted_adapter"]

@@ -35,7 +35,9 @@ from dataclasses import MISSING, dataclass, fields, replace
 import torch
 import torch.nn as nn
 
-from lora.layer import MODES, LoRALinear, dense
+from lora.dora import add_magnitude
+from lora.layer import MODES, LoRALinear
+from lora.pissa import check_init, is_pissa, pissa_init_
 from model.quant import QuantLinear
 
 
@@ -48,6 +50,9 @@ class LoRAConfig:
     mode: str = "split"  # "split" | "fused", see lora/layer.py
     rslora: bool = False  # scaling alpha/sqrt(r) instead of alpha/r
     modules_to_save: tuple | list = ()  # modules trained fully and saved with the adapter, e.g. ("ln_f",)
+    init: str = "kaiming"  # "kaiming" | "gaussian" | "pissa" | "pissa_niter_K" (lora/pissa.py)
+    use_dora: bool = False  # DoRA: a trainable magnitude per output row (lora/dora.py)
+    loraplus_lr_ratio: float = 1.0  # LoRA+: lora_B learns this many times faster than lora_A (lora/loraplus.py)
 
     def __post_init__(self):
         if not (isinstance(self.r, int) and self.r > 0):
@@ -73,6 +78,12 @@ class LoRAConfig:
             raise ValueError("LoRAConfig.targets is empty: name at least one nn.Linear, e.g. ('c_attn',)")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = (self.modules_to_save,)
+        check_init(self.init)
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoRAConfig.use_dora must be True or False, got {self.use_dora!r}")
+        if not (isinstance(self.loraplus_lr_ratio, (int, float)) and self.loraplus_lr_ratio > 0):
+            raise ValueError(f"LoRAConfig.loraplus_lr_ratio must be a positive number (1 = plain LoRA), "
+                             f"got {self.loraplus_lr_ratio!r}")
 
 
 # train.py's settings: every LoRAConfig field <name> is the key lora_<name> (lora_r, lora_alpha, lora_targets, ...)
@@ -118,6 +129,9 @@ def collapse_names(names) -> list[str]:
     return out
 
 
+LORA_KEYS = (".lora_A", ".lora_B", ".lora_magnitude_vector", ".lora_A_init", ".lora_B_init")  # a layer's own tensors
+
+
 def lora_layers(model):
     """(name, LoRALinear) for every adapted layer."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -160,8 +174,11 @@ def _modules_to_save(model, patterns):
     return names
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Replace each targeted nn.Linear by a LoRALinear (in place), freeze everything else, return the model."""
+def apply_lora(model: nn.Module, config: LoRAConfig, pissa_factors: dict | None = None) -> nn.Module:
+    """Replace each targeted nn.Linear by a LoRALinear (in place), freeze everything else, return the model.
+
+    config.init picks how A and B start (PiSSA also replaces the base weights, lora/pissa.py); pissa_factors
+    {layer name: (A0, B0)} restores a saved PiSSA start instead of computing the SVD (resuming a run)."""
     if lora_layers(model):
         raise ValueError(f"{type(model).__name__} already has {len(lora_layers(model))} LoRA layers; apply_lora "
                          f"once (or merge_and_unload(model) first to stack a new adapter on merged weights)")
@@ -176,6 +193,12 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             layer.weight_is_tied = True
             warnings.warn(f"LoRA target {name}.weight is tied to {', '.join(shared)}: LoRA adapts {name}'s output "
                           f"only; merge_lora refuses this layer and merge_and_unload unties it.")
+        if is_pissa(config.init):
+            pissa_init_(layer, config.init, (pissa_factors or {}).get(name))
+        elif config.init != "kaiming":
+            layer.reset_lora_parameters(config.init)
+        if config.use_dora:  # after the init, as PEFT: m = ||W + s B A||
+            add_magnitude(layer)
         setattr(model.get_submodule(parent_name), child_name, layer)
     clash = [n for n in _modules_to_save(model, config.modules_to_save)  # fails early on a typo, too
              if isinstance(model.get_submodule(n), LoRALinear)]
@@ -188,7 +211,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
 
 def mark_only_lora_trainable(model: nn.Module, modules_to_save=None) -> nn.Module:
-    """requires_grad=True for lora_A, lora_B and modules_to_save (default: model.lora_config's); False elsewhere."""
+    """requires_grad=True for lora_A, lora_B (DoRA: and lora_magnitude_vector) and modules_to_save (default:
+    model.lora_config's); False elsewhere."""
     if modules_to_save is None:
         config = getattr(model, "lora_config", None)
         modules_to_save = config.modules_to_save if config is not None else ()
@@ -197,6 +221,8 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=None) -> nn.Modul
     for _, layer in lora_layers(model):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        if layer.lora_magnitude_vector is not None:
+            layer.lora_magnitude_vector.requires_grad_(True)
     for name in _modules_to_save(model, modules_to_save):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -204,12 +230,13 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=None) -> nn.Modul
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Only what the adapter adds: every lora_A / lora_B, plus the tensors of modules_to_save (our names)."""
+    """Only what the adapter adds: every lora_A / lora_B (DoRA's lora_magnitude_vector, PiSSA's lora_A_init /
+    lora_B_init), plus the tensors of modules_to_save (our names)."""
     config = getattr(model, "lora_config", None)
     saved = _modules_to_save(model, config.modules_to_save) if config is not None else []
     state = model.state_dict()
     return {k: v for k, v in state.items()
-            if k.endswith((".lora_A", ".lora_B")) or any(k.startswith(m + ".") for m in saved)}
+            if k.endswith(LORA_KEYS) or any(k.startswith(m + ".") for m in saved)}
 
 
 def set_lora_mode(model: nn.Module, mode: str) -> nn.Module:
@@ -262,11 +289,13 @@ def _replace_lora_layers(model, merge):
         weight = layer.weight  # the same Parameter: ties and optimizer references survive
         quantized = not isinstance(weight, torch.Tensor)  # a QuantLinear's packed weight (model/quant.py)
         if merge and (layer.weight_is_tied or quantized):  # a merged weight of its own, in full precision
-            delta = layer.delta_weight()
-            weight = nn.Parameter((dense(layer.weight).detach().to(delta.dtype) + delta).to(layer.weight.dtype),
+            weight = nn.Parameter(layer.merged_weight().detach().to(layer.weight.dtype),
                                   requires_grad=False if quantized else layer.weight.requires_grad)
         elif merge:
             layer.merge()
+        elif hasattr(layer, "lora_A_init"):  # PiSSA: put back W = W_res + s B0 A0 (up to rounding)
+            with torch.no_grad():
+                weight.copy_(weight.float() + layer.scaling * (layer.lora_B_init.float() @ layer.lora_A_init.float()))
         if quantized and not merge:
             plain = QuantLinear(weight, layer.bias)  # the quantized layer it wrapped
         else:
@@ -275,8 +304,9 @@ def _replace_lora_layers(model, merge):
             plain.bias = layer.bias
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, plain)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    for attr in ("lora_config", "lora_adapters", "active_adapter"):  # the named adapters (lora/named.py) go too
+        if attr in model.__dict__:
+            delattr(model, attr)
     return model
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lora import dora
 from model.quant import QuantLinear, dequant_linear
 
 MODES = ("split", "fused")
@@ -125,6 +126,7 @@ class LoRALinear(nn.Module):
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))  # (out, r)
+        self.lora_magnitude_vector = None  # (out,) for DoRA (lora/dora.py), else None
         self.r, self.lora_alpha, self.rslora = r, alpha, rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -135,9 +137,12 @@ class LoRALinear(nn.Module):
         self.set_mode(mode)
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self):
-        """A ~ Kaiming-uniform(a=sqrt(5)), B = 0: the update B A starts at exactly zero."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+    def reset_lora_parameters(self, init: str = "kaiming"):
+        """A ~ Kaiming-uniform(a=sqrt(5)) (or N(0, 1/r) for init='gaussian', PEFT's), B = 0: B A starts at zero."""
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     def set_mode(self, mode: str):
@@ -170,17 +175,27 @@ class LoRALinear(nn.Module):
             raise RuntimeError("this LoRA layer's weight is tied to another module (e.g. lm_head and wte): merging "
                                "in place would change that module too. Use merge_and_unload(model), which gives "
                                "this layer its own merged copy.")
-        delta = self.delta_weight()  # (out, in)
-        self.weight.copy_(self.weight.to(delta.dtype) + delta)  # add in fp32 even if weight is bf16
+        self.weight.copy_(self.merged_weight())  # computed in fp32 even if weight is bf16
         self.merged = True
+
+    def merged_weight(self) -> torch.Tensor:
+        """The (out, in) weight this layer computes with: W + s B A (DoRA: g * (W + s B A), lora/dora.py)."""
+        if self.lora_magnitude_vector is not None:
+            merged, self._dora_merge_scale = dora.merged_weight(self)  # unmerge divides by this g
+            return merged
+        delta = self.delta_weight()  # (out, in)
+        return dense(self.weight).to(delta.dtype) + delta
 
     @torch.no_grad()
     def unmerge(self):
         """Undo merge(): weight -= s B A (equal to the original up to rounding)."""
         if not self.merged:
             return
-        delta = self.delta_weight()  # (out, in)
-        self.weight.copy_(self.weight.to(delta.dtype) - delta)
+        if self.lora_magnitude_vector is not None:
+            self.weight.copy_(dora.unmerged_weight(self, self._dora_merge_scale))
+        else:
+            delta = self.delta_weight()  # (out, in)
+            self.weight.copy_(self.weight.to(delta.dtype) - delta)
         self.merged = False
 
     def forward(self, x):
@@ -188,6 +203,8 @@ class LoRALinear(nn.Module):
             if self.merged and not self.enabled:
                 raise RuntimeError("LoRA layer is merged and disabled; unmerge it to run the base model")
             return frozen_linear(x, self.weight, self.bias)  # plain layer: same cost as nn.Linear
+        if self.lora_magnitude_vector is not None:
+            return dora.forward_fused(self, x) if self.mode == "fused" else dora.forward_split(self, x)
         if self.mode == "fused":
             return FusedLoRALinear.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         x2 = x.reshape(-1, self.in_features)  # (N, in): tokens flattened, a view for a contiguous x
@@ -203,4 +220,5 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, mode={self.mode}"
+                + (", dora" if self.lora_magnitude_vector is not None else "")
                 + (", merged" if self.merged else "") + ("" if self.enabled else ", disabled"))

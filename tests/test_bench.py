@@ -177,3 +177,19 @@ def test_memory_bench_writes_measured_and_predicted_peaks_and_interleaved_ratios
     assert all(r["measured"] == r["peak_mem"] - saved["idle_rss"] and r["predicted"] > 0 for r in saved["rows"])
     assert saved["compare"]["ratios"]["lora-plain"] == 1.0 and set(saved["compare"]["ratios"]) == {
         "lora-plain", "lora", "lora-fwdgrad", "lora-ckpt"}
+
+
+def test_rank_sweep_dora_rows_train_the_magnitudes_too(tmp_path):
+    sweep = load_script("lora_rank_sweep")
+    rows = sweep.main(TINY + ["--ranks", "2", "--modes", "split,dora,dora_fused", "--inprocess",
+                              "--out_dir", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["split-r2", "dora-r2", "dora_fused-r2"]
+    magnitudes = 96 + 32 + 128 + 32  # one per output feature of each adapted layer
+    assert [r["trainable"] for r in rows] == [LORA_R2, LORA_R2 + magnitudes, LORA_R2 + magnitudes]
+
+
+def test_named_adapters_bench_times_three_models_and_the_switch(tmp_path):
+    bench = load_script("named_adapters")
+    rows = bench.main(TINY + ["--rounds", "1", "--r", "2", "--out_dir", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["before", "single", "named"]
+    assert json.loads((tmp_path / "cpu_named_adapters.json").read_text())["rows"][-1]["switch_ms"] > 0

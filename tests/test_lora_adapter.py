@@ -201,7 +201,7 @@ def edit_config(path, **changes):
     (path / "adapter_config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("option, value", [("use_dora", True), ("lora_bias", True), ("layers_to_transform", [0]),
+@pytest.mark.parametrize("option, value", [("lora_bias", True), ("layers_to_transform", [0]),
                                            ("rank_pattern", {"c_attn": 8}), ("alpha_pattern", {"c_attn": 2}),
                                            ("some_future_option", 3)])
 def test_unsupported_peft_option_is_refused_by_name(base_dir, tmp_path, option, value):

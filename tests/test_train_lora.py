@@ -86,9 +86,30 @@ def whole_and_resumed_losses(tmp_path, monkeypatch, base, **flags):
     return [[r["train_loss"] for r in read_log(tmp_path / run)] for run in ("whole", "crash")]
 
 
-def test_lora_run_resumes_with_the_same_losses(tmp_path, monkeypatch, hf_gpt2_base):
-    whole, resumed = whole_and_resumed_losses(tmp_path, monkeypatch, hf_gpt2_base)
+VARIANTS = dict(lora_use_dora=True, lora_init="pissa_niter_2", lora_loraplus_lr_ratio=4.0)  # DoRA + PiSSA + LoRA+
+
+
+@pytest.mark.parametrize("variant", [{}, VARIANTS], ids=["lora", "dora-pissa-loraplus"])
+def test_lora_run_resumes_with_the_same_losses(tmp_path, monkeypatch, hf_gpt2_base, variant):
+    whole, resumed = whole_and_resumed_losses(tmp_path, monkeypatch, hf_gpt2_base, **variant)
     assert resumed == whole
+
+
+def test_dora_pissa_loraplus_run_saves_an_adapter_peft_loads_on_the_original_base(tmp_path, monkeypatch,
+                                                                                  hf_gpt2_base):
+    write_shards(tmp_path / "data", stride=3)
+    run_train(lora_flags(tmp_path, hf_gpt2_base, max_steps=4, **VARIANTS), monkeypatch)
+    trained = checkpoint.load_model(tmp_path / "out").eval()
+    assert trained.lora_config.use_dora and trained.lora_config.init == "pissa_niter_2"
+    assert trained.lora_config.loraplus_lr_ratio == 4.0
+    idx = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        hf = transformers.GPT2LMHeadModel.from_pretrained(hf_gpt2_base)
+        peft_logits = peft.PeftModel.from_pretrained(hf, tmp_path / "out" / "adapter").eval()(idx).logits
+        assert (peft_logits - trained(idx)[0]).abs().max() < 1e-4
+    groups = checkpoint.read_checkpoint(tmp_path / "out")["optimizer"]["param_groups"]
+    assert [g["lr"] / groups[0]["lr"] for g in groups] == [1.0, 4.0, 4.0]  # lora_A | lora_B | magnitudes
+    assert [len(g["params"]) for g in groups] == [4 * 2] * 3  # c_attn, both c_proj, c_fc in 2 blocks
 
 
 def test_full_fine_tune_from_a_hugging_face_folder_trains_every_weight(tmp_path, monkeypatch, hf_gpt2_base):
