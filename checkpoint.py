@@ -100,8 +100,12 @@ def load_model(spec, base=None, dtype=None):
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
+    - a .gguf file (llama.cpp)                      -> LLaMA, dequantized (model/gguf.py)
     """
     path = Path(os.fspath(spec)).expanduser()
+    if path.suffix == ".gguf":
+        from model.gguf import load_gguf
+        return load_gguf(path, dtype)
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
         return model_from_checkpoint(read_checkpoint(path), dtype)
     if path.is_dir() and (path / "adapter_config.json").is_file():
