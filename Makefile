@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev shakespeare data finetune test bench clean smollm2
+.PHONY: setup setup-dev shakespeare data finetune test bench clean smollm2 smollm2-lora
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,3 +55,8 @@ $(VENV)/.smollm2: $(VENV)/.setup
 
 smollm2: $(VENV)/.smollm2
 	$(BIN)/python -m model.gguf --smollm2
+
+# the quickstart: LoRA-fine-tune SmolLM2 on Shakespeare's late romances (shards with SmolLM2's own tokenizer)
+smollm2-lora: smollm2
+	$(BIN)/python fineweb.py --source shakespeare-romances --tokenizer models/smollm2-135m-instruct
+	$(BIN)/python train.py config/finetune_smollm2_lora.py

