@@ -62,16 +62,19 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-lora_r = 0  # 0 = no LoRA: train all weights
-lora_alpha = 16.0
-lora_dropout = 0.0
-lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
-lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+# LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
+# lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
+from lora import lora_settings  # noqa: E402
+
+globals().update(lora_settings())
+lora_r = 0  # 0 = no LoRA: train all weights
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
 # -----------------------------------------------------------------------------------------------
@@ -147,8 +150,8 @@ else:
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
 if init_from != "resume" and lora_r > 0:
-    from lora import LoRAConfig, apply_lora
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
+    from lora import apply_lora, lora_config_from
+    lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
     apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
 if lora_config is not None:
     from lora import print_trainable_parameters
