@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make shakespeare   set up, prepare the Shakespeare shards, train config/shakespeare_cpu.py on CPU
+#   make smollm2-lora  set up, convert SmolLM2-135M-Instruct (make smollm2), LoRA-fine-tune it on Shakespeare, on CPU
 #   make test          set up (with the test-only references transformers + peft) and run the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,7 +28,7 @@ setup-dev: $(VENV)/.setup-dev
 data: setup
 	$(BIN)/python fineweb.py --source shakespeare
 
-shakespeare: data
+shakespeare: data  # the from-scratch recipe: a 4-layer GPT on 35 plays
 	$(BIN)/python train.py config/shakespeare_cpu.py
 
 finetune: setup
