@@ -90,7 +90,9 @@ def hf_config(reader):
         "intermediate_size": get("feed_forward_length"), "num_hidden_layers": get("block_count"),
         "num_attention_heads": n_head, "num_key_value_heads": get("attention.head_count_kv", n_head),
         "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": get("context_length"),
-        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"), "rope_theta": get("rope.freq_base", 10000.0),
+        # GGUF stores these as float32: 7 significant digits give back the number that was written (1e-05)
+        "rms_norm_eps": float(f"{get('attention.layer_norm_rms_epsilon'):.7g}"),
+        "rope_theta": float(f"{get('rope.freq_base', 10000.0):.7g}"),
         # llama.cpp writes no output.weight when lm_head is the embedding matrix
         "tie_word_embeddings": "output.weight" not in tensor_names(reader),
         "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
