@@ -20,19 +20,19 @@ lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 lora_mode = "split"
 
 block_size = 128
-batch_size = 4
-total_batch_size = 512
-max_steps = 60
-warmup_steps = 5
+batch_size = 2
+total_batch_size = 256
+max_steps = 30
+warmup_steps = 3
 max_lr = 1e-3
 min_lr = 1e-4
 weight_decay = 0.0
 
-eval_interval = 30
-eval_iters = 8
-sample_interval = 60
+eval_interval = 30  # step 0 (the pretrained model) and the last step
+eval_iters = 8  # the same 8 x 2 x 128 tokens of The Tempest each time
+sample_interval = 30
 sample_prompt = "LEONTES:"
 sample_tokens = 48
 num_samples = 1
-checkpoint_interval = 60
+checkpoint_interval = 30
 log_interval = 5
