@@ -158,11 +158,12 @@ def hf_state_dict(reader, config, dtype=torch.float32):
     return state_dict
 
 
-def load_gguf(path, dtype=None):
-    """A .gguf file as our LLaMA (float32 unless `dtype` says otherwise), on the CPU."""
+def load_gguf(path, dtype=None, **overrides):
+    """A .gguf file as our LLaMA (float32 unless `dtype` says otherwise), on the CPU; `overrides` may set dropout."""
     reader = open_gguf(path)
     config = hf_config(reader)
-    return LLaMA.from_hf_state_dict(config, hf_state_dict(reader, config, dtype or torch.float32), str(path), dtype)
+    return LLaMA.from_hf_state_dict(config, hf_state_dict(reader, config, dtype or torch.float32), str(path), dtype,
+                                    **overrides)
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------------------
