@@ -6,6 +6,7 @@ import torch
 from checkpoint import load_model
 from model import load_llama_tokenizer
 from model.gguf import SMOLLM2_FILE, convert_gguf, main, smollm2_gguf, unpermute_qk
+from tokenizer import tokenizer_for
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -157,8 +158,8 @@ def test_unpermute_undoes_llama_cpp_rope_layout_so_attention_scores_match():
 
 
 def test_tokenizer_round_trips_and_gives_transformers_ids(gguf_file):
-    path, _, _ = gguf_file
-    ours = load_llama_tokenizer(path)
+    path, hf, _ = gguf_file
+    ours = tokenizer_for(path, hf.config.vocab_size)  # what train.py, fineweb.py and eval_hellaswag.py use
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in TEXTS:
         ids = ours.encode(text)
