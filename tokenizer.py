@@ -119,6 +119,7 @@ def tokenizer_for(model=None, vocab_size=None):
       - another folder holding tokenizer.json (LLaMA checkpoints, adapters saved with one)  -> that tokenizer.json
       - a training out_dir or its ckpt.pt          -> the tokenizer of the model it started from (GPT-2's if scratch)
       - an adapter folder (adapter_config.json)    -> the tokenizer of its base_model_name_or_path
+      - a .gguf file                               -> the tokenizer in its metadata
     vocab_size: the model's; a tokenizer with ids beyond it cannot serve the model and is refused, by name."""
     tokenizer = _find_tokenizer(model)
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
@@ -136,6 +137,9 @@ def _find_tokenizer(model):
     path = Path(os.fspath(model)).expanduser()
     if (path / CKPT_NAME).is_file() or (path.is_file() and path.suffix == ".pt"):
         return _find_tokenizer(read_checkpoint(path).get("base"))  # base: where the run's weights came from
+    if path.suffix == ".gguf":  # llama.cpp's format carries its tokenizer in its metadata (model/gguf.py)
+        from model.llama_tokenizer import load_llama_tokenizer
+        return load_llama_tokenizer(path)
     folder = resolve_model_dir(model)
     model_type = load_hf_config(folder).get("model_type") if (folder / "config.json").is_file() else None
     if model_type == "gpt2":

@@ -2,12 +2,15 @@
 
     python bench/vs_peft.py                  # GPT-2 124M; CPU: B=2, T=128, fp32; CUDA: B=16, T=1024, bf16
     python bench/vs_peft.py --r 32 --profile peft-lora
+    python bench/vs_peft.py --model models/smollm2-135m-instruct   # a real LLaMA folder (make smollm2)
 
 Four training steps (forward with loss, backward, AdamW step), all in one process:
     ours-lora   model.GPT + lora.apply_lora          (targets, r, alpha as given; dropout 0)
     peft-lora   GPT2LMHeadModel + peft.get_peft_model (the same targets, r, alpha; dropout 0)
     ours-full   model.GPT, every parameter trained
     hf-full     GPT2LMHeadModel, every parameter trained
+With --model FOLDER both sides load that Hugging Face folder instead (ours with checkpoint.load_model, theirs with
+AutoModelForCausalLM), and the LoRA targets default to every linear layer of a LLaMA block.
 They are timed interleaved, round-robin: one step of each (after an untimed "settle" step of the same
 configuration, see below), then the next round. A drift in clock speed or a noisy neighbour then hits all
 four alike, and each round gives a paired ratio (ours / theirs) whose median is robust to the rounds
@@ -27,6 +30,7 @@ import torch  # noqa: E402
 from bench import common, timing  # noqa: E402
 
 NAMES = ("ours-lora", "peft-lora", "ours-full", "hf-full")
+LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def adamw(model, device):
@@ -55,21 +59,35 @@ def hf_gpt2(cfg):
     return model
 
 
+def ours_pretrained(cfg):
+    from checkpoint import load_model
+    return load_model(cfg["model"]).to(cfg["device"])
+
+
+def hf_pretrained(cfg):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32,
+                                                              attn_implementation="sdpa").to(cfg["device"])
+    model.config.use_cache = False  # training: no KV cache to build
+    return model
+
+
 def build(cfg, name):
     """(step inputs -> loss function, model) for one of NAMES."""
     if name.startswith("ours"):
-        model = common.make_gpt(cfg)
+        model = common.make_gpt(cfg) if cfg["model"] is None else ours_pretrained(cfg)
         if name == "ours-lora":
             from lora import LoRAConfig, apply_lora
             apply_lora(model, LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"],
                                          mode=cfg["mode"]))
         run = torch.compile(model) if cfg["compile"] else model
         return (lambda idx, targets: run(idx, targets)[1]), model
-    model = hf_gpt2(cfg)
+    model = hf_gpt2(cfg) if cfg["model"] is None else hf_pretrained(cfg)
     if name == "peft-lora":
         import peft
         lcfg = peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=0.0,
-                               target_modules=list(cfg["targets"]), fan_in_fan_out=True, bias="none")
+                               target_modules=list(cfg["targets"]), bias="none",
+                               fan_in_fan_out=cfg["model"] is None)  # GPT-2's Conv1D stores W as (in, out)
         model = peft.get_peft_model(model, lcfg)
     run = torch.compile(model) if cfg["compile"] else model
     # transformers shifts the labels itself: labels = the inputs, so every position but the last has a target
@@ -88,9 +106,21 @@ def main(argv=None):
     p.add_argument("--mode", default="split", choices=("split", "fused"), help="our LoRA's compute path")
     p.add_argument("--settle", type=int, default=1, help="untimed steps of a configuration before its timed one")
     p.add_argument("--profile", default=None, choices=NAMES, help="print a torch.profiler table for one of them")
-    p.add_argument("--name", default="vs_peft")
+    p.add_argument("--model", default=None, help="a Hugging Face folder (GPT-2 or LLaMA) to load on both sides "
+                   "instead of a random GPT of --preset's shape, e.g. models/smollm2-135m-instruct")
+    p.add_argument("--name", default=None, help="results file name (default vs_peft, or vs_peft_<model folder>)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    if args.model is not None:
+        from model import load_hf_config
+        hf = load_hf_config(args.model)  # fails early, with the folder's name, when it is not a model folder
+        args.vocab_size = hf["vocab_size"]  # random token ids must fit the model's vocabulary
+        args.n_layer, args.n_head = hf.get("num_hidden_layers", hf.get("n_layer")), hf.get("num_attention_heads",
+                                                                                           hf.get("n_head"))
+        args.n_embd = hf.get("hidden_size", hf.get("n_embd"))
+        if hf.get("model_type") == "llama" and args.targets == p.get_default("targets"):
+            args.targets = LLAMA_TARGETS
+    args.name = args.name or ("vs_peft" if args.model is None else f"vs_peft_{os.path.basename(os.path.normpath(args.model))}")
     command = " ".join(["python", "bench/vs_peft.py", *argv])
     if args.iters is None and args.device in ("auto", "cpu") and not torch.cuda.is_available():
         args.iters = 10  # 4 configurations a round; more rounds make the paired ratios steadier
@@ -103,7 +133,7 @@ def main(argv=None):
     cfg = common.resolve_args(args)
     device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
     print(f"device {common.device_label(device)}, dtype {cfg['dtype']}, compile {cfg['compile']}, threads "
-          f"{cfg['threads']}; GPT n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} "
+          f"{cfg['threads']}; {cfg['model'] or 'GPT'} n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} "
           f"vocab={cfg['vocab_size']}, B={cfg['B']} T={cfg['T']}; LoRA r={cfg['r']} alpha={cfg['alpha']} "
           f"targets {','.join(cfg['targets'])} (ours: {cfg['mode']}); warmup {cfg['warmup']}, iters {cfg['iters']}")
     idx, targets = common.random_batch(cfg)

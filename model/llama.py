@@ -241,27 +241,34 @@ class LLaMA(CausalLM):
         `overrides` may set dropout (the checkpoint's architecture itself cannot change).
         """
         model_dir = resolve_model_dir(name_or_path)
+        return cls.from_hf_state_dict(load_hf_config(model_dir), load_hf_state_dict(model_dir), model_dir, dtype,
+                                      **overrides)
+
+    @classmethod
+    def from_hf_state_dict(cls, hf_config, sd_hf, source, dtype=None, **overrides):
+        """The model a Hugging Face config.json dict and state dict describe (from a folder, or a GGUF file
+        converted by model/gguf.py); `source` names where they came from, for error messages."""
         unknown = set(overrides) - {"dropout"}
         if unknown:
             raise ValueError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")
         try:
-            config = LLaMAConfig(**{**config_from_hf(load_hf_config(model_dir)), **overrides})
+            config = LLaMAConfig(**{**config_from_hf(hf_config), **overrides})
         except ValueError as e:
-            raise ValueError(f"{model_dir}: {e}") from e
+            raise ValueError(f"{source}: {e}") from e
         # build on the meta device: no memory and no random init, since every tensor comes from the checkpoint
         with torch.device("meta"):
             model = cls(config)
         model = model.to(dtype or torch.float32).to_empty(device="cpu")
         model._tie_weights()  # to_empty made lm_head and embed_tokens two separate tensors again
-        sd_hf = dict(t for t in (tensor_from_hf(k, v, config) for k, v in load_hf_state_dict(model_dir).items()) if t)
+        sd_hf = dict(t for t in (tensor_from_hf(k, v, config) for k, v in sd_hf.items()) if t)
         sd = model.state_dict()
         ours = [k for k in sd if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        check_keys(f"LLaMA.from_pretrained({name_or_path})", ours, sd_hf)
+        check_keys(f"LLaMA.from_pretrained({source})", ours, sd_hf)
         with torch.no_grad():
             for k in ours:
                 if sd_hf[k].shape != sd[k].shape:
-                    raise ValueError(f"{model_dir}: tensor {k} has shape {tuple(sd_hf[k].shape)}, "
-                                     f"config.json implies {tuple(sd[k].shape)}")
+                    raise ValueError(f"{source}: tensor {k} has shape {tuple(sd_hf[k].shape)}, "
+                                     f"the config implies {tuple(sd[k].shape)}")
                 sd[k].copy_(sd_hf[k])  # also converts the dtype
         return model
 

@@ -35,17 +35,17 @@ class LLaMATokenizer:
 
 
 def load_llama_tokenizer(model_dir):
-    """The tokenizer.json in `model_dir` as an LLaMATokenizer. Needs `pip install tokenizers`."""
+    """The tokenizer.json in `model_dir` (or the tokenizer inside a .gguf file) as an LLaMATokenizer.
+    Needs `pip install tokenizers`."""
+    if str(model_dir).endswith(".gguf"):
+        return gguf_tokenizer(model_dir)
     model_dir = resolve_model_dir(model_dir)
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json. LLaMA checkpoints ship one; copy it into this "
                                 f"folder (older checkpoints with only tokenizer.model need converting with "
                                 f"transformers first)")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as e:
-        raise ImportError("load_llama_tokenizer needs the `tokenizers` package: pip install tokenizers") from e
+    Tokenizer = tokenizer_class()
     bos_id = eos_id = None
     config = model_dir / "config.json"
     if config.is_file():
@@ -55,3 +55,20 @@ def load_llama_tokenizer(model_dir):
         if isinstance(eos_id, list):  # Llama 3 instruct lists several; generate() stops on one
             eos_id = eos_id[0] if eos_id else None
     return LLaMATokenizer(Tokenizer.from_file(str(path)), bos_id, eos_id, str(model_dir))
+
+
+def tokenizer_class():
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ImportError("LLaMA tokenizers need the `tokenizers` package: pip install tokenizers") from e
+    return Tokenizer
+
+
+def gguf_tokenizer(path):
+    """The tokenizer a .gguf file describes in its metadata (model/gguf.py builds its tokenizer.json)."""
+    from .gguf import hf_config, open_gguf, tokenizer_json
+    reader = open_gguf(path)
+    config = hf_config(reader)
+    tokenizer = tokenizer_class().from_str(json.dumps(tokenizer_json(reader)))
+    return LLaMATokenizer(tokenizer, config["bos_token_id"], config["eos_token_id"], str(path))

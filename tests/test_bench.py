@@ -193,3 +193,19 @@ def test_named_adapters_bench_times_three_models_and_the_switch(tmp_path):
     rows = bench.main(TINY + ["--rounds", "1", "--r", "2", "--out_dir", str(tmp_path)])
     assert [r["name"] for r in rows] == ["before", "single", "named"]
     assert json.loads((tmp_path / "cpu_named_adapters.json").read_text())["rows"][-1]["switch_ms"] > 0
+
+
+def test_vs_peft_on_a_llama_folder_trains_the_same_lora_parameters_as_peft(tmp_path):
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    vs = load_script("vs_peft")
+    rows, _ = vs.main(["--model", str(tmp_path / "llama"), "--B", "1", "--T", "16", "--iters", "1", "--warmup", "0",
+                       "--threads", "1", "--r", "2", "--out_dir", str(tmp_path)])
+    trainable = {r["name"]: r["trainable"] for r in rows}
+    # r=2 on all seven linears of the one block (q 32->32, k and v 32->16, o 32->32, gate and up 32->64, down 64->32)
+    assert trainable["ours-lora"] == trainable["peft-lora"] == 2 * (64 + 2 * 48 + 64 + 2 * 96 + 96)
+    assert (tmp_path / "cpu_vs_peft_llama.md").exists()
