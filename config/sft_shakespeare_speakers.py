@@ -17,7 +17,8 @@ block_size = 64
 
 lora_r = 16
 lora_alpha = 32.0
-lora_targets = ("c_attn", "c_proj", "c_fc")
+lora_targets = ("c_attn", "c_proj", "c_fc",  # GPT-2 names; LLaMA names below (a base has one set)
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 batch_size = 8
 total_batch_size = 1024  # 2 micro-steps of 8 rows x 64 positions, ~17 examples each
@@ -29,8 +30,8 @@ weight_decay = 0.0
 
 eval_interval = 100
 eval_iters = 0  # 0: the whole val split
-eval_generate_every = 300  # exact match on the val prompts at step 0 (the untuned base) and at the end
-eval_generate_limit = 0
+eval_generate_every = 150  # exact match: step 0 (the untuned base), 150 and the end
+eval_generate_limit = 200  # the first 200 val prompts (sft_eval.py scores all of them)
 sample_interval = 0
 checkpoint_interval = 100
 log_interval = 20

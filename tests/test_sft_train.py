@@ -105,7 +105,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation_on_unev
     # answers of 1 to 24 tokens: each micro-batch holds a different number of answer tokens, so the step's loss is
     # only right if the count of the whole step (all micro-steps, both ranks) divides the summed loss
     write_sft_dir(tmp_path / "data", make_examples(40, seed=2), make_examples(6, seed=3))
-    extra = dict(eval_generate_every=2)
+    extra = dict(eval_generate_every=2, eval_iters=0)  # eval_iters=0: the whole val split, however it is shared
     run_train(sft_flags(tmp_path, out_dir=tmp_path / "single", **extra), monkeypatch)
     result = run_torchrun(sft_flags(tmp_path, out_dir=tmp_path / "ddp", **extra))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
