@@ -62,12 +62,14 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-lora_r = 0  # 0 = no LoRA: train all weights
-lora_alpha = 16.0
-lora_dropout = 0.0
-lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
-lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+# LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
+# lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
+from lora import lora_settings  # noqa: E402
+
+globals().update(lora_settings())
+lora_r = 0  # 0 = no LoRA: train all weights
 objective = "lm"  # 'lm': every token of the stream is a target | 'sft': prepare_sft.py's examples, loss on answers
 packing = True  # sft: several examples per row (block-diagonal attention) | False: one a row, padded
 eval_generate_every = 0  # sft: greedy exact match on the val prompts every N steps (0 = off)
@@ -75,7 +77,8 @@ eval_generate_limit = 0  # sft: score only the first N val prompts (0 = all)
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 if objective not in ("lm", "sft"):
     raise ValueError(f"objective={objective!r}: use 'lm' (a token stream, fineweb.py) or 'sft' (prepare_sft.py)")
@@ -166,8 +169,8 @@ if objective == "sft" and train_loader.header["vocab_size"] > model.config.vocab
                      f" tokens), more than the model's vocab_size {model.config.vocab_size}: prepare it with "
                      f"prepare_sft.py --tokenizer <the model's folder>")
 if init_from != "resume" and lora_r > 0:
-    from lora import LoRAConfig, apply_lora
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
+    from lora import apply_lora, lora_config_from
+    lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
     apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
 if lora_config is not None:
     from lora import print_trainable_parameters

@@ -143,7 +143,7 @@ def test_the_loss_falls_on_the_answers_with_lora_and_without_packing(tmp_path, m
         prompt = rng.integers(1, VOCAB, 4).tolist()
         examples.append((prompt + [prompt[0]] * 3, [0] * 4 + [1] * 3))
     write_sft_dir(tmp_path / "data", examples, examples[:4])
-    run_train(sft_flags(tmp_path, packing=False, lora_r=8, lora_targets="c_attn,c_proj,c_fc", max_steps=25,
+    run_train(sft_flags(tmp_path, packing=False, lora_r=8, lora_targets=("c_attn", "c_proj", "c_fc"), max_steps=25,
                         eval_interval=0, max_lr=3e-2), monkeypatch)
     losses = [r["train_loss"] for r in read_log(tmp_path / "out")]
     assert np.mean(losses[-5:]) < losses[0] - 1.0
