@@ -18,7 +18,6 @@ import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 PLAIN_CHAT_TEMPLATE = (

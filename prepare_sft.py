@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from chat import ROLES, chat_ids, load_text_tokenizer
+from sft_data import HEADER
 
-HEADER = "sft.json"
 FORMAT = "nanolora-sft-1"
 
 
