@@ -6,8 +6,8 @@ Each record is a prompt/completion pair. The prompt names the previous speaker a
 speech; the completion is the speaker, one of the four characters with the most speeches in each of six plays
 (24 names):
 
-    {"prompt": "After HORATIO:\\nAy, marry, is't: But to my mind, though I am native here ...\\nSpeaker:",
-     "completion": " HAMLET"}
+    {"prompt": "After HORATIO:\\nAy, marry, is't: But to my mind, though I am native here ...\\nSpeaker:\\n",
+     "completion": "HAMLET"}
 
 The cues are the scene (who spoke before, so which play and who is on stage) and the speech itself (names,
 manner of address). The metric is exact match of the greedy answer; always answering the most frequent training
@@ -57,8 +57,9 @@ def records(play_text):
     for (previous, _), (speaker, words) in zip(spoken, spoken[1:]):
         if speaker not in main or previous is None or len(words) < MIN_WORDS:
             continue
-        prompt = f"After {previous}:\n{' '.join(words[:MAX_WORDS])}\nSpeaker:"
-        (val if eligible % VAL_EVERY == VAL_EVERY - 1 else train).append({"prompt": prompt, "completion": f" {speaker}"})
+        prompt = f"After {previous}:\n{' '.join(words[:MAX_WORDS])}\nSpeaker:\n"
+        # the name opens a line, as speaker names do in the plays: the same tokens the base has read them as
+        (val if eligible % VAL_EVERY == VAL_EVERY - 1 else train).append({"prompt": prompt, "completion": speaker})
         eligible += 1
     return train, val
 
