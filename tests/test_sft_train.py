@@ -135,15 +135,13 @@ def test_sft_run_resumes_at_its_data_position_with_the_same_losses(tmp_path, mon
     assert [r["train_loss"] for r in split] == [r["train_loss"] for r in whole]
 
 
-def test_the_loss_falls_on_the_answers_with_lora_and_without_packing(tmp_path, monkeypatch):
-    # every answer is the prompt's first token repeated: learnable only by attending to the prompt
+def test_the_loss_falls_on_the_answers_without_packing(tmp_path, monkeypatch):
+    # prompts of random tokens, answers of tokens 5 and 6 only: ln(128) = 4.85 nats at the start, ln 2 learnable
     rng = np.random.default_rng(6)
-    examples = []
-    for _ in range(32):
-        prompt = rng.integers(1, VOCAB, 4).tolist()
-        examples.append((prompt + [prompt[0]] * 3, [0] * 4 + [1] * 3))
+    examples = [(rng.integers(1, VOCAB, 4).tolist() + rng.integers(5, 7, 3).tolist(), [0] * 4 + [1] * 3)
+                for _ in range(32)]
     write_sft_dir(tmp_path / "data", examples, examples[:4])
-    run_train(sft_flags(tmp_path, packing=False, lora_r=8, lora_targets=("c_attn", "c_proj", "c_fc"), max_steps=25,
-                        eval_interval=0, max_lr=3e-2), monkeypatch)
+    run_train(sft_flags(tmp_path, packing=False, max_steps=20, eval_interval=0), monkeypatch)
     losses = [r["train_loss"] for r in read_log(tmp_path / "out")]
-    assert np.mean(losses[-5:]) < losses[0] - 1.0
+    assert losses[0] == pytest.approx(np.log(VOCAB), abs=0.3)
+    assert np.mean(losses[-5:]) < losses[0] - 2.0
