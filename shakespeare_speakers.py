@@ -12,11 +12,12 @@ speech; the completion is the speaker, one of the four characters with the most 
 The cues are the scene (who spoke before, so which play and who is on stage) and the speech itself (names,
 manner of address). The metric is exact match of the greedy answer; always answering the most frequent training
 speaker is the trivial baseline. Every fifth eligible speech of a play goes to val, the rest to train, so val
-holds speeches the model has never been trained on, from the same scenes. The plays are part of `make
+holds speeches the model has never been trained on, from the same scenes (val.jsonl in a shuffled order). The plays are part of `make
 shakespeare`'s base corpus, so the base model has read them, as text, without the question.
 """
 import argparse
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -72,6 +73,7 @@ def make(out_dir, plays=PLAYS):
         t, v = records(Path(paths[play]).read_text(encoding="utf-8"))
         train += t
         val += v
+    random.Random(0).shuffle(val)  # the first N val prompts (eval_generate_limit) then span all six plays
     for name, rows in (("train", train), ("val", val)):
         with atomic_path(Path(out_dir) / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
