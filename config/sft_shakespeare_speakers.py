@@ -22,16 +22,16 @@ lora_targets = ("c_attn", "c_proj", "c_fc",  # GPT-2 names; LLaMA names below (a
 
 batch_size = 8
 total_batch_size = 1024  # 2 micro-steps of 8 rows x 64 positions, ~17 examples each
-max_steps = 150  # ~2 epochs of the 1,991 training examples
-warmup_steps = 20
-max_lr = 3e-3
-min_lr = 3e-4
+max_steps = 100  # ~1.4 epochs of the 1,991 training examples
+warmup_steps = 10
+max_lr = 6e-3
+min_lr = 6e-4
 weight_decay = 0.0
 
-eval_interval = 75
+eval_interval = 50
 eval_iters = 0  # 0: the whole val split
-eval_generate_every = 75  # exact match: step 0 (the untuned base), 75 and the end
+eval_generate_every = 50  # exact match: step 0 (the untuned base), 50 and the end
 eval_generate_limit = 100  # the first 100 val prompts (sft_eval.py scores all 495)
 sample_interval = 0
-checkpoint_interval = 75
+checkpoint_interval = 50
 log_interval = 20
