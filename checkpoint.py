@@ -4,7 +4,8 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
     model        full state dict, or for a LoRA run only the LoRA tensors (plus modules_to_save)
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
-    lora         the LoRAConfig as a dict, or None;  base: where a LoRA run's frozen base came from
+    lora         the LoRAConfig as a dict, or None;  base: the model the run started from (None: scratch), which
+                 for a LoRA run is its frozen base
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
@@ -73,14 +74,15 @@ def read_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def model_from_checkpoint(checkpoint, dtype=None):
-    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied."""
+def model_from_checkpoint(checkpoint, dtype=None, **overrides):
+    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
+    `overrides` may set dropout."""
     if checkpoint["lora"] is None:
-        model = build_model(checkpoint["model_type"], checkpoint["model_args"])
+        model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])
     else:
         from lora import LoRAConfig, apply_lora
-        model = load_model(checkpoint["base"])
+        model = load_model(checkpoint["base"], **overrides)
         lora = dict(checkpoint["lora"])
         for key in ("targets", "modules_to_save"):
             if isinstance(lora.get(key), list):
@@ -95,15 +97,16 @@ def model_from_checkpoint(checkpoint, dtype=None):
     return model
 
 
-def load_model(spec, base=None, dtype=None):
+def load_model(spec, base=None, dtype=None, **overrides):
     """Any model a user may name, on the CPU:
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
+    `overrides` may set dropout, whatever the model's own config says.
     """
     path = Path(os.fspath(spec)).expanduser()
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
-        return model_from_checkpoint(read_checkpoint(path), dtype)
+        return model_from_checkpoint(read_checkpoint(path), dtype, **overrides)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
         from lora import load_adapter
@@ -111,7 +114,7 @@ def load_model(spec, base=None, dtype=None):
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
-        model = load_model(base, dtype=dtype)
+        model = load_model(base, dtype=dtype, **overrides)
         load_adapter(model, path)
         return model
-    return load_pretrained(spec, dtype=dtype)
+    return load_pretrained(spec, dtype=dtype, **overrides)
