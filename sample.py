@@ -12,7 +12,6 @@ The text goes through the model's own tokenizer (GPT-2's, or the tokenizer.json 
 model came from). --chat wraps the prompt as one user message in the chat template training used (chat.py).
 A sample ends at EOS or after max_new_tokens; with num_samples=1 the tokens stream to stdout as they come.
 """
-import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -51,24 +50,12 @@ def model_kind(path):
                      f"(adapter_config.json) or a Hugging Face model folder (config.json)")
 
 
-def tokenizer_folder(path, base=None):
-    """The Hugging Face folder whose tokenizer.json the model at `path` uses; None for GPT-2's tokenizer."""
-    kind = model_kind(path)
-    if kind == "out_dir":
-        from checkpoint import read_checkpoint
-        origin = read_checkpoint(path).get("base") or read_checkpoint(path)["config"].get("init_from")
-        return tokenizer_folder(origin) if origin and Path(origin).is_dir() else None
-    if kind == "adapter":
-        origin = base or json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        return tokenizer_folder(origin) if origin and Path(origin).is_dir() else None
-    return str(path) if (Path(path) / "tokenizer.json").is_file() else None
-
-
 def main(argv):
     from chat import generation_prompt_ids, load_text_tokenizer
     from checkpoint import load_model
     from configurator import configure
     from model.generate import generate
+    from tokenizer import tokenizer_for
     argv = ["--chat=True" if a == "--chat" else a for a in argv]  # a bare --chat switches it on
     s = SimpleNamespace(**{**DEFAULTS, **configure(DEFAULTS, argv)})
     dev = s.device if s.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +66,7 @@ def main(argv):
         raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
     model_kind(s.init_from)
     model = load_model(s.init_from, base=s.base or None).to(dev).eval()
-    tok = load_text_tokenizer(tokenizer_folder(s.init_from, s.base or None))
+    tok = load_text_tokenizer(tokenizer_for(s.base or s.init_from).model_dir)  # None: GPT-2's tokenizer
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer of {s.init_from} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     text = Path(s.start[5:]).read_text(encoding="utf-8") if s.start.startswith("FILE:") else s.start
