@@ -1,13 +1,14 @@
 # Two commands on a fresh machine:
 #   make smollm2-lora  set up, convert SmolLM2-135M-Instruct (make smollm2), LoRA-fine-tune it on Shakespeare, on CPU
 #   make test          set up (with the test-only references transformers + peft) and run the tests
+#   make sft           LoRA-fine-tune a base on the speaker-attribution task and print the held-out exact match
 PYTHON ?= python3
 VENV ?= .venv
 # torch first, on its own: pick the build for your machine, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev shakespeare data finetune test bench clean smollm2 smollm2-lora
+.PHONY: setup setup-dev shakespeare data finetune sft test bench clean smollm2 smollm2-lora
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,18 @@ finetune: setup
 	$(BIN)/python fineweb.py --source shakespeare-romances
 	@echo "make finetune: training into out-shakespeare-lora/, replacing any run there"
 	$(BIN)/python train.py config/finetune_shakespeare_lora.py --overwrite=True
+
+# the base of `make sft`: our out_dir, or a Hugging Face folder (its tokenizer.json then tokenizes the task)
+SFT_BASE ?= out-shakespeare
+SFT_DATA := data/shakespeare_speakers
+
+sft: setup
+	test -e $(SFT_BASE) || $(MAKE) shakespeare
+	$(BIN)/python shakespeare_speakers.py --out $(SFT_DATA)
+	$(BIN)/python prepare_sft.py --input $(SFT_DATA)/train.jsonl --val $(SFT_DATA)/val.jsonl --out $(SFT_DATA)/sft \
+		--block_size 64 --overwrite $(if $(wildcard $(SFT_BASE)/tokenizer.json),--tokenizer $(SFT_BASE))
+	$(BIN)/python train.py config/sft_shakespeare_speakers.py --init_from=$(SFT_BASE)
+	$(BIN)/python sft_eval.py --data $(SFT_DATA)/sft --model $(SFT_BASE) --model out-sft-speakers
 
 test: setup-dev
 	$(BIN)/python -m pytest tests -q

@@ -77,6 +77,10 @@ from lora import lora_settings  # noqa: E402
 globals().update(lora_settings())
 lora_r = 0  # 0 = no LoRA: train all weights
 overwrite = False  # True: replace the run in out_dir (by default a new run refuses an out_dir holding another run)
+objective = "lm"  # 'lm': every token of the stream is a target | 'sft': prepare_sft.py's examples, loss on answers
+packing = True  # sft: several examples per row (block-diagonal attention) | False: one a row, padded
+eval_generate_every = 0  # sft: greedy exact match on the val prompts every N steps (0 = off)
+eval_generate_limit = 0  # sft: score only the first N val prompts (0 = all)
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 from errors import report_user_errors  # noqa: E402
@@ -160,8 +164,13 @@ if master_process:
           f"x {world_size} process(es); device {device}, dtype {dtype}")
     os.makedirs(out_dir, exist_ok=True)
 
-train_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="train")
-val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="val")
+if objective == "sft":  # task examples: (x, y, position_ids) with y = -1 off the answers (sft_data.py)
+    from sft_data import SFTLoader
+    train_loader = SFTLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "train", packing, seed)
+    val_loader = SFTLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "val", packing, seed)
+else:
+    train_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="train")
+    val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="val")
 
 # the memory a step needs is measured against what the process holds before the model exists
 if device_type == "cuda":
@@ -194,8 +203,14 @@ else:
     config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
-for loader in (train_loader, val_loader):
-    loader.check_vocab(model.config.vocab_size)  # token ids the model has no embedding for are refused
+if objective == "sft":
+    if train_loader.header["vocab_size"] > model.config.vocab_size:
+        raise ValueError(f"{data_dir} was tokenized with {train_loader.header['tokenizer']} "
+                         f"({train_loader.header['vocab_size']} tokens), more than the model's vocab_size "
+                         f"{model.config.vocab_size}: prepare it with prepare_sft.py --tokenizer <the model's folder>")
+else:
+    for loader in (train_loader, val_loader):
+        loader.check_vocab(model.config.vocab_size)  # token ids the model has no embedding for are refused
 if init_from != "resume" and lora_r > 0:
     from lora import apply_lora, lora_config_from
     lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
@@ -254,6 +269,8 @@ def get_lr(step):
 
 @torch.no_grad()
 def estimate_val_loss():
+    if objective == "sft":
+        return sft_val_loss()
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=device)
@@ -266,6 +283,32 @@ def estimate_val_loss():
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     model.train()
     return loss_sum.item() / eval_iters
+
+
+@torch.no_grad()
+def sft_val_loss():
+    """Mean loss over every answer token of the val batches of all ranks (up to eval_iters batches per rank)."""
+    eval_model = model.module if ddp else model  # ranks may hold different numbers of batches: no DDP forward
+    eval_model.eval()
+    sums = torch.zeros(2, device=device)  # summed loss, number of target tokens
+    for x, y, pos in val_loader.eval_batches(eval_iters):
+        x, y, pos = x.to(device), y.to(device), pos.to(device) if pos is not None else None
+        with autocast:
+            _, loss = eval_model(x, y, position_ids=pos)
+        n = (y != -1).sum()
+        sums += torch.stack([loss.float() * n, n.float()])
+    if ddp:
+        dist.all_reduce(sums)
+    eval_model.train()
+    return (sums[0] / sums[1]).item()
+
+
+def val_exact_match():
+    from sft_eval import exact_match, tokenizer_of
+    with autocast:
+        correct, n = exact_match(raw_model, val_loader.examples, tokenizer_of(val_loader.header), device, ddp_rank,
+                                 world_size, eval_generate_limit)
+    return correct / n
 
 
 def print_samples(step):
@@ -352,6 +395,10 @@ for step in range(start_step, max_steps):
         record["hellaswag_acc"], record["hellaswag_acc_norm"] = result["acc"], result["acc_norm"]
         if master_process:
             print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
+    if eval_generate_every > 0 and (step % eval_generate_every == 0 or last_step):
+        record["val_exact_match"] = val_exact_match()
+        if master_process:
+            print(f"step {step}: val exact match {record['val_exact_match']:.4f}")
     if sampling and step > 0 and (step % sample_interval == 0 or last_step):
         print_samples(step)
 
@@ -359,17 +406,31 @@ for step in range(start_step, max_steps):
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
-    for micro_step in range(grad_accum_steps):
-        x, y = train_loader.next_batch()
-        x, y = x.to(device), y.to(device)
+    batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]  # (x, y) or (x, y, position_ids)
+    if objective == "sft":
+        # micro-batches hold different numbers of answer tokens: count the whole step's, over all ranks
+        step_targets = sum((b[1] != -1).sum() for b in batches).to(device)
+        if ddp:
+            dist.all_reduce(step_targets)
+    for micro_step, batch in enumerate(batches):
+        x, y = batch[0].to(device), batch[1].to(device)
         if ddp:
             # all-reduce the gradients only once, after the last micro-step, not after each backward
             model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         with autocast:
-            _, loss = model(x, y)
-        # the loss is a mean over this micro-batch; dividing by grad_accum_steps makes the summed
-        # gradients the mean over the whole batch, as if it were one big batch
-        loss = loss / grad_accum_steps
+            if objective == "sft":
+                pos = batch[2].to(device) if batch[2] is not None else None
+                _, loss = model(x, y, position_ids=pos)
+            else:
+                _, loss = model(x, y)
+        if objective == "sft":
+            # mean over this micro-batch's answer tokens -> their sum / the step's count; x world_size because DDP
+            # averages the ranks' gradients: the step's gradient is the mean over every answer token it holds
+            loss = loss * (y != -1).sum() * world_size / step_targets
+        else:
+            # the loss is a mean over this micro-batch; dividing by grad_accum_steps makes the summed
+            # gradients the mean over the whole batch, as if it were one big batch
+            loss = loss / grad_accum_steps
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
     if ddp:

@@ -38,13 +38,32 @@ class KVCache:
         return keys, values
 
 
-def cached_attention(q, k, v, kv_cache, layer, dropout_p=0.0):
+def packed_causal_mask(position_ids):
+    """Block-diagonal causal mask (B, 1, T, T) for rows that pack several examples: query i sees key j iff
+    j <= i and both belong to the same example. An example starts wherever its position id is 0.
+
+    On CPU SDPA runs this mask in its math kernel; on CUDA a boolean mask selects the memory-efficient kernel
+    (flash attention takes no mask), which keeps O(T) memory but still computes the masked-out blocks.
+    """
+    doc = (position_ids == 0).cumsum(dim=1)  # (B, T): which example each position belongs to
+    same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+    T = position_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()  # (T, T)
+    return (same_doc & causal)[:, None]  # (B, 1, T, T): broadcast over heads
+
+
+def cached_attention(q, k, v, kv_cache, layer, dropout_p=0.0, attn_mask=None):
     """Causal softmax(q k^T / sqrt(D)) v, optionally through a KV cache. q (B, H, T, D); k, v (B, H_kv, T, D).
 
     Grouped-query attention: when H_kv < H, each K/V head serves H // H_kv query heads.
+    attn_mask (B, 1, T, T) bool, e.g. packed_causal_mask: replaces the plain causal mask (training only).
     """
     T = q.size(2)
-    if kv_cache is None or kv_cache.pos == 0:
+    if attn_mask is not None:
+        if kv_cache is not None:
+            raise ValueError("attn_mask (packed examples) is for training; decoding with a KV cache is causal")
+        is_causal, mask = False, attn_mask
+    elif kv_cache is None or kv_cache.pos == 0:
         is_causal, mask = True, None  # plain causal attention over these T positions
         if kv_cache is not None:
             kv_cache.update(layer, k, v)

@@ -30,9 +30,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-             use_cache=True, generator=None):
+             use_cache=True, generator=None, on_token=None):
     """Extend idx (B, T) by up to max_new_tokens tokens. Rows that emitted eos_id are padded with it;
-    generation stops early when every row has. For several samples of one prompt, repeat it in the batch."""
+    generation stops early when every row has. For several samples of one prompt, repeat it in the batch.
+    on_token(next_token (B, 1)) is called after every step, e.g. to stream the text as it is generated."""
     B, T = idx.shape
     if use_cache:
         if T + max_new_tokens > model.max_seq_len:
@@ -51,6 +52,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
             done = done | (next_token == eos_id)
         idx = torch.cat([idx, next_token], dim=1)
+        if on_token is not None:
+            on_token(next_token)
         step_input = next_token
         if eos_id is not None and bool(done.all()):
             break

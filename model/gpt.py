@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, cached_attention
+from .attention import KVCache, cached_attention, packed_causal_mask
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .lm import CausalLM
 
@@ -53,14 +53,14 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout, self.layer_idx = config.n_head, config.dropout, layer_idx
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, attn_mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         # flash attention when the backend has it; softmax(q k^T / sqrt(D)) v with a causal mask
-        y = cached_attention(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0)
+        y = cached_attention(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0, attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -86,8 +86,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)  # pre-norm residual: the stream x is never normalised
+    def forward(self, x, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)  # pre-norm residual: the stream x is never normalised
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -121,15 +121,20 @@ class GPT(CausalLM):
     def max_seq_len(self):
         return self.config.block_size
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, position_ids=None):
+        """position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to
+        itself (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        mask = None
+        if position_ids is not None:
+            pos, mask = position_ids, packed_causal_mask(position_ids)  # (B, T), (B, 1, T, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = self.run_block(block, x, kv_cache)
+            x = self.run_block(block, x, kv_cache, mask)
         return self.head_and_loss(self.transformer.ln_f(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, cached_attention
+from .attention import KVCache, cached_attention, packed_causal_mask
 from .gpt import init_weights
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .lm import CausalLM
@@ -103,9 +103,9 @@ def llama3_scaled_frequencies(inv_freq, factor, low_freq_factor, high_freq_facto
 
 
 def rope_cos_sin(inv_freq, positions):
-    """cos, sin (T, D) for absolute positions (T,). Channel i and channel i + D/2 form a pair (Hugging Face's
+    """cos, sin (..., T, D) for absolute positions (..., T). Channel i and channel i + D/2 form a pair (Hugging Face's
     "rotate half" layout; Meta's original code paired adjacent channels, and HF permuted q/k weights to match)."""
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, D)
     return angles.cos(), angles.sin()
 
@@ -142,14 +142,15 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = H, H_kv, D
         self.dropout, self.layer_idx = config.dropout, layer_idx
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
         B, T, _ = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the cache stores k already rotated
         # causal softmax(q k^T / sqrt(D)) v; each K/V head is shared by H // H_kv query heads
-        y = cached_attention(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0)  # (B,H,T,D)
+        y = cached_attention(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0,
+                             attn_mask)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -176,8 +177,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)  # pre-norm residual, as GPT-2
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_mask)  # pre-norm residual, as GPT-2
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -215,16 +216,22 @@ class LLaMA(CausalLM):
     def max_seq_len(self):
         return self.config.max_seq_len
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, position_ids=None):
+        """position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to
+        itself (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0  # decoding: the new tokens sit after the cached ones
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens > max_seq_len {self.config.max_seq_len}")
         positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        cos, sin = rope_cos_sin(rope_frequencies(self.config, idx.device), positions)  # (T, D) each, all layers
+        mask = None
+        if position_ids is not None:
+            positions, mask = position_ids[:, None], packed_causal_mask(position_ids)  # (B, 1, T), (B, 1, T, T)
+        # (T, D) each, or (B, 1, T, D) for packed rows (broadcast over heads); shared by all layers
+        cos, sin = rope_cos_sin(rope_frequencies(self.config, idx.device), positions)
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
-            x = self.run_block(layer, x, cos, sin, kv_cache)
+            x = self.run_block(layer, x, cos, sin, kv_cache, mask)
         return self.head_and_loss(self.model.norm(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):

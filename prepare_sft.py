@@ -1,0 +1,228 @@
+"""Tokenize task data (JSONL) into the shards of `objective = 'sft'`: token ids plus a parallel loss mask.
+
+    python prepare_sft.py --input train.jsonl --val val.jsonl --out data/my-task [--tokenizer <HF folder>]
+
+One record a line, in either of the two formats Hugging Face TRL uses:
+    {"prompt": "...", "completion": "..."}                        prompt text, then the completion and EOS
+    {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}   a chat, ending with a reply
+Chats are rendered with the checkpoint's own chat template (chat.py), else with the plain one. The mask is 1 on
+the tokens the model learns to produce (completion / assistant replies and the EOS that ends them), 0 on prompt,
+system, user and template tokens. An example is at most --block_size tokens; a longer one is cut
+(--truncation=truncate: the start of the prompt's budget and the whole answer where it fits) or skipped (drop).
+
+Output (all of it built in a temp folder, then renamed into place: an interrupted run leaves nothing):
+    sft.json                  header: tokenizer, chat template, eos/pad id, block_size, counts per split
+    {split}_{k:06d}.npz       tokens (N,) uint16|uint32, mask (N,) uint8, offsets (n_examples + 1,) int64
+Example i of a shard is tokens[offsets[i]:offsets[i + 1]]; examples keep the order of the input file.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from chat import ROLES, chat_ids, load_text_tokenizer
+from sft_data import HEADER
+
+FORMAT = "nanolora-sft-1"
+
+
+# ---- reading and checking records ----------------------------------------------------------------------------
+def _text_field(record, key, where):
+    value = record.get(key)
+    if key not in record:
+        raise ValueError(f"{where}: field {key!r} is missing")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_messages(messages, where, field="messages"):
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        name = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}: field {name!r} must be an object with role and content")
+        if message.get("role") not in ROLES:
+            raise ValueError(f"{where}: field {name}.role is {message.get('role')!r}: use one of {', '.join(ROLES)}")
+        _text_field(message, "content", f"{where}: {name}")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: field {field!r} must end with an assistant message (the answer to learn)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_records(path):
+    """Yield (where, record) for every non-blank line; record is ('prompt_completion', prompt, completion) or
+    ('messages', messages). Stops at the first bad line with a ValueError naming file, line and field."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+            if "messages" in record:
+                yield where, ("messages", check_messages(record["messages"], where))
+            elif "prompt" in record or "completion" in record:
+                if isinstance(record.get("prompt"), list):  # TRL's conversational prompt/completion
+                    chat = check_messages(record["prompt"] + (record.get("completion") or []), where,
+                                          "prompt + completion")
+                    yield where, ("messages", chat)
+                else:
+                    yield where, ("prompt_completion", _text_field(record, "prompt", where),
+                                  _text_field(record, "completion", where))
+            else:
+                raise ValueError(f"{where}: a record needs the fields \"prompt\" and \"completion\", or \"messages\" "
+                                 f"(found {', '.join(map(repr, record)) or 'none'})")
+
+
+# ---- records -> (ids, mask) ----------------------------------------------------------------------------------
+def example_ids(tok, record):
+    """(ids, mask) of one record: prompt/completion as start + prompt + completion + EOS, chats via chat_ids."""
+    if record[0] == "messages":
+        return chat_ids(tok, record[1])
+    _, prompt, completion = record
+    prompt_ids = tok.start_ids + tok.encode(prompt)
+    answer_ids = tok.encode(completion) + [tok.eos_id]
+    return prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids)
+
+
+def fit(ids, mask, block_size, truncation):
+    """(ids, mask, was_cut) within block_size tokens, or None to drop. The answer is the last run of 1s in the mask,
+    the prompt everything before it: truncate keeps the prompt's first tokens that leave room for the whole answer
+    (at least one), and cuts the answer's end only when the answer alone does not fit."""
+    if len(ids) <= block_size:
+        return ids, mask, False
+    if truncation == "drop":
+        return None
+    answer_start = max(i for i, m in enumerate(mask) if m)  # the answer's last token, then back to its first
+    while answer_start > 0 and mask[answer_start - 1]:
+        answer_start -= 1
+    budget = max(1, block_size - (len(ids) - answer_start))
+    keep = list(range(budget)) + list(range(answer_start, len(ids)))[:block_size - budget]
+    return [ids[i] for i in keep], [mask[i] for i in keep], True
+
+
+def tokenize_split(path, tok, block_size, truncation):
+    """All examples of one JSONL file as lists, plus counts for the header."""
+    examples, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "prompt_completion": 0, "messages": 0}
+    for where, record in read_records(path):
+        counts[record[0]] += 1
+        try:
+            ids, mask = example_ids(tok, record)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        fitted = fit(ids, mask, block_size, truncation)
+        if fitted is None:
+            counts["dropped"] += 1
+            continue
+        ids, mask, was_cut = fitted
+        counts["truncated"] += was_cut
+        examples.append((ids, mask))
+    if not examples:
+        raise ValueError(f"{path}: no examples left (empty file, or every example dropped as longer than "
+                         f"--block_size={block_size})")
+    counts["examples"] = len(examples)
+    counts["tokens"] = sum(len(ids) for ids, _ in examples)
+    counts["trained_tokens"] = sum(sum(mask) for _, mask in examples)
+    return examples, counts
+
+
+def write_split(folder, split, examples, dtype, shard_size):
+    """Whole examples into shards of about shard_size tokens; returns the shard file names."""
+    names, start = [], 0
+    while start < len(examples):
+        end, n = start, 0
+        while end < len(examples) and (n == 0 or n + len(examples[end][0]) <= shard_size):
+            n += len(examples[end][0])
+            end += 1
+        chunk = examples[start:end]
+        lengths = np.array([len(ids) for ids, _ in chunk], dtype=np.int64)
+        name = f"{split}_{len(names):06d}.npz"
+        np.savez(folder / name, tokens=np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in chunk]),
+                 mask=np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in chunk]),
+                 offsets=np.concatenate([[0], np.cumsum(lengths)]))
+        names.append(name)
+        start = end
+    return names
+
+
+def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncation="truncate", shard_size=10_000_000,
+            overwrite=False):
+    """Write the shards and sft.json of both splits into `out`; returns the header dict."""
+    if truncation not in ("truncate", "drop"):
+        raise ValueError(f"--truncation={truncation!r}: use 'truncate' or 'drop'")
+    if block_size < 2:
+        raise ValueError(f"--block_size={block_size}: an example needs at least 2 tokens")
+    out = Path(out)
+    if out.exists() and not (overwrite and (out / HEADER).is_file()):
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace a folder prepare_sft.py made, or choose "
+                              f"another --out" if (out / HEADER).is_file() else
+                              f"{out} exists and is not a folder prepare_sft.py made; choose another --out")
+    tok = load_text_tokenizer(tokenizer)
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    header = {"format": FORMAT, "tokenizer": tok.name, "chat_template": "checkpoint" if tok.chat_template else "plain",
+              "eos_id": tok.eos_id, "pad_id": tok.eos_id, "vocab_size": tok.vocab_size, "block_size": block_size,
+              "truncation": truncation, "splits": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for split, path in (("train", train_path), ("val", val_path)):
+            examples, counts = tokenize_split(path, tok, block_size, truncation)
+            counts["shards"] = write_split(tmp, split, examples, dtype, shard_size)
+            header["splits"][split] = {"source": str(path), **counts}
+        (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder owner-only
+        if out.exists():  # --overwrite of our own folder: swap, then delete the old one
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return header
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, help="training records, JSONL")
+    p.add_argument("--val", required=True, help="validation records, JSONL (val loss and exact-match in training)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist, unless --overwrite)")
+    p.add_argument("--tokenizer", help="a Hugging Face folder with tokenizer.json (+ tokenizer_config.json for its "
+                   "chat template); default: GPT-2's tokenizer and the plain template")
+    p.add_argument("--block_size", type=int, default=1024, help="the most tokens an example may have")
+    p.add_argument("--truncation", choices=("truncate", "drop"), default="truncate")
+    p.add_argument("--shard_size", type=int, default=10_000_000, help="tokens per shard file (whole examples)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if an earlier prepare_sft.py made it")
+    args = p.parse_args(argv)
+    try:
+        header = prepare(args.input, args.val, args.out, args.tokenizer, args.block_size, args.truncation,
+                         args.shard_size, args.overwrite)
+    except (ValueError, OSError) as e:
+        sys.exit(f"prepare_sft.py: {e}")
+    for split, c in header["splits"].items():
+        print(f"{split}: {c['examples']:,} examples, {c['tokens']:,} tokens ({c['trained_tokens']:,} trained on); "
+              f"{c['truncated']:,} truncated, {c['dropped']:,} dropped (longer than {args.block_size} tokens)")
+    print(f"wrote {args.out} (tokenizer {header['tokenizer']}, {header['chat_template']} chat template)")
+
+
+if __name__ == "__main__":
+    main()

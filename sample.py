@@ -1,0 +1,124 @@
+"""Sample from a trained model, with nanoGPT's sample.py conventions.
+
+    python sample.py --init_from=out-shakespeare --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --init_from=out-sft-speakers/adapter --start=FILE:prompt.txt --temperature=0
+    python sample.py --init_from=models/smollm2-135m-instruct --chat --start="What is LoRA?" --num_samples=1
+
+init_from is one of three folders:
+    a training out_dir (ckpt.pt)           the model it trained (a LoRA run: its base with the adapter)
+    a LoRA adapter folder (adapter_config.json, PEFT format): its base from base_model_name_or_path (or --base)
+    a Hugging Face folder (config.json)    GPT-2 or LLaMA
+The text goes through the model's own tokenizer (GPT-2's, or the tokenizer.json of the Hugging Face folder the
+model came from). --chat wraps the prompt as one user message in the chat template training used (chat.py).
+A sample ends at EOS or after max_new_tokens; with num_samples=1 the tokens stream to stdout as they come.
+"""
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+# -----------------------------------------------------------------------------------------------
+init_from = "out"  # out_dir | adapter folder | Hugging Face folder
+base = ""  # an adapter's base, when its adapter_config.json names none (or another copy of it)
+start = "\n"  # the prompt, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 200
+temperature = 0.8  # 0 = greedy
+top_k = 200  # 0 = off
+top_p = 1.0  # nucleus sampling; 1.0 = off
+seed = 1337
+device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
+dtype = "auto"  # 'auto' (bfloat16 on CUDA, else float32) | 'float32' | 'bfloat16' | 'float16'
+compile = False
+chat = False  # wrap the prompt in the chat template (the model's own, else the plain one)
+# -----------------------------------------------------------------------------------------------
+
+
+def model_kind(path):
+    """'out_dir' | 'adapter' | 'hf' for a folder, or a one-line error naming what it lacks."""
+    path = Path(path)
+    if (path / "ckpt.pt").is_file():
+        return "out_dir"
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file():
+        return "hf"
+    what = "a folder" if path.is_dir() else "not a folder" if path.exists() else "does not exist"
+    raise ValueError(f"--init_from={path}: {what}, and none of a training out_dir (ckpt.pt), a LoRA adapter folder "
+                     f"(adapter_config.json) or a Hugging Face model folder (config.json)")
+
+
+def main(argv):
+    from chat import generation_prompt_ids, load_text_tokenizer
+    from checkpoint import load_model
+    from configurator import configure
+    from model.generate import generate
+    from tokenizer import tokenizer_for
+    argv = ["--chat=True" if a == "--chat" else a for a in argv]  # a bare --chat switches it on
+    s = SimpleNamespace(**{**DEFAULTS, **configure(DEFAULTS, argv)})
+    dev = s.device if s.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dt = s.dtype if s.dtype != "auto" else "bfloat16" if dev.startswith("cuda") else "float32"
+    if not dev.startswith("cuda") and dt != "float32":
+        raise ValueError(f"--dtype={dt} on {dev}: low precision is for CUDA; use --dtype=float32")
+    if s.num_samples < 1 or s.max_new_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+        raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    model_kind(s.init_from)
+    model = load_model(s.init_from, base=s.base or None).to(dev).eval()
+    tok = load_text_tokenizer(tokenizer_for(s.base or s.init_from).model_dir)  # None: GPT-2's tokenizer
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer of {s.init_from} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    text = Path(s.start[5:]).read_text(encoding="utf-8") if s.start.startswith("FILE:") else s.start
+    ids = generation_prompt_ids(tok, [{"role": "user", "content": text}]) if s.chat else tok.start_ids + tok.encode(text)
+    n_new = min(s.max_new_tokens, model.max_seq_len - len(ids))
+    if n_new < 1:
+        raise ValueError(f"the prompt has {len(ids)} tokens: no room left in the model's {model.max_seq_len} positions")
+    if s.compile:
+        model = torch.compile(model)  # generate() reads max_seq_len and make_kv_cache through it
+    autocast = torch.autocast("cuda", dtype=getattr(torch, dt)) if dt != "float32" else nullcontext()
+    idx = torch.tensor([ids], dtype=torch.long, device=dev).repeat(s.num_samples, 1)  # (num_samples, T)
+    gen = torch.Generator(device=dev).manual_seed(s.seed)
+    streamer = Streamer(tok) if s.num_samples == 1 else None
+    print(text, end="", flush=True)
+    with torch.no_grad(), autocast:
+        out = generate(model, idx, n_new, s.temperature, s.top_k or None, s.top_p, tok.eos_id, generator=gen,
+                       on_token=streamer)
+    for i, row in enumerate(out):
+        new = row[len(ids):].tolist()
+        new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new  # EOS ends a sample
+        if streamer is None:
+            print((text if i else "") + tok.decode(new))
+            print("---------------")
+    if streamer is not None:
+        print()
+
+
+class Streamer:
+    """on_token for generate(): print the new text of one sample as it comes. The whole continuation is decoded
+    each time and only what is new is printed: a character may take several byte-level tokens."""
+
+    def __init__(self, tok):
+        self.tok, self.new, self.printed, self.ended = tok, [], "", False
+
+    def __call__(self, token):  # token (1, 1)
+        if self.ended or token.item() == self.tok.eos_id:
+            self.ended = True
+            return
+        self.new.append(token.item())
+        text = self.tok.decode(self.new)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+DEFAULTS = {k: v for k, v in dict(globals()).items() if k in (
+    "init_from", "base", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+    "device", "dtype", "compile", "chat")}
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        sys.exit(f"sample.py: {e}")

@@ -1,0 +1,139 @@
+"""SFTLoader: micro-batches of task examples (prepare_sft.py's shards) for `objective = 'sft'`.
+
+An example of n tokens gives n - 1 positions: x = ids[:-1], y = ids[1:] where the mask of ids[1:] is 1, else -1
+(the loss's ignore_index: prompt, template and padding are never targets; the memory-saving loss keeps -1 too).
+
+    packing=True   examples follow one another in rows of block_size positions (a new row when the next does not
+                   fit); position_ids restart at 0 for every example, which the models turn into positions and
+                   a block-diagonal causal mask (model/attention.py), so no example sees another. The row's
+                   unused tail is padding (y = -1).
+    packing=False  one example a row, padded on the right to the longest row of the micro-batch; position_ids is
+                   None: plain causal attention, which keeps padding after the tokens out of their view.
+
+Every epoch visits the training examples in an order shuffled by (seed, epoch) and cuts that order into rows.
+The rows form one stream; a step of `grad_accum_steps` micro-batches on `world_size` ranks reads the next
+B * world_size rows per micro-step, rank r taking rows [r*B, (r+1)*B) of them, so one process with twice the
+accumulation reads the same rows per optimizer step. state_dict() = {"epoch", "row"}: where the stream stands,
+the same on every rank.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+HEADER = "sft.json"
+
+
+def read_examples(data_dir, split):
+    """(header, [(ids, mask)]) of one split: numpy arrays per example, in file order."""
+    header_path = os.path.join(data_dir, HEADER)
+    if not os.path.isfile(header_path):
+        raise FileNotFoundError(f"data_dir {data_dir!r} has no {HEADER}: objective='sft' reads the folder "
+                                f"prepare_sft.py writes (python prepare_sft.py --input ... --val ... --out {data_dir})")
+    with open(header_path) as f:
+        header = json.load(f)
+    examples = []
+    for path in sorted(glob.glob(os.path.join(data_dir, f"{split}_*.npz"))):
+        with np.load(path, allow_pickle=False) as shard:
+            tokens, mask, offsets = shard["tokens"], shard["mask"], shard["offsets"]
+        examples += [(tokens[a:b].astype(np.int64), mask[a:b].astype(bool)) for a, b in zip(offsets[:-1], offsets[1:])]
+    if not examples:
+        raise FileNotFoundError(f"{data_dir} holds no {split} shards ({split}_*.npz); remake it with prepare_sft.py")
+    return header, examples
+
+
+def example_xy(ids, mask):
+    """x (n-1,) inputs and y (n-1,) targets: the next token where it is trained on, else -1."""
+    return ids[:-1], np.where(mask[1:], ids[1:], -1)
+
+
+def pack_rows(lengths, order, block_size):
+    """Rows of example indices, in `order`, each row's n - 1 positions summing to at most block_size."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = lengths[i] - 1
+        if row and used + n > block_size:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+class SFTLoader:
+    def __init__(self, data_dir, B, T, process_rank=0, num_processes=1, split="train", packing=True, seed=1337,
+                 shuffle=None):
+        self.header, self.examples = read_examples(data_dir, split)
+        self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
+        self.packing, self.seed = packing, seed
+        self.shuffle = split == "train" if shuffle is None else shuffle
+        self.lengths = [len(ids) for ids, _ in self.examples]
+        longest = max(self.lengths)
+        if longest - 1 > T:
+            raise ValueError(f"{data_dir}: the longest {split} example has {longest} tokens, more than block_size+1 = "
+                             f"{T + 1}; use a larger block_size, or prepare_sft.py --block_size={T + 1}")
+        self.pad_id = int(self.header.get("pad_id", 0))
+        self.epoch, self.row, self._rows_epoch, self._rows = 0, 0, None, None
+
+    def rows_of_epoch(self, epoch):
+        """The example indices of every row of this epoch (cached for the current one)."""
+        if self._rows_epoch != epoch:
+            order = np.arange(len(self.examples))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            self._rows = pack_rows(self.lengths, order, self.T) if self.packing else [[int(i)] for i in order]
+            self._rows_epoch = epoch
+        return self._rows
+
+    def _next_rows(self, n):
+        rows = []
+        while len(rows) < n:
+            epoch_rows = self.rows_of_epoch(self.epoch)
+            take = epoch_rows[self.row:self.row + n - len(rows)]
+            rows += take
+            self.row += len(take)
+            if self.row == len(epoch_rows):
+                self.epoch, self.row = self.epoch + 1, 0
+        return rows
+
+    def collate(self, rows):
+        """x, y (B, L) int64 and position_ids (B, L) or None; L = block_size when packing, else the longest row."""
+        pieces = [[example_xy(*self.examples[i]) for i in row] for row in rows]
+        L = self.T if self.packing else max(sum(len(x) for x, _ in row) for row in pieces)
+        x = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        y = torch.full((len(rows), L), -1, dtype=torch.long)
+        pos = torch.zeros((len(rows), L), dtype=torch.long)  # the padded tail counts as one more "example"
+        for r, row in enumerate(pieces):
+            t = 0
+            for ex_x, ex_y in row:
+                n = len(ex_x)
+                x[r, t:t + n], y[r, t:t + n] = torch.from_numpy(ex_x), torch.from_numpy(ex_y)
+                pos[r, t:t + n] = torch.arange(n)
+                t += n
+            pos[r, t:] = torch.arange(L - t)
+        return x, y, (pos if self.packing else None)
+
+    def next_batch(self):
+        """This rank's B rows of the next round of B * world_size rows."""
+        rows = self._next_rows(self.B * self.world)
+        return self.collate(rows[self.rank * self.B:(self.rank + 1) * self.B])
+
+    def eval_batches(self, max_batches=0):
+        """This rank's share of the split in file order, B rows at a time (all of it when max_batches is 0)."""
+        rows = self.rows_of_epoch(0)[self.rank::self.world]
+        batches = [rows[i:i + self.B] for i in range(0, len(rows), self.B)]
+        for rows in batches[:max_batches or None]:
+            yield self.collate(rows)
+
+    def state_dict(self):
+        return {"epoch": int(self.epoch), "row": int(self.row)}
+
+    def load_state_dict(self, state):
+        epoch, row = int(state["epoch"]), int(state["row"])
+        if epoch < 0 or not 0 <= row < len(self.rows_of_epoch(epoch)):
+            raise ValueError(f"loader state {state} does not fit this data (other data, block_size or packing?)")
+        self.epoch, self.row = epoch, row

@@ -1,0 +1,91 @@
+"""Exact match on an SFT val split: does greedy decoding of each val prompt give the reference answer?
+
+The prompt of a val example is everything before its last trained span (the completion, or the last assistant
+reply), the reference is that span without its EOS. The model completes the prompt greedily until EOS; the
+example counts as right when the decoded completion equals the reference, both stripped of surrounding whitespace.
+
+    python sft_eval.py --data data/shakespeare_speakers/sft --model out-shakespeare --model out-sft-speakers
+
+prints the exact match of each model (an out_dir, an adapter folder, or a Hugging Face folder) and of the trivial
+baseline that always answers the most frequent training answer. train.py calls exact_match() every
+`eval_generate_every` steps, each rank on its share of the prompts, the counts all-reduced.
+"""
+import argparse
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from chat import load_text_tokenizer
+from sft_data import read_examples
+
+
+def prompt_and_reference(ids, mask, eos_id):
+    """(prompt ids, reference ids): split one example (numpy ids, bool mask) at its last trained span."""
+    end = int(mask.nonzero()[0][-1]) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    reference = ids[start:end].tolist()
+    if reference and reference[-1] == eos_id:
+        reference = reference[:-1]
+    return ids[:start].tolist(), reference
+
+
+def tokenizer_of(header):
+    """The tokenizer prepare_sft.py used, named in the data's header."""
+    return load_text_tokenizer(None if header["tokenizer"] == "gpt2" else header["tokenizer"])
+
+
+@torch.no_grad()
+def exact_match(model, examples, tok, device, rank=0, world_size=1, limit=0, extra_tokens=8):
+    """(correct, n) over examples[:limit] (all when 0), rank r scoring every world_size-th one; summed over ranks."""
+    examples = examples[:limit or None][rank::world_size]
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for ids, mask in examples:
+        prompt, reference = prompt_and_reference(ids, mask, tok.eos_id)
+        new = min(len(reference) + extra_tokens, model.max_seq_len - len(prompt))
+        idx = torch.tensor([prompt], dtype=torch.long, device=device)
+        out = model.generate(idx, new, temperature=0.0, eos_id=tok.eos_id)[0, len(prompt):].tolist()
+        out = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
+        correct += tok.decode(out).strip() == tok.decode(reference).strip()
+    model.train(was_training)
+    counts = torch.tensor([correct, len(examples)], dtype=torch.long, device=device)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return tuple(counts.tolist())
+
+
+def majority_baseline(train_examples, val_examples, tok):
+    """(answer, correct, n): always answering the most frequent training answer."""
+    def answer(example):
+        return tok.decode(prompt_and_reference(*example, tok.eos_id)[1]).strip()
+    most_common = Counter(map(answer, train_examples)).most_common(1)[0][0]
+    return most_common, sum(answer(ex) == most_common for ex in val_examples), len(val_examples)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="a folder prepare_sft.py wrote")
+    p.add_argument("--model", action="append", default=[], help="out_dir, adapter folder or HF folder (repeatable)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N val examples (0 = all)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from checkpoint import load_model
+    header, val = read_examples(args.data, "val")
+    _, train = read_examples(args.data, "train")
+    val = val[:args.limit or None]
+    tok = tokenizer_of(header)
+    answer, correct, n = majority_baseline(train, val, tok)
+    print(f"exact match on {n} val examples of {args.data}:")
+    print(f"  always {answer!r} (most frequent training answer): {correct / n:.3f} ({correct}/{n})")
+    for spec in args.model:
+        model = load_model(spec).to(args.device)
+        correct, n = exact_match(model, val, tok, args.device)
+        print(f"  {spec}: {correct / n:.3f} ({correct}/{n})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""objective='sft': the masked loss against transformers, packing without cross-talk, DDP and resume through train.py."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from model import GPT, LLaMA
+from prepare_sft import HEADER, write_split
+from sft_data import SFTLoader
+from test_train import read_log, run_torchrun, run_train, tiny_flags
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 128
+
+
+def make_examples(n, seed, max_answer=24, max_len=32):
+    """(ids, mask) pairs with prompts of 3-8 tokens and answers of 1..max_answer tokens (very different lengths)."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        prompt, answer = int(rng.integers(3, 9)), int(rng.integers(1, max_answer + 1))
+        answer = min(answer, max_len - prompt)
+        ids = rng.integers(1, VOCAB, prompt + answer)
+        examples.append((ids.tolist(), [0] * prompt + [1] * answer))
+    return examples
+
+
+def write_sft_dir(folder, train, val):
+    """A data folder as prepare_sft.py writes it, from (ids, mask) pairs."""
+    folder.mkdir(parents=True)
+    for split, examples in (("train", train), ("val", val)):
+        write_split(folder, split, examples, np.uint16, shard_size=10_000)
+    (folder / HEADER).write_text(json.dumps({"tokenizer": "gpt2", "eos_id": 0, "pad_id": 0, "vocab_size": VOCAB}))
+    return folder
+
+
+def tiny_models(tmp_path, family):
+    """A random Hugging Face model and ours loaded from its folder (the same weights)."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)).eval()
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, initializer_range=0.2)).eval()
+    hf.save_pretrained(tmp_path / family)
+    ours = (GPT if family == "gpt2" else LLaMA).from_pretrained(tmp_path / family).eval()
+    return hf, ours
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_masked_loss_of_a_padded_batch_equals_transformers_loss_with_labels_minus_100(tmp_path, family):
+    examples = make_examples(4, seed=0)
+    loader = SFTLoader(write_sft_dir(tmp_path / "data", examples, examples), 4, 32, split="val", packing=False)
+    x, y, position_ids = next(loader.eval_batches())
+    assert position_ids is None and x.size(1) == max(len(ids) for ids, _ in examples) - 1  # padded to the longest
+    hf, ours = tiny_models(tmp_path, family)
+    # the reference sees whole examples, right-padded, labels -100 on prompt and padding; it shifts them itself
+    L = max(len(ids) for ids, _ in examples)
+    input_ids = torch.zeros(4, L, dtype=torch.long)
+    labels = torch.full((4, L), -100)
+    attention_mask = torch.zeros(4, L, dtype=torch.long)
+    for i, (ids, mask) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(ids)] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+        attention_mask[i, :len(ids)] = 1
+    with torch.no_grad():
+        expected = hf(input_ids, attention_mask=attention_mask, labels=labels).loss
+        _, loss = ours(x, y)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_each_example_in_a_packed_row_has_the_logits_it_has_alone(tmp_path, family):
+    examples = make_examples(8, seed=1, max_answer=10)
+    loader = SFTLoader(write_sft_dir(tmp_path / "data", examples, examples), 2, 48, split="val", packing=True)
+    rows = loader.rows_of_epoch(0)[:2]
+    assert all(len(row) >= 2 for row in rows)
+    x, _, position_ids = loader.collate(rows)
+    _, ours = tiny_models(tmp_path, family)
+    with torch.no_grad():
+        packed = ours(x, position_ids=position_ids)[0]  # (2, 48, V)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                ids = torch.tensor(examples[i][0][:-1])[None]  # the example's inputs alone: (1, n - 1)
+                alone = ours(ids)[0][0]
+                assert (packed[r, start:start + ids.size(1)] - alone).abs().max().item() < 1e-5
+                start += ids.size(1)
+
+
+def sft_flags(tmp_path, **overrides):
+    flags = dict(objective="sft", block_size=32, batch_size=2, total_batch_size=2 * 32 * 4, max_steps=3,
+                 eval_interval=2, eval_iters=2, vocab_size=VOCAB)
+    flags.update(overrides)
+    return tiny_flags(tmp_path, **flags)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_twice_the_accumulation_on_uneven_answers(tmp_path, monkeypatch):
+    # answers of 1 to 24 tokens: each micro-batch holds a different number of answer tokens, so the step's loss is
+    # only right if the count of the whole step (all micro-steps, both ranks) divides the summed loss
+    write_sft_dir(tmp_path / "data", make_examples(40, seed=2), make_examples(6, seed=3))
+    extra = dict(eval_generate_every=2, eval_iters=0)  # eval_iters=0: the whole val split, however it is shared
+    run_train(sft_flags(tmp_path, out_dir=tmp_path / "single", **extra), monkeypatch)
+    result = run_torchrun(sft_flags(tmp_path, out_dir=tmp_path / "ddp", **extra))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
+    for key, rel in (("train_loss", 1e-5), ("grad_norm", 1e-4), ("val_loss", 1e-5), ("val_exact_match", 0)):
+        assert [r[key] for r in ddp if key in r] == pytest.approx([r[key] for r in single if key in r], rel=rel), key
+    assert [r["step"] for r in ddp if "val_exact_match" in r] == [0, 2]
+
+
+def test_sft_run_resumes_at_its_data_position_with_the_same_losses(tmp_path, monkeypatch):
+    write_sft_dir(tmp_path / "data", make_examples(24, seed=4), make_examples(4, seed=5))
+    flags = dict(max_steps=6, eval_interval=0, total_batch_size=2 * 32 * 2)
+    run_train(sft_flags(tmp_path, out_dir=tmp_path / "whole", **flags), monkeypatch)
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(sft_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **flags), monkeypatch)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert checkpoint.read_checkpoint(tmp_path / "split")["loader"] != {"epoch": 0, "row": 0}
+    run_train(sft_flags(tmp_path, out_dir=tmp_path / "split", init_from="resume", **flags), monkeypatch)
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert [r["train_loss"] for r in split] == [r["train_loss"] for r in whole]
+
+
+def test_the_loss_falls_on_the_answers_without_packing(tmp_path, monkeypatch):
+    # prompts of random tokens, answers of tokens 5 and 6 only: ln(128) = 4.85 nats at the start, ln 2 learnable
+    rng = np.random.default_rng(6)
+    examples = [(rng.integers(1, VOCAB, 4).tolist() + rng.integers(5, 7, 3).tolist(), [0] * 4 + [1] * 3)
+                for _ in range(32)]
+    write_sft_dir(tmp_path / "data", examples, examples[:4])
+    run_train(sft_flags(tmp_path, packing=False, max_steps=20, eval_interval=0), monkeypatch)
+    losses = [r["train_loss"] for r in read_log(tmp_path / "out")]
+    assert losses[0] == pytest.approx(np.log(VOCAB), abs=0.3)
+    assert np.mean(losses[-5:]) < losses[0] - 2.0
