@@ -53,6 +53,12 @@ def next_token_loss(logits, targets):
     return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
+def num_virtual_tokens(model):
+    """Positions that prompt/prefix tuning (prompts/) put before every sequence; 0 without one."""
+    encoder = getattr(model, "prompt_encoder", None)
+    return encoder.num_virtual_tokens if encoder is not None else 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -120,19 +126,24 @@ class GPT(nn.Module):
 
     @property
     def max_seq_len(self):
-        return self.config.block_size
+        return self.config.block_size - num_virtual_tokens(self)
 
     def num_params(self):
         """Parameters counted once (the tied lm_head/wte matrix is one tensor)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        B, T = idx.size()
+    def forward(self, idx, targets=None, kv_cache=None, inputs_embeds=None):
+        """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens)."""
+        if inputs_embeds is None:
+            if hasattr(self, "prompt_encoder"):  # prompt/prefix tuning (prompts/): n learned positions come first
+                kv_cache = self.prompt_encoder.prefill(self, idx.size(0), kv_cache)
+            inputs_embeds = self.transformer.wte(idx)  # (B, T, C)
+        B, T, _ = inputs_embeds.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=inputs_embeds.device)  # (T,)
+        x = self.transformer.drop(inputs_embeds + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         x = self.transformer.ln_f(x)
@@ -141,6 +152,7 @@ class GPT(nn.Module):
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
+        max_len += num_virtual_tokens(self)  # prompt/prefix tuning's positions sit in the cache too
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
@@ -218,7 +230,7 @@ class GPT(nn.Module):
             raise ValueError("save_pretrained: Hugging Face GPT-2 has biases; a bias=False model has no HF format")
         sd = {}
         for k, v in self.state_dict().items():
-            if k == "lm_head.weight" or ".lora_" in k:
+            if k == "lm_head.weight" or ".lora_" in k or k.startswith("prompt_encoder."):
                 continue
             sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
         save_hf_folder(model_dir, self.hf_config(), sd)

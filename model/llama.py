@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .attention import KVCache, cached_attention
 from .generate import generate
-from .gpt import init_weights, next_token_loss
+from .gpt import init_weights, next_token_loss, num_virtual_tokens
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .optim import configure_adamw
 
@@ -203,20 +203,26 @@ class LLaMA(nn.Module):
 
     @property
     def max_seq_len(self):
-        return self.config.max_seq_len
+        return self.config.max_seq_len - num_virtual_tokens(self)
 
     def num_params(self):
         """Parameters counted once (a tied lm_head/embed_tokens matrix is one tensor)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        B, T = idx.size()
+    def forward(self, idx, targets=None, kv_cache=None, inputs_embeds=None):
+        """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens)."""
+        if inputs_embeds is None:
+            if hasattr(self, "prompt_encoder"):  # prompt/prefix tuning (prompts/): n learned positions come first
+                kv_cache = self.prompt_encoder.prefill(self, idx.size(0), kv_cache)
+            inputs_embeds = self.model.embed_tokens(idx)  # (B, T, C)
+        B, T, _ = inputs_embeds.size()
         start = kv_cache.pos if kv_cache is not None else 0  # decoding: the new tokens sit after the cached ones
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens > max_seq_len {self.config.max_seq_len}")
-        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-        cos, sin = rope_cos_sin(rope_frequencies(self.config, idx.device), positions)  # (T, D) each, all layers
-        x = self.model.embed_tokens(idx)  # (B, T, C)
+        device = inputs_embeds.device
+        positions = torch.arange(start, start + T, device=device)  # (T,)
+        cos, sin = rope_cos_sin(rope_frequencies(self.config, device), positions)  # (T, D) each, all layers
+        x = inputs_embeds
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv_cache)
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
@@ -224,6 +230,7 @@ class LLaMA(nn.Module):
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
+        max_len += num_virtual_tokens(self)  # prompt/prefix tuning's positions sit in the cache too
         return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, p.device, p.dtype)  # H_kv heads
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
@@ -291,7 +298,7 @@ class LLaMA(nn.Module):
         """Write a Hugging Face LLaMA folder (config.json + model.safetensors) that transformers loads."""
         tied = self.config.tie_word_embeddings
         sd = {k: v for k, v in self.state_dict().items()
-              if ".lora_" not in k and not (tied and k == "lm_head.weight")}
+              if ".lora_" not in k and not k.startswith("prompt_encoder.") and not (tied and k == "lm_head.weight")}
         save_hf_folder(model_dir, self.hf_config(), sd)
 
 
