@@ -3,7 +3,7 @@
 A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded back with
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
     model        full state dict, or for a LoRA run only the LoRA tensors (plus modules_to_save)
-    model_type   'gpt2' | 'llama';  model_args: the model's config dataclass as a dict
+    model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
     lora         the LoRAConfig as a dict, or None;  base: where a LoRA run's frozen base came from
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
@@ -18,22 +18,9 @@ from pathlib import Path
 import torch
 
 from atomic import atomic_path
-from model import GPT, GPTConfig, load_pretrained
+from model import build_model, load_pretrained
 
 CKPT_NAME = "ckpt.pt"
-
-
-def build_model(model_type, model_args):
-    if model_type == "gpt2":
-        return GPT(GPTConfig(**model_args))
-    if model_type == "llama":
-        from model import LLaMA, LLaMAConfig
-        return LLaMA(LLaMAConfig(**model_args))
-    raise ValueError(f"model_type {model_type!r} is not supported: use 'gpt2' or 'llama'")
-
-
-def model_type_of(model):
-    return "gpt2" if isinstance(model, GPT) else "llama"
 
 
 def rng_state(device="cpu"):
@@ -67,7 +54,7 @@ def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_
         model_sd = model.state_dict()
         lora = None
     checkpoint = {
-        "model": model_sd, "model_type": model_type_of(model), "model_args": model.config_dict(),
+        "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
         "lora": lora, "base": base, "optimizer": optimizer.state_dict(), "step": step,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()],
@@ -112,7 +99,7 @@ def load_model(spec, base=None, dtype=None):
     """Any model a user may name, on the CPU:
     - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
-    - a Hugging Face folder or cached hub name      -> GPT or LLaMA by config.json's model_type
+    - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
     """
     path = Path(os.fspath(spec)).expanduser()
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):

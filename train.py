@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 out_dir = "out"
 data_dir = "data/shakespeare"
 init_from = "scratch"  # 'scratch' | 'resume' | a Hugging Face folder or name | an out_dir of ours
-model_type = "gpt2"  # 'gpt2' | 'llama' (for init_from='scratch'; otherwise the checkpoint decides)
+model_type = "gpt2"  # a key of model.MODELS: 'gpt2' | 'llama' (for init_from='scratch'; else the checkpoint decides)
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -79,7 +79,7 @@ config = {k: globals()[k] for k in config_keys}  # what this run used: logged an
 from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
@@ -139,16 +139,8 @@ if init_from == "resume":
     if master_process:
         print(f"resuming from {out_dir} at step {start_step}")
 elif init_from == "scratch":
-    if model_type == "gpt2":
-        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd, dropout=dropout, bias=bias))
-    elif model_type == "llama":
-        from model import LLaMA, LLaMAConfig
-        model = LLaMA(LLaMAConfig(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                                  n_kv_head=n_kv_head or n_head, max_seq_len=block_size, rope_theta=rope_theta,
-                                  intermediate_size=intermediate_size or 256 * math.ceil(8 * n_embd / 3 / 256)))
-    else:
-        raise ValueError(f"model_type={model_type!r}: use 'gpt2' or 'llama'")
+    model_cls = model_class(model_type)
+    model = model_cls(model_cls.scratch_config(config))
 else:
     model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
     lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from

@@ -223,7 +223,7 @@ def describe_ranks(model):
 # ---- PEFT's file format ------------------------------------------------------------------------------------------
 def save_adalora_adapter(model, path, base_model_name_or_path=None):
     """adapter_config.json + adapter_model.safetensors as PEFT writes them: each layer pruned to its rank_pattern."""
-    from lora.adapter import PREFIX, is_gpt2, write_adapter_files
+    from lora.adapter import PREFIX, conv1d_names, write_adapter_files
     config = getattr(model, "adalora_config", None)
     if config is None:
         raise ValueError(f"save_adalora_adapter: {type(model).__name__} has no AdaLoRA layers; apply_adalora first")
@@ -239,7 +239,7 @@ def save_adalora_adapter(model, path, base_model_name_or_path=None):
     targets = config.targets if isinstance(config.targets, str) else list(config.targets)
     peft_config = {
         "peft_type": "ADALORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout, "target_modules": targets, "fan_in_fan_out": is_gpt2(model),
+        "lora_dropout": config.dropout, "target_modules": targets, "fan_in_fan_out": bool(conv1d_names(model)),
         "bias": "none", "use_rslora": False, "modules_to_save": None, "init_lora_weights": True,
         "init_r": config.init_r, "target_r": config.target_r, "tinit": config.tinit, "tfinal": config.tfinal,
         "deltaT": config.deltaT, "beta1": config.beta1, "beta2": config.beta2,

@@ -8,16 +8,15 @@ One difference: Hugging Face stores GPT-2's projections as `Conv1D` with weight 
 Shapes: B batch, T sequence length, C = n_embd channels, H = n_head heads, D = C // H head size.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, cached_attention
-from .generate import generate
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
-from .optim import configure_adamw
+from .lm import CausalLM
 
 
 @dataclass
@@ -51,12 +50,6 @@ def next_token_loss(logits, targets):
     if targets is None:
         return None
     return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-
-
-def num_virtual_tokens(model):
-    """Positions that prompt/prefix tuning (prompts/) put before every sequence; 0 without one."""
-    encoder = getattr(model, "prompt_encoder", None)
-    return encoder.num_virtual_tokens if encoder is not None else 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -108,7 +101,10 @@ class Block(nn.Module):
         return x
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
+    model_type, config_class = "gpt2", GPTConfig
+    CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -124,13 +120,15 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(lambda module: init_weights(module, config.n_layer))
 
+    @staticmethod
+    def scratch_config(s):
+        """GPTConfig from train.py's settings, for init_from='scratch'."""
+        return GPTConfig(block_size=s["block_size"], vocab_size=s["vocab_size"], n_layer=s["n_layer"],
+                         n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], bias=s["bias"])
+
     @property
     def max_seq_len(self):
-        return self.config.block_size - num_virtual_tokens(self)
-
-    def num_params(self):
-        """Parameters counted once (the tied lm_head/wte matrix is one tensor)."""
-        return sum(p.numel() for p in self.parameters())
+        return self.config.block_size - self.num_virtual_tokens
 
     def forward(self, idx, targets=None, kv_cache=None, inputs_embeds=None):
         """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens)."""
@@ -152,24 +150,10 @@ class GPT(nn.Module):
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
-        max_len += num_virtual_tokens(self)  # prompt/prefix tuning's positions sit in the cache too
+        max_len += self.num_virtual_tokens  # prompt/prefix tuning's positions sit in the cache too
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
-                 generator=None):
-        """idx (B, T) -> (B, T + new). Several samples of one prompt: repeat the prompt along B."""
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
-        """AdamW; weight decay on matrices and embeddings (dim >= 2), not on biases and LayerNorm gains.
-
-        Only parameters with requires_grad are handed over, so a LoRA model's frozen base stays out.
-        """
-        return configure_adamw(self, weight_decay, learning_rate, betas, device_type, verbose)
-
     # ---- Hugging Face checkpoints ------------------------------------------------------------------
-    CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, **overrides):
         """Load a Hugging Face GPT-2 folder (or a hub name found in the local cache).
@@ -178,9 +162,9 @@ class GPT(nn.Module):
         """
         model_dir = resolve_model_dir(name_or_path)
         hf = load_hf_config(model_dir)
-        if hf.get("model_type") != "gpt2":
-            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not 'gpt2'; "
-                             f"use LLaMA.from_pretrained or model.load_pretrained for other architectures")
+        if hf.get("model_type") != cls.model_type:
+            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not "
+                             f"{cls.model_type!r}; model.load_pretrained picks the class by model_type")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{model_dir}: activation_function={hf['activation_function']!r} is not supported "
                              f"(our GPT uses GPT-2's tanh GELU)")
@@ -217,7 +201,7 @@ class GPT(nn.Module):
 
     def hf_config(self):
         c = self.config
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+        return {"model_type": self.model_type, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
                 "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
                 "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
@@ -234,7 +218,3 @@ class GPT(nn.Module):
                 continue
             sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
         save_hf_folder(model_dir, self.hf_config(), sd)
-
-    def config_dict(self):
-        return asdict(self.config)
-
