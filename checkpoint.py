@@ -2,15 +2,16 @@
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded back with
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
-    model        full state dict, or for a LoRA run only the LoRA tensors (plus modules_to_save)
+    model        full state dict, or for an adapter run only the adapter's tensors (LoRA: plus modules_to_save)
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
-    lora         the LoRAConfig as a dict, or None;  base: where a LoRA run's frozen base came from
+    peft         {"method": adapters.METHODS entry, "config": its config as a dict}, or None (full weights)
+    lora         a LoRA run's config again (what older checkpoints have instead of peft), or None
+    base         where an adapter run's frozen base came from;  allocator: AdaLoRA's importance averages
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
                  exactly where it stopped
 """
-import dataclasses
 import os
 import random
 from pathlib import Path
@@ -41,23 +42,26 @@ def set_rng_state(states, rank=0, device="cpu"):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_config=None, base=None,
-                    rng_states=None):
+def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, base=None, rng_states=None, extra=None):
     """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact.
 
-    rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG."""
-    if lora_config is not None:
-        from lora import lora_state_dict
-        model_sd = lora_state_dict(model)
-        lora = dataclasses.asdict(lora_config)
-    else:
+    rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG.
+    extra: more entries for the dict (AdaLoRA's rank allocator state)."""
+    from adapters import checkpoint_entry, trainable_state_dict
+    peft = checkpoint_entry(model)  # None for a model without an adapter
+    if peft is None:
         model_sd = model.state_dict()
-        lora = None
+    elif peft["method"] == "lora":
+        from lora import lora_state_dict
+        model_sd = lora_state_dict(model)  # lora_A, lora_B and modules_to_save
+    else:
+        model_sd = trainable_state_dict(model)
     checkpoint = {
         "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
-        "lora": lora, "base": base, "optimizer": optimizer.state_dict(), "step": step,
+        "lora": peft["config"] if peft and peft["method"] == "lora" else None, "peft": peft, "base": base,
+        "optimizer": optimizer.state_dict(), "step": step,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-        "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()],
+        "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()], **(extra or {}),
     }
     with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
         torch.save(checkpoint, tmp)
@@ -74,22 +78,19 @@ def read_checkpoint(path):
 
 
 def model_from_checkpoint(checkpoint, dtype=None):
-    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied."""
-    if checkpoint["lora"] is None:
+    """The trained model a checkpoint describes: full weights, or its base with the adapter's tensors applied."""
+    peft = checkpoint.get("peft") or ({"method": "lora", "config": checkpoint["lora"]} if checkpoint["lora"] else None)
+    if peft is None:
         model = build_model(checkpoint["model_type"], checkpoint["model_args"])
         model.load_state_dict(checkpoint["model"])
     else:
-        from lora import LoRAConfig, apply_lora
-        model = load_model(checkpoint["base"])
-        lora = dict(checkpoint["lora"])
-        for key in ("targets", "modules_to_save"):
-            if isinstance(lora.get(key), list):
-                lora[key] = tuple(lora[key])
-        apply_lora(model, LoRAConfig(**lora))
-        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-        if unexpected or any(".lora_" in k for k in missing):
-            raise ValueError(f"LoRA checkpoint does not fit its base {checkpoint['base']}: "
-                             f"unexpected {unexpected[:4]}, missing {[k for k in missing if '.lora_' in k][:4]}")
+        from adapters import from_checkpoint_entry, trainable_state_dict
+        model = from_checkpoint_entry(load_model(checkpoint["base"]), peft)
+        _, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+        missing = sorted(set(trainable_state_dict(model)) - set(checkpoint["model"]))  # the adapter's own tensors
+        if unexpected or missing:
+            raise ValueError(f"{peft['method']} checkpoint does not fit its base {checkpoint['base']}: "
+                             f"unexpected {unexpected[:4]}, missing {missing[:4]}")
     if dtype is not None:
         model.to(dtype)
     return model
@@ -97,8 +98,9 @@ def model_from_checkpoint(checkpoint, dtype=None):
 
 def load_model(spec, base=None, dtype=None):
     """Any model a user may name, on the CPU:
-    - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
+    - a training out_dir (or its ckpt.pt)           -> the model it trained (adapter runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
+                                                       (LoRA, AdaLoRA, prompt, P-tuning or prefix tuning)
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
     """
     path = Path(os.fspath(spec)).expanduser()
@@ -106,7 +108,7 @@ def load_model(spec, base=None, dtype=None):
         return model_from_checkpoint(read_checkpoint(path), dtype)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
-        from lora import load_adapter
+        from adapters import load_adapter
         with open(path / "adapter_config.json") as f:
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:

@@ -1,9 +1,10 @@
-"""One training loop for pretraining, full fine-tuning and LoRA fine-tuning.
+"""One training loop for pretraining, full fine-tuning and parameter-efficient fine-tuning (LoRA, AdaLoRA, prompt
+tuning, P-tuning, prefix tuning: `peft_method`, see adapters.py).
 
     python train.py config/shakespeare_cpu.py                       # one process (CPU, MPS or one GPU)
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m_fineweb.py
 
-Reads top to bottom: config, distributed setup, data, model (+ LoRA), optimizer, then the loop.
+Reads top to bottom: config, distributed setup, data, model (+ adapter), optimizer, then the loop.
 Every `total_batch_size` tokens is one optimizer step, made of `grad_accum_steps` micro-batches of
 batch_size x block_size tokens on each of `world_size` processes.
 """
@@ -62,11 +63,24 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-lora_r = 0  # 0 = no LoRA: train all weights
+peft_method = "lora"  # 'lora' | 'adalora' | 'prompt' | 'ptuning' | 'prefix' | 'none' (see adapters.py)
+lora_r = 0  # 0 = no LoRA: with peft_method='lora', train all weights
 lora_alpha = 16.0
 lora_dropout = 0.0
 lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
 lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
+adalora_init_r = 12  # adalora (also uses lora_alpha, lora_dropout, lora_targets): every layer's rank at the start
+adalora_target_r = 8  # the average rank it is pruned to, by step max_steps - adalora_tfinal
+adalora_tinit = 0  # steps before pruning starts
+adalora_tfinal = 0  # last steps with the ranks fixed
+adalora_deltaT = 1  # prune every deltaT steps
+adalora_orth_reg_weight = 0.5
+num_virtual_tokens = 20  # prompt, ptuning, prefix: learned positions before every sequence
+prompt_init = "random"  # prompt: 'random' | 'sample_vocab' | 'text'; prefix: 'random' | 'zero'; ptuning: 'random'
+prompt_init_text = ""  # prompt with prompt_init='text'
+encoder_type = "MLP"  # ptuning: 'MLP' | 'LSTM'
+encoder_hidden_size = 0  # ptuning, prefix with projection: 0 = the model's width
+prefix_projection = False  # prefix: keys/values produced by an MLP (Li & Liang's reparameterisation)
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -76,6 +90,7 @@ globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
 # -----------------------------------------------------------------------------------------------
 
+import adapters  # noqa: E402
 from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
@@ -125,16 +140,33 @@ if master_process:
 train_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="train")
 val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="val")
 
+def sample_codec(model):
+    """(encode, decode, eos_id) for printing samples, or None when there is nothing to print with: GPT-2's
+    tokenizer for a GPT, the tokenizer.json of its Hugging Face folder for a LLaMA."""
+    if isinstance(model, GPT):
+        from tokenizer import EOT, gpt2_encoding
+        enc = gpt2_encoding()
+        if model.config.vocab_size < enc.n_vocab:
+            return None
+        return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
+    folder = lora_base or (init_from if init_from not in ("scratch", "resume") else None)
+    try:
+        from model import load_llama_tokenizer
+        tok = load_llama_tokenizer(folder) if folder else None
+    except (FileNotFoundError, ImportError) as e:
+        print(f"no samples: {e}")
+        return None
+    return (tok.encode, tok.decode, tok.eos_id) if tok else None
+
+
 # -----------------------------------------------------------------------------------------------
-# model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
-start_step, checkpoint, lora_config, lora_base = 0, None, None, None
+# model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning, plus its adapter
+start_step, checkpoint, lora_base = 0, None, None
 if init_from == "resume":
     checkpoint = read_checkpoint(out_dir)
-    model = model_from_checkpoint(checkpoint)  # a LoRA run rebuilds its base and re-applies its adapter
+    model = model_from_checkpoint(checkpoint)  # an adapter run rebuilds its base and re-applies its adapter
     start_step = checkpoint["step"]
-    if checkpoint["lora"] is not None:
-        lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
-        lora_base = checkpoint["base"]
+    lora_base = checkpoint["base"]
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
         print(f"resuming from {out_dir} at step {start_step}")
@@ -144,13 +176,23 @@ elif init_from == "scratch":
 else:
     model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
     lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+if init_from != "resume":
+    method = "none" if peft_method == "lora" and lora_r == 0 else peft_method
+    codec = sample_codec(model) if method == "prompt" and prompt_init == "text" else None  # init from these words
+    encode = codec[0] if codec else None
+    # swaps target Linears for LoRA/AdaLoRA layers or attaches a prompt encoder, and freezes everything else
+    adapters.apply(model, method, adapters.config_from_settings(method, config), encode)
+peft_method = adapters.method_of(model)  # what this run trains (a resumed run: what its checkpoint had)
 if block_size > model.max_seq_len:
-    raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
-if init_from != "resume" and lora_r > 0:
-    from lora import LoRAConfig, apply_lora
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
-    apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
-if lora_config is not None:
+    raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions"
+                     + (f" (after {model.num_virtual_tokens} virtual tokens)" if model.num_virtual_tokens else ""))
+allocator = None
+if peft_method == "adalora":
+    from lora.adalora import RankAllocator, orth_regularization
+    allocator = RankAllocator(model, model.adalora_config)  # prunes the ranks after each optimizer step
+    if checkpoint is not None and "allocator" in checkpoint:
+        allocator.load_state_dict(checkpoint["allocator"])
+if peft_method != "none":
     from lora import print_trainable_parameters
     if master_process:
         print_trainable_parameters(model)
@@ -201,29 +243,10 @@ def estimate_val_loss():
     return loss_sum.item() / eval_iters
 
 
-def sample_codec():
-    """(encode, decode, eos_id) for printing samples, or None when there is nothing to print with: GPT-2's
-    tokenizer for a GPT, the tokenizer.json of its Hugging Face folder for a LLaMA."""
-    if isinstance(raw_model, GPT):
-        from tokenizer import EOT, gpt2_encoding
-        enc = gpt2_encoding()
-        if raw_model.config.vocab_size < enc.n_vocab:
-            return None
-        return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
-    folder = lora_base or (init_from if init_from not in ("scratch", "resume") else None)
-    try:
-        from model import load_llama_tokenizer
-        tok = load_llama_tokenizer(folder) if folder else None
-    except (FileNotFoundError, ImportError) as e:
-        print(f"no samples: {e}")
-        return None
-    return (tok.encode, tok.decode, tok.eos_id) if tok else None
-
-
 def print_samples(step):
     """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
     training RNG, so a resumed run stays identical to an uninterrupted one."""
-    codec = sample_codec()
+    codec = sample_codec(raw_model)
     if codec is None:
         return
     encode, decode, eos_id = codec
@@ -270,8 +293,8 @@ def save(step):
         rng_states = [None] * world_size
         dist.all_gather_object(rng_states, mine)
     if master_process:
-        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
-                        lora_base, rng_states)
+        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_base, rng_states,
+                        extra={"allocator": allocator.state_dict()} if allocator is not None else None)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -302,6 +325,8 @@ for step in range(start_step, max_steps):
             model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         with autocast:
             _, loss = model(x, y)
+            if allocator is not None:  # AdaLoRA keeps P and Q near orthonormal (PEFT adds this to its loss too)
+                loss = loss + raw_model.adalora_config.orth_reg_weight * orth_regularization(raw_model)
         # the loss is a mean over this micro-batch; dividing by grad_accum_steps makes the summed
         # gradients the mean over the whole batch, as if it were one big batch
         loss = loss / grad_accum_steps
@@ -324,6 +349,8 @@ for step in range(start_step, max_steps):
         group["lr"] = lr
     scaler.step(optimizer)
     scaler.update()
+    if allocator is not None:  # AdaLoRA: importance from this step's gradients, then mask to the step's budget
+        allocator.update_and_allocate(raw_model, step)
     if device_type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -346,11 +373,11 @@ for step in range(start_step, max_steps):
     if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
         save(step + 1)  # step + 1: the next step to run after resuming
 
-if master_process and lora_config is not None:
-    from lora import merge_and_unload, save_adapter
-    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
+if master_process and peft_method != "none":
+    adapters.save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
-    if merge_on_save:
+    if merge_on_save and peft_method in ("lora", "adalora"):  # prompts add positions: nothing to fold into W
+        from lora import merge_and_unload
         merge_and_unload(raw_model).save_pretrained(Path(out_dir) / "merged")
         print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format)")
 if wandb_run is not None:
