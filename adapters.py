@@ -22,9 +22,8 @@ def config_from_settings(method, s):
     if method not in METHODS:
         raise ValueError(f"peft_method={method!r}: use one of {', '.join(METHODS)}")
     if method == "lora":
-        from lora import LoRAConfig
-        return LoRAConfig(r=s["lora_r"], alpha=s["lora_alpha"], dropout=s["lora_dropout"], targets=s["lora_targets"],
-                          mode=s["lora_mode"])
+        from lora import lora_config_from
+        return lora_config_from(s)  # every lora_<field> setting
     if method == "adalora":
         from lora.adalora import AdaLoRAConfig
         return AdaLoRAConfig(init_r=s["adalora_init_r"], target_r=s["adalora_target_r"], alpha=s["lora_alpha"],

@@ -4,7 +4,7 @@
 
 Arguments are applied left to right: a path is a Python file whose top-level assignments override
 the defaults, `--key=value` overrides one key (the value is read as a Python literal when it parses as
-one, else as a string). Unlike nanoGPT's exec-into-globals, every name is checked: an unknown key is
+one, else as a string: --lora_targets='("q_proj","v_proj")' is a tuple, --lora_targets=c_attn a str). Unlike nanoGPT's exec-into-globals, every name is checked: an unknown key is
 an error that suggests close matches, and a value must have the default's type (an int may stand
 for a float; a default of None accepts anything). Typos fail loudly instead of silently doing nothing.
 """
@@ -28,7 +28,7 @@ def _check(key, value, defaults, source):
         ok = isinstance(value, (int, float))
         value = float(value) if ok else value
     elif isinstance(default, (tuple, list)):
-        ok = isinstance(value, (tuple, list, str))  # in a config file a str may be a regex (lora_targets)
+        ok = isinstance(value, (tuple, list, str))  # a str may be a regex (lora_targets)
     else:
         ok = isinstance(value, type(default))
     if not ok:
@@ -68,8 +68,6 @@ def configure(defaults, argv):
             if not sep:
                 raise ValueError(f"flag {arg!r}: expected --{key}=VALUE")
             value = _parse_value(text)
-            if isinstance(defaults.get(key), (tuple, list)) and isinstance(value, str):
-                value = tuple(v for v in value.split(",") if v)  # --lora_targets=q_proj,v_proj
             overrides[key] = _check(key, value, defaults, arg)
             print(f"overriding: {key} = {overrides[key]!r}")
     return overrides

@@ -64,11 +64,6 @@ wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
 peft_method = "lora"  # 'lora' | 'adalora' | 'prompt' | 'ptuning' | 'prefix' | 'none' (see adapters.py)
-lora_r = 0  # 0 = no LoRA: with peft_method='lora', train all weights
-lora_alpha = 16.0
-lora_dropout = 0.0
-lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
-lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 adalora_init_r = 12  # adalora (also uses lora_alpha, lora_dropout, lora_targets): every layer's rank at the start
 adalora_target_r = 8  # the average rank it is pruned to, by step max_steps - adalora_tfinal
 adalora_tinit = 0  # steps before pruning starts
@@ -81,11 +76,19 @@ prompt_init_text = ""  # prompt with prompt_init='text'
 encoder_type = "MLP"  # ptuning: 'MLP' | 'LSTM'
 encoder_hidden_size = 0  # ptuning, prefix with projection: 0 = the model's width
 prefix_projection = False  # prefix: keys/values produced by an MLP (Li & Liang's reparameterisation)
-merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+merge_on_save = False  # LoRA, AdaLoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+# LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
+# lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
+from lora import lora_settings  # noqa: E402
+
+globals().update(lora_settings())
+lora_r = 0  # 0 = no LoRA: with peft_method='lora', train all weights
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
 # -----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 
 METHOD_FLAGS = {
     "adalora": dict(adalora_init_r=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=2, lora_alpha=8.0,
-                    lora_targets="c_attn,c_fc"),
+                    lora_targets='("c_attn","c_fc")'),
     # the base has 16 positions: 4 virtual + 12 tokens
     "prompt": dict(num_virtual_tokens=4, prompt_init="sample_vocab", block_size=12, batch_size=2, total_batch_size=48),
     "ptuning": dict(num_virtual_tokens=4, encoder_type="LSTM", encoder_hidden_size=16, block_size=12, batch_size=2,
