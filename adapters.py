@@ -17,6 +17,16 @@ METHODS = ("none", "lora", "adalora", "prompt", "ptuning", "prefix")
 PROMPT_METHODS = ("prompt", "ptuning", "prefix")
 
 
+# train.py's setting -> the config field it sets (a setting not given keeps the config's default)
+ADALORA_SETTINGS = {"adalora_init_r": "init_r", "adalora_target_r": "target_r", "lora_alpha": "alpha",
+                    "lora_dropout": "dropout", "lora_targets": "targets", "adalora_tinit": "tinit",
+                    "adalora_tfinal": "tfinal", "adalora_deltaT": "deltaT",
+                    "adalora_orth_reg_weight": "orth_reg_weight", "max_steps": "total_step"}
+PROMPT_SETTINGS = {"num_virtual_tokens": "num_virtual_tokens", "prompt_init": "init", "prompt_init_text": "init_text",
+                   "encoder_type": "encoder_type", "encoder_hidden_size": "encoder_hidden_size",
+                   "prefix_projection": "prefix_projection"}
+
+
 def config_from_settings(method, s):
     """The method's config dataclass from train.py's settings (a dict); None for 'none'."""
     if method not in METHODS:
@@ -26,15 +36,10 @@ def config_from_settings(method, s):
         return lora_config_from(s)  # every lora_<field> setting
     if method == "adalora":
         from lora.adalora import AdaLoRAConfig
-        return AdaLoRAConfig(init_r=s["adalora_init_r"], target_r=s["adalora_target_r"], alpha=s["lora_alpha"],
-                             dropout=s["lora_dropout"], targets=s["lora_targets"], tinit=s["adalora_tinit"],
-                             tfinal=s["adalora_tfinal"], deltaT=s["adalora_deltaT"],
-                             orth_reg_weight=s["adalora_orth_reg_weight"], total_step=s["max_steps"])
+        return AdaLoRAConfig(**{field: s[key] for key, field in ADALORA_SETTINGS.items() if key in s})
     if method in PROMPT_METHODS:
         from prompts import PromptConfig
-        return PromptConfig(method=method, num_virtual_tokens=s["num_virtual_tokens"], init=s["prompt_init"],
-                            init_text=s["prompt_init_text"], encoder_type=s["encoder_type"],
-                            encoder_hidden_size=s["encoder_hidden_size"], prefix_projection=s["prefix_projection"])
+        return PromptConfig(method=method, **{field: s[key] for key, field in PROMPT_SETTINGS.items() if key in s})
     return None
 
 
