@@ -214,7 +214,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy (acc, acc_norm) of a model",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="HF folder or cached hub name (gpt2), training out_dir (ckpt.pt), or LoRA adapter folder")
+                   help="HF folder or cached hub name (gpt2), training out_dir (ckpt.pt), or adapter folder (LoRA, "
+                        "AdaLoRA, prompt, P-tuning or prefix tuning)")
     p.add_argument("--base", default=None, help="base model of an adapter folder (default: its adapter_config)")
     p.add_argument("--split", default="val", choices=SPLITS)
     p.add_argument("--file", default=None, help="evaluate this local jsonl instead of a downloaded split")
