@@ -61,7 +61,7 @@ def peft_model(base, method):
         return peft.get_peft_model(hf_model(base), METHODS[method][1]()).eval()
 
 
-def peft_logits(model, n=N):
+def peft_logits(model):
     with torch.no_grad():
         logits = model(input_ids=IDX).logits
     return logits[:, -IDX.size(1):]  # prompt tuning returns the virtual positions' logits too: drop them
@@ -90,8 +90,7 @@ def test_gradients_reach_the_encoder_as_in_peft(base, method):
     pm = peft_model(base, method)
     ours = ours_with_peft_tensors(base, method, pm).train()
     weights = torch.randn(IDX.size(0), IDX.size(1), VOCAB, generator=torch.Generator().manual_seed(3))
-    (peft_logits_with_grad := pm(input_ids=IDX).logits[:, -IDX.size(1):])
-    (peft_logits_with_grad * weights).sum().backward()
+    (pm(input_ids=IDX).logits[:, -IDX.size(1):] * weights).sum().backward()
     (ours(IDX)[0] * weights).sum().backward()
     theirs = dict(pm.prompt_encoder["default"].named_parameters())
     for name, p in ours.prompt_encoder.named_parameters():
@@ -99,7 +98,10 @@ def test_gradients_reach_the_encoder_as_in_peft(base, method):
     assert all(p.grad is None for n, p in ours.named_parameters() if not n.startswith("prompt_encoder."))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+ROUND_TRIP = ["prompt", "ptuning-mlp", "prefix-projection"]  # a saved adapter is one table: these cover the layouts
+
+
+@pytest.mark.parametrize("method", ROUND_TRIP)
 def test_our_adapter_loads_in_peft(base, method, tmp_path):
     pm = peft_model(base, method)
     ours = ours_with_peft_tensors(base, method, pm)
@@ -111,7 +113,7 @@ def test_our_adapter_loads_in_peft(base, method, tmp_path):
         torch.testing.assert_close(peft_logits(loaded), ours(IDX)[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", ROUND_TRIP)
 def test_peft_adapter_loads_in_ours(base, method, tmp_path):
     pm = peft_model(base, method)
     pm.save_pretrained(tmp_path)
@@ -147,7 +149,7 @@ def test_virtual_tokens_take_positions_from_the_model(base):
         ours(torch.zeros(1, full - N + 1, dtype=torch.long))
 
 
-@pytest.mark.parametrize("method", ["prompt", "ptuning-mlp", "prefix-projection"])
+@pytest.mark.parametrize("method", ["ptuning-mlp", "prefix-projection"])
 def test_trainable_parameter_line_is_peft_s(base, method, capsys):
     pm = peft_model(base, method)
     pm.print_trainable_parameters()
