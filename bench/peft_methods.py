@@ -209,12 +209,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default=os.path.join(ROOT, "out-shakespeare"), help="our out_dir or a HF folder")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "shakespeare_romances"))
-    p.add_argument("--train_tokens", type=int, default=8192, help="the small training set: its first N tokens")
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--B", type=int, default=8)
+    p.add_argument("--train_tokens", type=int, default=4096, help="the small training set: its first N tokens")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=48, help="tokens per row (+ 16 virtual ones fit the base's 64)")
-    p.add_argument("--eval_every", type=int, default=8)
-    p.add_argument("--eval_batches", type=int, default=6)
+    p.add_argument("--eval_every", type=int, default=5)
+    p.add_argument("--eval_batches", type=int, default=4)
     p.add_argument("--seeds", default="1337")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated names of ROWS")
     p.add_argument("--threads", type=int, default=None)
@@ -231,26 +231,30 @@ def main(argv=None):
     if not args.smoke and not os.path.exists(args.base):
         raise SystemExit(f"--base {args.base} does not exist: make shakespeare (config/shakespeare_cpu.py) first")
     idle = 0 if args.smoke else idle_baseline_bytes(cfg)
+    name = "peft_methods_smoke" if args.smoke else "peft_methods"
+    command = "python bench/peft_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = []
     for seed in cfg["seeds"]:
-        for name in cfg["rows"]:  # rows interleaved within each seed
-            result = run(cfg, name, seed) if args.smoke else run_isolated(run, cfg, name, seed)
+        for row in cfg["rows"]:  # rows interleaved within each seed
+            result = run(cfg, row, seed) if args.smoke else run_isolated(run, cfg, row, seed)
             if not args.smoke:
                 result["peak_mem"] -= idle
             results.append(result)
             s = summarize(result, cfg["eval_every"])
-            print(f"seed {seed} {name:>14}: best val {s['best_val']:.3f} @ {s['best_step']}, final train "
+            print(f"seed {seed} {row:>14}: best val {s['best_val']:.3f} @ {s['best_step']}, final train "
                   f"{s['final_train']:.3f}, val {s['final_val']:.3f}, {result['step_ms']:.0f} ms/step", flush=True)
-    rows = table_rows(results, cfg)
-    md = markdown_table(rows, COLUMNS)
-    print(md)
-    name = "peft_methods_smoke" if args.smoke else "peft_methods"
-    env = environment("cpu", cfg["threads"])
-    command = "python bench/peft_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = save_results(args.out_dir, name, env, {k: v for k, v in cfg.items() if k != "device"}, rows, md,
-                         extra={"runs": results}, command=command)
-    png = plot(results, cfg, os.path.join(args.out_dir, f"{env['device']}_{name}.png"))
+            done = {**cfg, "rows": [r for r in cfg["rows"] if any(x["row"] == r for x in results)]}
+            rows, paths, png = write(results, done, name, command)  # after every run: a cut-short run keeps its rows
+    print(markdown_table(rows, COLUMNS))
     return rows, paths, png
+
+
+def write(results, cfg, name, command):
+    rows = table_rows(results, cfg)
+    env = environment("cpu", cfg["threads"])
+    paths = save_results(cfg["out_dir"], name, env, {k: v for k, v in cfg.items() if k != "device"}, rows,
+                         markdown_table(rows, COLUMNS), extra={"runs": results}, command=command)
+    return rows, paths, plot(results, cfg, os.path.join(cfg["out_dir"], f"{env['device']}_{name}.png"))
 
 
 if __name__ == "__main__":
