@@ -6,7 +6,8 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
     peft         {"method": adapters.METHODS entry, "config": its config as a dict}, or None (full weights)
     lora         a LoRA run's config again (what older checkpoints have instead of peft), or None
-    base         where an adapter run's frozen base came from;  allocator: AdaLoRA's importance averages
+    base         the model the run started from (None: scratch), which for an adapter run is its frozen base
+    allocator    AdaLoRA's importance averages (AdaLoRA runs)
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
@@ -77,15 +78,16 @@ def read_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def model_from_checkpoint(checkpoint, dtype=None):
-    """The trained model a checkpoint describes: full weights, or its base with the adapter's tensors applied."""
+def model_from_checkpoint(checkpoint, dtype=None, **overrides):
+    """The trained model a checkpoint describes: full weights, or its base with the adapter's tensors applied.
+    `overrides` may set dropout."""
     peft = checkpoint.get("peft") or ({"method": "lora", "config": checkpoint["lora"]} if checkpoint["lora"] else None)
     if peft is None:
-        model = build_model(checkpoint["model_type"], checkpoint["model_args"])
+        model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])
     else:
         from adapters import from_checkpoint_entry, trainable_state_dict
-        model = from_checkpoint_entry(load_model(checkpoint["base"]), peft)
+        model = from_checkpoint_entry(load_model(checkpoint["base"], **overrides), peft)
         _, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         missing = sorted(set(trainable_state_dict(model)) - set(checkpoint["model"]))  # the adapter's own tensors
         if unexpected or missing:
@@ -96,16 +98,17 @@ def model_from_checkpoint(checkpoint, dtype=None):
     return model
 
 
-def load_model(spec, base=None, dtype=None):
+def load_model(spec, base=None, dtype=None, **overrides):
     """Any model a user may name, on the CPU:
     - a training out_dir (or its ckpt.pt)           -> the model it trained (adapter runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
                                                        (LoRA, AdaLoRA, prompt, P-tuning or prefix tuning)
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
+    `overrides` may set dropout, whatever the model's own config says.
     """
     path = Path(os.fspath(spec)).expanduser()
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
-        return model_from_checkpoint(read_checkpoint(path), dtype)
+        return model_from_checkpoint(read_checkpoint(path), dtype, **overrides)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
         from adapters import load_adapter
@@ -113,7 +116,7 @@ def load_model(spec, base=None, dtype=None):
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
             raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
-        model = load_model(base, dtype=dtype)
+        model = load_model(base, dtype=dtype, **overrides)
         load_adapter(model, path)
         return model
-    return load_pretrained(spec, dtype=dtype)
+    return load_pretrained(spec, dtype=dtype, **overrides)

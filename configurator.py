@@ -22,7 +22,9 @@ def _check(key, value, defaults, source):
     default = defaults[key]
     if default is None or value is None:
         return value
-    if isinstance(default, bool) or isinstance(value, bool):
+    if default == "auto" and isinstance(value, bool):  # compile='auto' | True | False
+        ok = True
+    elif isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float))

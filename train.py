@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ checkpoint_interval = 1000  # also saved at the end
 hellaswag_every = 0  # 0 = off
 hellaswag_limit = 0  # 0 = all 10042 val examples
 log_interval = 1
-compile = True  # torch.compile the model (CUDA)
+compile = "auto"  # torch.compile the model: 'auto' = on for CUDA, off on CPU (bench/results/cpu_train_defaults.md)
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 seed = 1337
@@ -97,8 +98,9 @@ import adapters  # noqa: E402
 from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
-from model import GPT, model_class  # noqa: E402
+from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
+from tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -115,6 +117,15 @@ else:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 master_process = ddp_rank == 0  # logs, samples and checkpoints
 device_type = "cuda" if device.startswith("cuda") else device
+if compile not in (True, False, "auto"):
+    raise ValueError(f"compile={compile!r}: use 'auto' (on for CUDA only), True or False")
+if compile == "auto":
+    compile = device_type == "cuda"
+if wandb_log and master_process:
+    try:
+        import wandb  # optional: WANDB_MODE=offline works without an account
+    except ImportError:
+        raise SystemExit("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
 
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -143,33 +154,14 @@ if master_process:
 train_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="train")
 val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_size, split="val")
 
-def sample_codec(model):
-    """(encode, decode, eos_id) for printing samples, or None when there is nothing to print with: GPT-2's
-    tokenizer for a GPT, the tokenizer.json of its Hugging Face folder for a LLaMA."""
-    if isinstance(model, GPT):
-        from tokenizer import EOT, gpt2_encoding
-        enc = gpt2_encoding()
-        if model.config.vocab_size < enc.n_vocab:
-            return None
-        return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
-    folder = lora_base or (init_from if init_from not in ("scratch", "resume") else None)
-    try:
-        from model import load_llama_tokenizer
-        tok = load_llama_tokenizer(folder) if folder else None
-    except (FileNotFoundError, ImportError) as e:
-        print(f"no samples: {e}")
-        return None
-    return (tok.encode, tok.decode, tok.eos_id) if tok else None
-
-
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning, plus its adapter
-start_step, checkpoint, lora_base = 0, None, None
+# base: the model this run started from (None: scratch); an adapter run's frozen base; it also names the tokenizer
+start_step, checkpoint, base = 0, None, None
 if init_from == "resume":
     checkpoint = read_checkpoint(out_dir)
-    model = model_from_checkpoint(checkpoint)  # an adapter run rebuilds its base and re-applies its adapter
-    start_step = checkpoint["step"]
-    lora_base = checkpoint["base"]
+    model = model_from_checkpoint(checkpoint, dropout=dropout)  # an adapter run rebuilds its base, re-applies it
+    start_step, base = checkpoint["step"], checkpoint["base"]
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
         print(f"resuming from {out_dir} at step {start_step}")
@@ -177,12 +169,12 @@ elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
 else:
-    model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
-    lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+    model = load_model(init_from, dropout=dropout)  # full fine-tuning, or the frozen base of an adapter run
+    base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
 if init_from != "resume":
     method = "none" if peft_method == "lora" and lora_r == 0 else peft_method
-    codec = sample_codec(model) if method == "prompt" and prompt_init == "text" else None  # init from these words
-    encode = codec[0] if codec else None
+    # prompt_init='text' starts the prompt from these words' embeddings
+    encode = tokenizer_for(base, model.config.vocab_size).encode if method == "prompt" and prompt_init == "text" else None
     # swaps target Linears for LoRA/AdaLoRA layers or attaches a prompt encoder, and freezes everything else
     adapters.apply(model, method, adapters.config_from_settings(method, config), encode)
 peft_method = adapters.method_of(model)  # what this run trains (a resumed run: what its checkpoint had)
@@ -219,6 +211,17 @@ if checkpoint is not None:
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
 
+# the tokenizer of the model (tokenizer.py): for samples, and for HellaSwag, which cannot run without it
+try:
+    tokenizer = tokenizer_for(base, raw_model.config.vocab_size)
+except (ValueError, FileNotFoundError, ImportError) as e:
+    if hellaswag_every > 0:
+        raise
+    tokenizer = None
+    if master_process and sample_interval > 0:
+        print(f"no samples: {e}")
+sampling = master_process and sample_interval > 0 and tokenizer is not None
+
 
 def get_lr(step):
     """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
@@ -249,19 +252,16 @@ def estimate_val_loss():
 def print_samples(step):
     """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
     training RNG, so a resumed run stays identical to an uninterrupted one."""
-    codec = sample_codec(raw_model)
-    if codec is None:
-        return
-    encode, decode, eos_id = codec
     raw_model.eval()
-    prompt = torch.tensor(encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
+    prompt = torch.tensor(tokenizer.encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     new_tokens = min(sample_tokens, raw_model.max_seq_len - prompt.size(1))  # the KV cache holds max_seq_len
     with autocast:
-        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=eos_id, generator=gen)
+        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=tokenizer.eos_id,
+                                 generator=gen)
     raw_model.train()
     for i in range(num_samples):
-        print(f"sample {i}: {decode(out[i].tolist())!r}")
+        print(f"sample {i}: {tokenizer.decode(out[i].tolist())!r}")
 
 
 def hellaswag_accuracy():
@@ -273,14 +273,14 @@ def hellaswag_accuracy():
     path = eval_hellaswag.download("val", "data/hellaswag")  # now cached: every rank just gets the path
     examples = eval_hellaswag.load_examples(path, limit=hellaswag_limit or None)
     # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
-    result = eval_hellaswag.evaluate(raw_model, examples, device, rank=ddp_rank, world_size=world_size,
+    encode = partial(tokenizer.encode, add_special_tokens=False)  # context and endings are encoded apart: no BOS
+    result = eval_hellaswag.evaluate(raw_model, examples, device, encode, rank=ddp_rank, world_size=world_size,
                                      amp=dtype != "float32")
     return result["acc_norm"]
 
 
 wandb_run = None
 if wandb_log and master_process:
-    import wandb  # optional: WANDB_MODE=offline works without an account
     wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 log_path = Path(out_dir) / "log.jsonl"
 flops_per_step = flops_per_token(raw_model, block_size, raw_model.config.n_layer, raw_model.config.n_embd) * total_batch_size
@@ -296,7 +296,7 @@ def save(step):
         rng_states = [None] * world_size
         dist.all_gather_object(rng_states, mine)
     if master_process:
-        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_base, rng_states,
+        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), base, rng_states,
                         extra={"allocator": allocator.state_dict()} if allocator is not None else None)
 
 
@@ -313,7 +313,7 @@ for step in range(start_step, max_steps):
         record["hellaswag_acc_norm"] = record["hellaswag_acc"] = hellaswag_accuracy()
         if master_process:
             print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
-    if master_process and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last_step):
+    if sampling and step > 0 and (step % sample_interval == 0 or last_step):
         print_samples(step)
 
     t0 = time.perf_counter()
@@ -377,7 +377,7 @@ for step in range(start_step, max_steps):
         save(step + 1)  # step + 1: the next step to run after resuming
 
 if master_process and peft_method != "none":
-    adapters.save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
+    adapters.save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
     if merge_on_save and peft_method in ("lora", "adalora"):  # prompts add positions: nothing to fold into W
         from lora import merge_and_unload

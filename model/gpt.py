@@ -7,7 +7,6 @@ One difference: Hugging Face stores GPT-2's projections as `Conv1D` with weight 
 
 Shapes: B batch, T sequence length, C = n_embd channels, H = n_head heads, D = C // H head size.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one GEMM
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_init = True  # GPT-2 scales the init of residual projections (see _init_weights)
+        self.c_proj.residual_init = True  # GPT-2 scales the init of residual projections (see init_weights)
         self.n_head, self.dropout, self.layer_idx = config.n_head, config.dropout, layer_idx
         self.resid_dropout = nn.Dropout(config.dropout)
 
