@@ -4,7 +4,8 @@ A family (model/gpt.py, model/llama.py) subclasses CausalLM and provides:
     model_type                  config.json's model_type, its key in model.MODELS ("gpt2", "llama")
     config_class                its config dataclass; CausalLM(config) builds the model
     scratch_config(settings)    that dataclass from train.py's settings (n_layer, n_embd, block_size, ...)
-    forward(idx, targets=None, kv_cache=None) -> (logits, loss)
+    forward(idx, targets=None, kv_cache=None, inputs_embeds=None) -> (logits, loss); with a `prompt_encoder`
+        (prompts/), its prefill(model, B, kv_cache) runs first, and max_seq_len / make_kv_cache count its positions
     max_seq_len, make_kv_cache(batch_size, max_len)
     from_pretrained(folder, dtype=None, dropout=...), save_pretrained(folder)
 """
