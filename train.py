@@ -174,7 +174,8 @@ else:
 if init_from != "resume":
     method = "none" if peft_method == "lora" and lora_r == 0 else peft_method
     # prompt_init='text' starts the prompt from these words' embeddings
-    encode = tokenizer_for(base, model.config.vocab_size).encode if method == "prompt" and prompt_init == "text" else None
+    text_init = method == "prompt" and prompt_init == "text"
+    encode = tokenizer_for(base, model.config.vocab_size).encode if text_init else None
     # swaps target Linears for LoRA/AdaLoRA layers or attaches a prompt encoder, and freezes everything else
     adapters.apply(model, method, adapters.config_from_settings(method, config), encode)
 peft_method = adapters.method_of(model)  # what this run trains (a resumed run: what its checkpoint had)

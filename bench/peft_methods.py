@@ -126,7 +126,9 @@ def run(cfg, row, seed):
                                 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
         t0 = time.perf_counter()
         _, loss = model(x, y)
-        objective = loss if allocator is None else loss + model.adalora_config.orth_reg_weight * orth_regularization(model)
+        objective = loss
+        if allocator is not None:  # AdaLoRA's orthogonality regulariser, as train.py adds it
+            objective = loss + model.adalora_config.orth_reg_weight * orth_regularization(model)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -144,8 +146,8 @@ def run(cfg, row, seed):
 def summarize(result, every):
     c = result["curve"]
     best = min(range(len(c["val"])), key=lambda i: c["val"][i])
-    return dict(best_val=c["val"][best], best_step=c["val_step"][best], final_train=statistics.mean(c["train"][-every:]),
-                final_val=c["val"][-1], val_rise=c["val"][-1] - c["val"][best])
+    return dict(best_val=c["val"][best], best_step=c["val_step"][best], final_val=c["val"][-1],
+                final_train=statistics.mean(c["train"][-every:]), val_rise=c["val"][-1] - c["val"][best])
 
 
 def mean_sd(values, digits=3):
@@ -160,7 +162,8 @@ def table_rows(results, cfg):
         runs = [r for r in results if r["row"] == name]
         s = [summarize(r, cfg["eval_every"]) for r in runs]
         rows.append({"method": name, "lr": ROWS[name][2], "trainable": runs[0]["trainable"],
-                     "peak_mb": statistics.median(r["peak_mem"] for r in runs) / 2**20 if "peak_mem" in runs[0] else None,
+                     "peak_mb": (statistics.median(r["peak_mem"] for r in runs) / 2**20 if "peak_mem" in runs[0]
+                                 else None),
                      "step_ms": statistics.median(r["step_ms"] for r in runs),
                      "best_val": mean_sd([x["best_val"] for x in s]),
                      "best_step": ", ".join(str(x["best_step"]) for x in s),

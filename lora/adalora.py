@@ -49,7 +49,8 @@ class AdaLoRAConfig:
             raise ValueError(f"AdaLoRAConfig: need 0 < target_r <= init_r, got target_r={self.target_r!r}, "
                              f"init_r={self.init_r!r}")
         if not (isinstance(self.total_step, int) and self.total_step > 0):
-            raise ValueError(f"AdaLoRAConfig.total_step must be the run's number of steps (> 0), got {self.total_step!r}")
+            raise ValueError(f"AdaLoRAConfig.total_step must be the run's number of steps (> 0), "
+                             f"got {self.total_step!r}")
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(f"AdaLoRAConfig: tinit={self.tinit}, tfinal={self.tfinal} leave no pruning phase in "
                              f"total_step={self.total_step}; lower them")
@@ -159,10 +160,11 @@ class RankAllocator:
                 p, key = getattr(layer, part), f"{name}.{part}"
                 ipt = (p * p.grad).abs()
                 avg = self.exp_avg_ipt[key] = b1 * self.exp_avg_ipt.get(key, torch.zeros_like(p)) + (1 - b1) * ipt
-                self.exp_avg_unc[key] = b2 * self.exp_avg_unc.get(key, torch.zeros_like(p)) + (1 - b2) * (ipt - avg).abs()
+                unc = self.exp_avg_unc.get(key, torch.zeros_like(p))
+                self.exp_avg_unc[key] = b2 * unc + (1 - b2) * (ipt - avg).abs()
 
     def triplet_scores(self):
-        """{module: (r,)}: s(lambda_i) + mean_j s(Q[i, j]) + mean_k s(P[k, i]), with s = EMA sensitivity x uncertainty."""
+        """{module: (r,)}: s(lambda_i) + mean_j s(Q[i, j]) + mean_k s(P[k, i]), s = EMA sensitivity x uncertainty."""
         s = {k: self.exp_avg_ipt[k] * self.exp_avg_unc[k] for k in self.exp_avg_ipt}
         return {name: s[f"{name}.lora_E"].view(-1) + (s[f"{name}.lora_A"].mean(1) + s[f"{name}.lora_B"].mean(0))
                 for name, _ in self.layers}

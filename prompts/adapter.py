@@ -53,7 +53,8 @@ def save_prompt_adapter(model, path, base_model_name_or_path=None):
     else:
         peft_config.update(encoder_hidden_size=hidden, prefix_projection=config.prefix_projection,
                            init_weights="zero" if config.init == "zero" else None)
-    return write_adapter_files(path, peft_config, {"prompt_embeddings": model.prompt_encoder.saved_embeddings().float()})
+    tensors = {"prompt_embeddings": model.prompt_encoder.saved_embeddings().float()}
+    return write_adapter_files(path, peft_config, tensors)
 
 
 def load_prompt_adapter(model, path):

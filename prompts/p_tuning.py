@@ -23,7 +23,8 @@ class PromptEncoder(nn.Module):
                  dropout=0.0, inference_mode=False):
         super().__init__()
         h = hidden_size or token_dim
-        self.num_virtual_tokens, self.encoder_type, self.inference_mode = num_virtual_tokens, encoder_type, inference_mode
+        self.num_virtual_tokens, self.encoder_type = num_virtual_tokens, encoder_type
+        self.inference_mode = inference_mode
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # (n, C): E
         if inference_mode:
             return  # the embedding holds the encoder's output: nothing else to compute

@@ -20,7 +20,8 @@ class PrefixEncoder(nn.Module):
                  init="random", inference_mode=False):
         super().__init__()
         token_dim = n_kv_head * head_dim  # PEFT's token_dim for a prefix: the width of one layer's keys
-        self.num_virtual_tokens, self.n_layer, self.n_kv_head, self.head_dim = num_virtual_tokens, n_layer, n_kv_head, head_dim
+        self.num_virtual_tokens, self.n_layer = num_virtual_tokens, n_layer
+        self.n_kv_head, self.head_dim = n_kv_head, head_dim
         self.projection = projection and not inference_mode
         if self.projection:
             self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # (n, H_kv D)
@@ -52,4 +53,5 @@ class PrefixEncoder(nn.Module):
 
     def describe(self):
         how = f", projection {self.transform[0].out_features}" if self.projection else ""
-        return f"Prefix({self.num_virtual_tokens} positions x {self.n_layer} layers x {self.n_kv_head} kv heads x {self.head_dim}{how})"
+        return (f"Prefix({self.num_virtual_tokens} positions x {self.n_layer} layers x {self.n_kv_head} kv heads x "
+                f"{self.head_dim}{how})")

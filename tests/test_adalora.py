@@ -21,8 +21,9 @@ SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12
 def base_dir(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("hf_gpt2")
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB,
-                                                         n_positions=32, bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
 

@@ -27,8 +27,8 @@ METHODS = {
     "ptuning-mlp": (PromptConfig("ptuning", N, encoder_hidden_size=16), lambda: peft.PromptEncoderConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=N, encoder_hidden_size=16)),
     "ptuning-lstm": (PromptConfig("ptuning", N, encoder_type="LSTM", encoder_hidden_size=16),
-                     lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, encoder_hidden_size=16,
-                                                      encoder_reparameterization_type="LSTM")),
+                     lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N,
+                                                      encoder_hidden_size=16, encoder_reparameterization_type="LSTM")),
     "prefix": (PromptConfig("prefix", N), lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)),
     "prefix-projection": (PromptConfig("prefix", N, prefix_projection=True, encoder_hidden_size=16),
                           lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N,
