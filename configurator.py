@@ -4,9 +4,10 @@
 
 Arguments are applied left to right: a path is a Python file whose top-level assignments override
 the defaults, `--key=value` overrides one key (the value is read as a Python literal when it parses as
-one, else as a string: --lora_targets='("q_proj","v_proj")' is a tuple, --lora_targets=c_attn a str). Unlike nanoGPT's exec-into-globals, every name is checked: an unknown key is
-an error that suggests close matches, and a value must have the default's type (an int may stand
-for a float; a default of None accepts anything). Typos fail loudly instead of silently doing nothing.
+one, else as a string: --lora_targets='("q_proj","v_proj")' is a tuple, --lora_targets=c_attn a str).
+Unlike nanoGPT's exec-into-globals, every name is checked: an unknown key is an error that suggests close
+matches, and a value must have the default's type (an int may stand for a float; a default of None accepts
+anything; a default of 'auto' also accepts True or False). Typos fail loudly instead of silently doing nothing.
 """
 import ast
 import difflib
