@@ -2,11 +2,13 @@
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded back with
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
-    model        full state dict, or for a LoRA run only the LoRA tensors (plus modules_to_save)
+    model        full state dict, or for an adapter run only the adapter's tensors (LoRA: plus modules_to_save)
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
-    lora         the LoRAConfig as a dict, or None;  base: the model the run started from (None: scratch), which
-                 for a LoRA run is its frozen base
-    base_fingerprint  a LoRA run's fingerprint(base) when it started: loading it on another base is refused
+    peft         {"method": adapters.METHODS entry, "config": its config as a dict}, or None (full weights)
+    lora         a LoRA run's config again (what older checkpoints have instead of peft), or None
+    base         the model the run started from (None: scratch), which for an adapter run is its frozen base
+    base_fingerprint  an adapter run's fingerprint(base) when it started: loading it on another base is refused
+    allocator    AdaLoRA's importance averages (AdaLoRA runs)
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
@@ -14,7 +16,6 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
 A LoRA run on a quantized base (config["quantize"] = 'nf4' | 'int8') stores no quantized tensor: quantization is
 deterministic, so loading re-quantizes the base and gets the very same packed weights.
 """
-import dataclasses
 import hashlib
 import os
 import random
@@ -60,24 +61,28 @@ def fingerprint(model):
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_config=None, base=None,
-                    rng_states=None, base_fingerprint=None):
+def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, base=None, rng_states=None,
+                    base_fingerprint=None, extra=None):
     """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact.
 
-    rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG."""
-    if lora_config is not None:
-        from lora import lora_state_dict
-        model_sd = lora_state_dict(model)
-        lora = dataclasses.asdict(lora_config)
-    else:
+    rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG.
+    extra: more entries for the dict (AdaLoRA's rank allocator state)."""
+    from adapters import checkpoint_entry, trainable_state_dict
+    peft = checkpoint_entry(model)  # None for a model without an adapter
+    if peft is None:
         model_sd = model.state_dict()
-        lora = None
+    elif peft["method"] == "lora":
+        from lora import lora_state_dict
+        model_sd = lora_state_dict(model)  # lora_A, lora_B and modules_to_save
+    else:
+        model_sd = trainable_state_dict(model)
     checkpoint = {
         "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
-        "lora": lora, "base": base, "base_fingerprint": base_fingerprint,
+        "lora": peft["config"] if peft and peft["method"] == "lora" else None, "peft": peft, "base": base,
+        "base_fingerprint": base_fingerprint,
         "optimizer": optimizer.state_dict(), "step": step,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-        "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()],
+        "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()], **(extra or {}),
     }
     with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
         torch.save(checkpoint, tmp)
@@ -103,7 +108,7 @@ def read_checkpoint(path):
 
 
 def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
-    """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
+    """The trained model a checkpoint describes: full weights, or its base with the adapter's tensors applied.
     `overrides` may set dropout. quantize: None = as the run trained (a QLoRA run's base is quantized again),
     '' = full precision, or 'nf4' | 'int8' (model/quant.py)."""
     missing = {"model", "model_type", "model_args", "lora", "base"} - set(checkpoint)
@@ -112,37 +117,38 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
                          f"{', '.join(sorted(missing))})")
     if quantize is None:
         quantize = checkpoint["config"].get("quantize", "")
-    if checkpoint["lora"] is None and quantize:
+    peft = checkpoint.get("peft") or ({"method": "lora", "config": checkpoint["lora"]} if checkpoint["lora"] else None)
+    if peft is None and quantize:
         from model.quant import fill_quantized
         with torch.device("meta"):  # no memory: the tensors arrive one by one, the Linear weights get quantized
             model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model = fill_quantized(model, checkpoint["model"].items(), quantize, dtype=dtype, describe="checkpoint")
-    elif checkpoint["lora"] is None:
+    elif peft is None:
         model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])
     else:
-        from lora import LoRAConfig, apply_lora
+        from adapters import from_checkpoint_entry, trainable_state_dict
         where, base = checkpoint.get("path", "the checkpoint"), checkpoint["base"]
         if os.path.exists(base) and Path(where).parent.resolve() in (Path(base).resolve(),
                                                                     Path(base).resolve().parent):
-            raise ValueError(f"{where}: a LoRA checkpoint whose base is its own out_dir {base} (its base was "
-                             f"overwritten by it); the base model is gone: train the LoRA run again on its base")
+            raise ValueError(f"{where}: an adapter checkpoint whose base is its own out_dir {base} (its base was "
+                             f"overwritten by it); the base model is gone: train the run again on its base")
         model = load_base(base, dtype=dtype, quantize=quantize, **overrides)
         expected, found = checkpoint.get("base_fingerprint"), fingerprint(model)
         if expected is not None and expected != found:
-            raise ValueError(f"{where}: its base {base} has changed since this LoRA run started (fingerprint "
+            raise ValueError(f"{where}: its base {base} has changed since this run started (fingerprint "
                              f"{found}, the run's was {expected}): the adapter was trained on other weights. Restore "
-                             f"that base, or start a new LoRA run on the current one")
-        lora = dict(checkpoint["lora"])
-        for key in ("targets", "modules_to_save"):
-            if isinstance(lora.get(key), list):
-                lora[key] = tuple(lora[key])
-        from lora.pissa import saved_factors
-        apply_lora(model, LoRAConfig(**lora), pissa_factors=saved_factors(checkpoint["model"]))  # PiSSA: same W_res
-        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-        if unexpected or any(".lora_" in k for k in missing):
-            raise ValueError(f"LoRA checkpoint does not fit its base {checkpoint['base']}: "
-                             f"unexpected {unexpected[:4]}, missing {[k for k in missing if '.lora_' in k][:4]}")
+                             f"that base, or start a new run on the current one")
+        if peft["method"] == "lora":
+            from lora.pissa import saved_factors  # PiSSA: the very same residual base as in training
+            model = from_checkpoint_entry(model, peft, pissa_factors=saved_factors(checkpoint["model"]))
+        else:
+            model = from_checkpoint_entry(model, peft)
+        _, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+        missing = sorted(set(trainable_state_dict(model)) - set(checkpoint["model"]))  # the adapter's own tensors
+        if unexpected or missing:
+            raise ValueError(f"{peft['method']} checkpoint does not fit its base {checkpoint['base']}: "
+                             f"unexpected {unexpected[:4]}, missing {missing[:4]}")
     if dtype is not None and not quantize:  # a quantized model was filled in `dtype` already
         model.to(dtype)
     return model
@@ -162,8 +168,9 @@ def load_base(spec, **kwargs):
 
 def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     """Any model a user may name, on the CPU:
-    - a training out_dir (or its ckpt.pt)           -> the model it trained (LoRA runs: base + adapter)
+    - a training out_dir (or its ckpt.pt)           -> the model it trained (adapter runs: base + adapter)
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
+                                                       (LoRA, AdaLoRA, prompt, P-tuning or prefix tuning)
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
     - a .gguf file (llama.cpp)                      -> LLaMA, dequantized (model/gguf.py)
     `overrides` may set dropout, whatever the model's own config says.
@@ -182,7 +189,7 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
         return model_from_checkpoint(read_checkpoint(path), dtype, quantize, **overrides)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         import json
-        from lora import load_adapter
+        from adapters import load_adapter
         with open(path / "adapter_config.json") as f:
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:

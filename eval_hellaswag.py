@@ -222,8 +222,9 @@ def evaluate(model, examples, device, encode=None, batch_examples=4, rank=0, wor
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy (acc, acc_norm) of a model",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="HF folder or cached hub name (gpt2), training out_dir (ckpt.pt), "
-                   "LoRA adapter folder, or a .gguf file")
+    p.add_argument("--model", required=True,
+                   help="HF folder or cached hub name (gpt2), training out_dir (ckpt.pt), adapter folder (LoRA, "
+                        "AdaLoRA, prompt, P-tuning or prefix tuning), or a .gguf file")
     p.add_argument("--base", default=None, help="base model of an adapter folder (default: its adapter_config)")
     p.add_argument("--split", default="val", choices=SPLITS)
     p.add_argument("--file", default=None, help="evaluate this local jsonl instead of a downloaded split")

@@ -1,9 +1,10 @@
-"""One training loop for pretraining, full fine-tuning and LoRA fine-tuning.
+"""One training loop for pretraining, full fine-tuning and parameter-efficient fine-tuning (LoRA, AdaLoRA, prompt
+tuning, P-tuning, prefix tuning: `peft_method`, see adapters.py).
 
     python train.py config/shakespeare_cpu.py                       # one process (CPU, MPS or one GPU)
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m_fineweb.py
 
-Reads top to bottom: config, distributed setup, data, model (+ LoRA), optimizer, then the loop.
+Reads top to bottom: config, distributed setup, data, model (+ adapter), optimizer, then the loop.
 Every `total_batch_size` tokens is one optimizer step, made of `grad_accum_steps` micro-batches of
 batch_size x block_size tokens on each of `world_size` processes.
 """
@@ -63,7 +64,20 @@ seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+peft_method = "lora"  # 'lora' | 'adalora' | 'prompt' | 'ptuning' | 'prefix' | 'none' (see adapters.py)
+adalora_init_r = 12  # adalora (also uses lora_alpha, lora_dropout, lora_targets): every layer's rank at the start
+adalora_target_r = 8  # the average rank it is pruned to, by step max_steps - adalora_tfinal
+adalora_tinit = 0  # steps before pruning starts
+adalora_tfinal = 0  # last steps with the ranks fixed
+adalora_deltaT = 1  # prune every deltaT steps
+adalora_orth_reg_weight = 0.5
+num_virtual_tokens = 20  # prompt, ptuning, prefix: learned positions before every sequence
+prompt_init = "random"  # prompt: 'random' | 'sample_vocab' | 'text'; prefix: 'random' | 'zero'; ptuning: 'random'
+prompt_init_text = ""  # prompt with prompt_init='text'
+encoder_type = "MLP"  # ptuning: 'MLP' | 'LSTM'
+encoder_hidden_size = 0  # ptuning, prefix with projection: 0 = the model's width
+prefix_projection = False  # prefix: keys/values produced by an MLP (Li & Liang's reparameterisation)
+merge_on_save = False  # LoRA, AdaLoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
 quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), model/quant.py
 loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
 activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
@@ -75,7 +89,7 @@ activation_checkpointing = False  # keep only each block's input, recompute the 
 from lora import lora_settings  # noqa: E402
 
 globals().update(lora_settings())
-lora_r = 0  # 0 = no LoRA: train all weights
+lora_r = 0  # 0 = no LoRA: with peft_method='lora', train all weights
 overwrite = False  # True: replace the run in out_dir (by default a new run refuses an out_dir holding another run)
 objective = "lm"  # 'lm': every token of the stream is a target | 'sft': prepare_sft.py's examples, loss on answers
 packing = True  # sft: several examples per row (block-diagonal attention) | False: one a row, padded
@@ -104,6 +118,7 @@ if init_from == "resume":  # the run's settings come back from its checkpoint; o
 validate_config(config)  # every value by range and meaning, once, here
 # -----------------------------------------------------------------------------------------------
 
+import adapters  # noqa: E402
 from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
@@ -178,15 +193,13 @@ if device_type == "cuda":
 idle_memory = peak_memory_bytes(device)
 
 # -----------------------------------------------------------------------------------------------
-# model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
-# base: the model this run started from (None: scratch); a LoRA run's frozen base; it also names the tokenizer
-start_step, lora_config, base, base_fingerprint = 0, None, None, None
+# model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning, plus its adapter
+# base: the model this run started from (None: scratch); an adapter run's frozen base; it also names the tokenizer
+start_step, base, base_fingerprint = 0, None, None
 if init_from == "resume":
-    # a LoRA run rebuilds its base (refused if its fingerprint changed) and re-applies its adapter
+    # an adapter run rebuilds its base (refused if its fingerprint changed) and re-applies its adapter
     model = model_from_checkpoint(checkpoint, dropout=dropout)
     start_step, base, base_fingerprint = checkpoint["step"], checkpoint["base"], checkpoint.get("base_fingerprint")
-    if checkpoint["lora"] is not None:
-        lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
         truncate_log(Path(out_dir) / "log.jsonl", start_step)  # the steps from start_step on are logged anew
@@ -196,13 +209,23 @@ elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
 else:
-    # to fine-tune fully, or a LoRA run's frozen base (quantized while loading for QLoRA; a LoRA out_dir: merged)
+    # to fine-tune fully, or an adapter run's frozen base (quantized while loading for QLoRA; a LoRA out_dir: merged)
     model = load_base(init_from, quantize=quantize, dropout=dropout)
     base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
-    base_fingerprint = fingerprint(model) if lora_r > 0 else None  # a resume refuses a base that has changed
     config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
+if init_from != "resume":
+    method = "none" if peft_method == "lora" and lora_r == 0 else peft_method
+    if method != "none" and base is not None:
+        base_fingerprint = fingerprint(model)  # a resume refuses a base that has changed
+    # prompt_init='text' starts the prompt from these words' embeddings
+    text_init = method == "prompt" and prompt_init == "text"
+    encode = tokenizer_for(base, model.config.vocab_size).encode if text_init else None
+    # swaps target Linears for LoRA/AdaLoRA layers or attaches a prompt encoder, and freezes everything else
+    adapters.apply(model, method, adapters.config_from_settings(method, config), encode)
+peft_method = adapters.method_of(model)  # what this run trains (a resumed run: what its checkpoint had)
 if block_size > model.max_seq_len:
-    raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
+    raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions"
+                     + (f" (after {model.num_virtual_tokens} virtual tokens)" if model.num_virtual_tokens else ""))
 if objective == "sft":
     if train_loader.header["vocab_size"] > model.config.vocab_size:
         raise ValueError(f"{data_dir} was tokenized with {train_loader.header['tokenizer']} "
@@ -211,11 +234,13 @@ if objective == "sft":
 else:
     for loader in (train_loader, val_loader):
         loader.check_vocab(model.config.vocab_size)  # token ids the model has no embedding for are refused
-if init_from != "resume" and lora_r > 0:
-    from lora import apply_lora, lora_config_from
-    lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
-    apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
-if lora_config is not None:
+allocator = None
+if peft_method == "adalora":
+    from lora.adalora import RankAllocator, orth_regularization
+    allocator = RankAllocator(model, model.adalora_config)  # prunes the ranks after each optimizer step
+    if checkpoint is not None and "allocator" in checkpoint:
+        allocator.load_state_dict(checkpoint["allocator"])
+if peft_method != "none":
     from lora import print_trainable_parameters
     if master_process:
         print_trainable_parameters(model)
@@ -376,8 +401,8 @@ def save(step):
         rng_states = [None] * world_size
         dist.all_gather_object(rng_states, mine)
     if master_process:
-        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
-                        base, rng_states, base_fingerprint)
+        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), base, rng_states,
+                        base_fingerprint, extra={"allocator": allocator.state_dict()} if allocator is not None else None)
     saved_step = step
 
 
@@ -431,6 +456,8 @@ for step in range(start_step, max_steps):
             # the loss is a mean over this micro-batch; dividing by grad_accum_steps makes the summed
             # gradients the mean over the whole batch, as if it were one big batch
             loss = loss / grad_accum_steps
+        if allocator is not None:  # AdaLoRA keeps P and Q near orthonormal (PEFT adds this to its loss too)
+            loss = loss + raw_model.adalora_config.orth_reg_weight * orth_regularization(raw_model) / grad_accum_steps
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
     if ddp:
@@ -447,6 +474,8 @@ for step in range(start_step, max_steps):
         group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+ gives lora_B a multiple (lora/loraplus.py)
     scaler.step(optimizer)
     scaler.update()
+    if allocator is not None:  # AdaLoRA: importance from this step's gradients, then mask to the step's budget
+        allocator.update_and_allocate(raw_model, step)
     if device_type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -474,11 +503,11 @@ for step in range(start_step, max_steps):
     if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
         save(step + 1)  # step + 1: the next step to run after resuming
 
-if master_process and lora_config is not None:
-    from lora import merge_and_unload, save_adapter
-    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
+if master_process and peft_method != "none":
+    adapters.save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
-    if merge_on_save:
+    if merge_on_save and peft_method in ("lora", "adalora"):  # prompts add positions: nothing to fold into W
+        from lora import merge_and_unload
         from model.quant import dequantize
         raw_model.eval()
         x = val_loader.next_batch()[0].to(device)

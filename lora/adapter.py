@@ -79,7 +79,6 @@ def save_adapter(model, path, base_model_name_or_path=None):
         for key, t in model.get_submodule(module_name).state_dict().items():
             full = f"{module_name}.{key}"
             tensors[PREFIX + full] = t.detach().t() if conv1d and full.endswith(conv1d) else t.detach()
-    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     targets = config.targets if isinstance(config.targets, str) else list(config.targets)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2 * config.r if pissa else config.r,
@@ -91,8 +90,14 @@ def save_adapter(model, path, base_model_name_or_path=None):
         "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {},
     }
+    return write_adapter_files(path, peft_config, tensors)
+
+
+def write_adapter_files(path, peft_config, tensors):
+    """The two files of any PEFT adapter into folder `path`, atomically each; returns the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path / WEIGHTS_NAME) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_path(path / CONFIG_NAME) as tmp, open(tmp, "w") as f:
@@ -102,12 +107,18 @@ def save_adapter(model, path, base_model_name_or_path=None):
 
 def read_adapter(path):
     """(config dict, {key: tensor}) from a PEFT adapter folder, after checking the config is one we implement."""
+    config, tensors = read_adapter_files(path)
+    check_peft_config(config, path)
+    return config, tensors
+
+
+def read_adapter_files(path):
+    """(adapter_config.json as a dict, {key: tensor}) from any PEFT adapter folder, unchecked."""
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter folder "
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a PEFT adapter folder "
                                 f"({CONFIG_NAME} + {WEIGHTS_NAME})")
     config = read_json(path / CONFIG_NAME)
-    check_peft_config(config, path / CONFIG_NAME)
     if (path / WEIGHTS_NAME).is_file():
         tensors = read_safetensors(path / WEIGHTS_NAME)
     elif (path / LEGACY_WEIGHTS_NAME).is_file():  # restricted unpickler: tensors and plain containers only

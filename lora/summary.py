@@ -54,6 +54,8 @@ def _human(n: int) -> str:
 
 def _describe(module: nn.Module) -> str:
     """One short description of a module: its class, plus shapes for the common leaves."""
+    if hasattr(module, "describe"):  # a prompt encoder (prompts/) says what it is
+        return module.describe()
     if isinstance(module, LoRALinear):
         state = "merged" if module.merged else ("disabled" if not module.enabled else module.mode)
         return (f"LoRA({module.in_features} -> {module.out_features}, r={module.r}, alpha={module.lora_alpha:g}"

@@ -119,26 +119,32 @@ class GPT(CausalLM):
 
     @property
     def max_seq_len(self):
-        return self.config.block_size
+        return self.config.block_size - self.num_virtual_tokens
 
-    def forward(self, idx, targets=None, kv_cache=None, position_ids=None):
-        """position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to
-        itself (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
-        B, T = idx.size()
+    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None):
+        """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens).
+        position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to itself
+        (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
+        if inputs_embeds is None:
+            if hasattr(self, "prompt_encoder"):  # prompt/prefix tuning (prompts/): n learned positions come first
+                kv_cache = self.prompt_encoder.prefill(self, idx.size(0), kv_cache)
+            inputs_embeds = self.transformer.wte(idx)  # (B, T, C)
+        B, T, _ = inputs_embeds.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=inputs_embeds.device)  # (T,)
         mask = None
         if position_ids is not None:
             pos, mask = position_ids, packed_causal_mask(position_ids)  # (B, T), (B, 1, T, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.drop(inputs_embeds + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = self.run_block(block, x, kv_cache, mask)
         return self.head_and_loss(self.transformer.ln_f(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
+        max_len += self.num_virtual_tokens  # prompt/prefix tuning's positions sit in the cache too
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------
@@ -186,7 +192,7 @@ class GPT(CausalLM):
             raise ValueError("save_pretrained: Hugging Face GPT-2 has biases; a bias=False model has no HF format")
         sd = {}
         for k, v in self.state_dict().items():
-            if k == "lm_head.weight" or ".lora_" in k:
+            if k == "lm_head.weight" or ".lora_" in k or k.startswith("prompt_encoder."):
                 continue
             sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
         save_hf_folder(model_dir, self.hf_config(), sd)

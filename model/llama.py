@@ -214,28 +214,35 @@ class LLaMA(CausalLM):
 
     @property
     def max_seq_len(self):
-        return self.config.max_seq_len
+        return self.config.max_seq_len - self.num_virtual_tokens
 
-    def forward(self, idx, targets=None, kv_cache=None, position_ids=None):
-        """position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to
-        itself (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
-        B, T = idx.size()
+    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None):
+        """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens).
+        position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to itself
+        (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
+        if inputs_embeds is None:
+            if hasattr(self, "prompt_encoder"):  # prompt/prefix tuning (prompts/): n learned positions come first
+                kv_cache = self.prompt_encoder.prefill(self, idx.size(0), kv_cache)
+            inputs_embeds = self.model.embed_tokens(idx)  # (B, T, C)
+        B, T, _ = inputs_embeds.size()
         start = kv_cache.pos if kv_cache is not None else 0  # decoding: the new tokens sit after the cached ones
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens > max_seq_len {self.config.max_seq_len}")
-        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        device = inputs_embeds.device
+        positions = torch.arange(start, start + T, device=device)  # (T,)
         mask = None
         if position_ids is not None:
             positions, mask = position_ids[:, None], packed_causal_mask(position_ids)  # (B, 1, T), (B, 1, T, T)
         # (T, D) each, or (B, 1, T, D) for packed rows (broadcast over heads); shared by all layers
-        cos, sin = rope_cos_sin(rope_frequencies(self.config, idx.device), positions)
-        x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos, sin = rope_cos_sin(rope_frequencies(self.config, device), positions)
+        x = inputs_embeds
         for layer in self.model.layers:
             x = self.run_block(layer, x, cos, sin, kv_cache, mask)
         return self.head_and_loss(self.model.norm(x), targets)  # training: (None, loss)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
+        max_len += self.num_virtual_tokens  # prompt/prefix tuning's positions sit in the cache too
         return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, p.device, p.dtype)  # H_kv heads
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------------------
@@ -294,8 +301,8 @@ class LLaMA(CausalLM):
     def save_pretrained(self, model_dir):
         """Write a Hugging Face LLaMA folder (config.json + model.safetensors) that transformers loads."""
         tied = self.config.tie_word_embeddings
-        sd = {k: v for k, v in self.state_dict().items()
-              if ".lora_" not in k and not (tied and k == "lm_head.weight")}
+        sd = {k: v for k, v in self.state_dict().items() if ".lora_" not in k and not k.startswith("prompt_encoder.")
+              and not (tied and k == "lm_head.weight")}
         save_hf_folder(model_dir, self.hf_config(), sd)
 
 

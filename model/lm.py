@@ -4,7 +4,9 @@ A family (model/gpt.py, model/llama.py) subclasses CausalLM and provides:
     model_type                  config.json's model_type, its key in model.MODELS ("gpt2", "llama")
     config_class                its config dataclass; CausalLM(config) builds the model
     scratch_config(settings)    that dataclass from train.py's settings (n_layer, n_embd, block_size, ...)
-    forward(idx, targets=None, kv_cache=None, position_ids=None) -> (logits, loss)
+    forward(idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None) -> (logits, loss); with a
+        `prompt_encoder` (prompts/), its prefill(model, B, kv_cache) runs first, and max_seq_len / make_kv_cache
+        count its positions
     max_seq_len, make_kv_cache(batch_size, max_len)
     from_pretrained(folder, dtype=None, dropout=...), save_pretrained(folder)
 and its forward runs each block through run_block and ends with head_and_loss, which own three memory settings:
@@ -61,6 +63,12 @@ class CausalLM(nn.Module):
     def num_params(self):
         """Parameters counted once (a tied lm_head/embedding matrix is one tensor)."""
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def num_virtual_tokens(self):
+        """Positions that prompt/prefix tuning (prompts/) put before every sequence; 0 without one."""
+        encoder = getattr(self, "prompt_encoder", None)
+        return encoder.num_virtual_tokens if encoder is not None else 0
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
                  generator=None):

@@ -13,3 +13,7 @@ def subprocess_env():
     env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a slower test (still run in CI); deselect with -m 'not slow'")

@@ -330,3 +330,19 @@ def test_cli_on_a_llama_folder_uses_its_own_tokenizer_json(tmp_path):
     jsonl = write_jsonl(tmp_path / "h.jsonl", EXAMPLES)
     expected = hand_counts(lambda ids: hf(ids).logits, lambda text: tokenizer.encode(text).ids, EXAMPLES)
     assert run_cli([], tmp_path / "llama", jsonl) == (*expected, len(EXAMPLES))
+
+
+def test_cli_on_a_prefix_tuning_adapter_scores_like_peft_on_its_base(hf_folder_and_expected_counts, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from prompts import PromptConfig, apply_prompt, save_prompt_adapter
+    model_dir, jsonl, _ = hf_folder_and_expected_counts
+    torch.manual_seed(1)
+    ours = apply_prompt(GPT.from_pretrained(model_dir), PromptConfig("prefix", num_virtual_tokens=4))
+    save_prompt_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(model_dir))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir)
+    reference = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    examples = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    expected = hand_counts(lambda ids: reference(input_ids=ids).logits, gpt2_encoding().encode_ordinary, examples)
+    assert expected != hand_counts(lambda ids: hf(ids).logits, gpt2_encoding().encode_ordinary, examples)
+    assert run_cli([], tmp_path / "adapter", jsonl) == (*expected, len(examples))
