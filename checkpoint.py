@@ -136,7 +136,8 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
         model = load_base(base, dtype=dtype, quantize=quantize, **overrides)
         expected, found = checkpoint.get("base_fingerprint"), fingerprint(model)
         if expected is not None and expected != found:
-            raise ValueError(f"{where}: its base {base} has changed since this run started (fingerprint "
+            kind = "LoRA" if peft["method"] == "lora" else peft["method"]
+            raise ValueError(f"{where}: its base {base} has changed since this {kind} run started (fingerprint "
                              f"{found}, the run's was {expected}): the adapter was trained on other weights. Restore "
                              f"that base, or start a new run on the current one")
         if peft["method"] == "lora":

@@ -74,7 +74,7 @@ CHECKS = {
     "beta2":               (in_range(0.0, 1.0),              "in [0, 1)",                                    FREE),
     "grad_clip":           (at_least(0.0),                   ">= 0 (0 = off)",                               FREE),
     "eval_interval":       (at_least(0),                     ">= 0 (0 = off)",                               FREE),
-    "eval_iters":          (at_least(1),                     "a positive int (batches per evaluation)",      FREE),
+    "eval_iters":          (at_least(0),                     ">= 0 (batches per evaluation; 0 = all, sft)",  FREE),
     "sample_interval":     (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "sample_tokens":       (at_least(1),                     "a positive int",                               FREE),
     "num_samples":         (at_least(1),                     "a positive int",                               FREE),
@@ -143,6 +143,9 @@ RELATIONS = [
     (lambda c: c["adalora_target_r"] <= c["adalora_init_r"],
      lambda c: f"adalora_target_r={c['adalora_target_r']} is above adalora_init_r={c['adalora_init_r']}: AdaLoRA "
                f"prunes ranks down to the target"),
+    (lambda c: c["eval_iters"] > 0 or c["objective"] == "sft",
+     lambda c: f"eval_iters={c['eval_iters']} is not valid: it must be a positive int (batches per evaluation; 0, "
+               f"the whole val split, only with objective='sft')"),
     (lambda c: c["objective"] == "sft" or c["eval_generate_every"] == 0,
      lambda c: f"eval_generate_every={c['eval_generate_every']} scores answers: it needs objective='sft'"),
     (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),

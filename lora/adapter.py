@@ -108,7 +108,7 @@ def write_adapter_files(path, peft_config, tensors):
 def read_adapter(path):
     """(config dict, {key: tensor}) from a PEFT adapter folder, after checking the config is one we implement."""
     config, tensors = read_adapter_files(path)
-    check_peft_config(config, path)
+    check_peft_config(config, Path(path) / CONFIG_NAME)
     return config, tensors
 
 

@@ -51,7 +51,7 @@ class MemoryEstimate:
 def keeps_input(*linears):
     """Does autograd keep the input these Linears share? Only for a weight gradient: a trainable weight, or LoRA's
     dA = dh^T x. A frozen Linear needs only its weight for dx."""
-    return any(m.weight.requires_grad or hasattr(m, "lora_A") for m in linears)
+    return any(getattr(m.weight, "requires_grad", False) or hasattr(m, "lora_A") for m in linears)  # a quantized W: frozen
 
 
 def saved_widths(model):

@@ -61,7 +61,8 @@ def test_same_tensors_give_peft_logits_and_regulariser(base_dir):
     pm = peft_adalora(base_dir)
     ours = ours_like(base_dir, pm)
     out = pm(input_ids=IDX, labels=IDX)  # PEFT adds orth_reg_weight * R to the loss
-    logits, loss = ours(IDX[:, :-1], IDX[:, 1:])
+    logits = ours(IDX[:, :-1])[0]  # with targets the model returns no logits (model/chunked_loss.py)
+    loss = ours(IDX[:, :-1], IDX[:, 1:])[1]
     torch.testing.assert_close(logits, out.logits[:, :-1], rtol=0, atol=1e-5)
     peft_penalty = out.loss - loss  # PEFT's loss minus the plain next-token loss
     torch.testing.assert_close(0.5 * orth_regularization(ours), peft_penalty, rtol=1e-4, atol=1e-5)
