@@ -4,7 +4,7 @@
 
 Arguments are applied left to right: a path is a Python file whose top-level assignments override
 the defaults, `--key=value` overrides one key (the value is read as a Python literal when it parses as
-one, else as a string). Unlike nanoGPT's exec-into-globals, every name is checked: an unknown key is
+one, else as a string: --lora_targets='("q_proj","v_proj")' is a tuple, --lora_targets=c_attn a str). Unlike nanoGPT's exec-into-globals, every name is checked: an unknown key is
 an error that suggests close matches, and a value must have the default's type (an int may stand
 for a float; a default of None accepts anything). Typos fail loudly instead of silently doing nothing.
 """
@@ -22,13 +22,15 @@ def _check(key, value, defaults, source):
     default = defaults[key]
     if default is None or value is None:
         return value
-    if isinstance(default, bool) or isinstance(value, bool):
+    if default == "auto" and isinstance(value, bool):  # compile='auto' | True | False
+        ok = True
+    elif isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float))
         value = float(value) if ok else value
     elif isinstance(default, (tuple, list)):
-        ok = isinstance(value, (tuple, list, str))  # in a config file a str may be a regex (lora_targets)
+        ok = isinstance(value, (tuple, list, str))  # a str may be a regex (lora_targets)
     else:
         ok = isinstance(value, type(default))
     if not ok:
@@ -52,13 +54,23 @@ def configure(defaults, argv):
             if "=" in arg:
                 raise ValueError(f"argument {arg!r}: flags look like --key=value; a bare argument is a config file")
             try:
-                with open(arg) as f:
+                with open(arg, encoding="utf-8") as f:
                     source = f.read()
+                code = compile(source, arg, "exec")
             except FileNotFoundError:
                 raise FileNotFoundError(f"config file {arg!r} not found (config files live in config/)") from None
+            except IsADirectoryError:
+                raise ValueError(f"config file {arg!r} is a folder; a config file is a .py file of assignments "
+                                 f"(flags look like --key=value)") from None
+            except (UnicodeDecodeError, ValueError):  # ValueError: null bytes
+                raise ValueError(f"config file {arg!r} is not a text file; a config file is a .py file of "
+                                 f"assignments like those in config/") from None
+            except SyntaxError as e:
+                raise ValueError(f"config file {arg}, line {e.lineno}: {e.msg}; a config file is Python "
+                                 f"assignments like those in config/") from None
             print(f"overriding config with {arg}")
             namespace = {}
-            exec(compile(source, arg, "exec"), {}, namespace)  # config files are trusted Python, as in nanoGPT
+            exec(code, {}, namespace)  # config files are trusted Python, as in nanoGPT
             for key, value in namespace.items():
                 if key.startswith("_") or not isinstance(value, CONFIG_TYPES):
                     continue  # imports, helper functions and private names are not settings
@@ -68,8 +80,8 @@ def configure(defaults, argv):
             if not sep:
                 raise ValueError(f"flag {arg!r}: expected --{key}=VALUE")
             value = _parse_value(text)
-            if isinstance(defaults.get(key), (tuple, list)) and isinstance(value, str):
-                value = tuple(v for v in value.split(",") if v)  # --lora_targets=q_proj,v_proj
+            if isinstance(defaults.get(key), float) and text.lower() in ("nan", "inf", "-inf"):
+                value = float(text)  # a float all the same: validate.py says why it is not a valid one
             overrides[key] = _check(key, value, defaults, arg)
             print(f"overriding: {key} = {overrides[key]!r}")
     return overrides

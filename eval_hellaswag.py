@@ -16,8 +16,10 @@ train.py calls `evaluate(model, examples, device, rank=..., world_size=...)` eve
 import argparse
 import json
 import os
+import sys
 import urllib.request
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atomic import atomic_path
-from tokenizer import gpt2_encoding
+from tokenizer import tokenizer_for
 
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("train", "val", "test")
@@ -84,7 +86,12 @@ def load_examples(path, limit=None):
     """The examples of a HellaSwag jsonl file (one JSON object a line), checked; the first `limit` if given."""
     examples = []
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+        try:
+            lines = list(enumerate(f, start=1))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text file (HellaSwag files are UTF-8 jsonl): pass the .jsonl "
+                             f"file") from None
+        for line_number, line in lines:
             if limit is not None and len(examples) >= limit:
                 break
             if not line.strip():
@@ -163,7 +170,7 @@ def score_examples(model, examples, device, encode=None, batch_examples=4, progr
     """
     if batch_examples < 1:
         raise ValueError(f"batch_examples must be >= 1, got {batch_examples}")
-    encode = encode or gpt2_encoding().encode_ordinary
+    encode = encode or partial(tokenizer_for().encode, add_special_tokens=False)  # default: GPT-2's
     max_len = getattr(model, "max_seq_len", None)
     device = torch.device(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
@@ -227,22 +234,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def checkpoint_encoder(spec, base=None):
-    """encode() of the tokenizer.json that a Hugging Face folder ships (LLaMA), looked for in the model folder,
-    the --base folder and an adapter's base_model_name_or_path; None means GPT-2's encoding. No special tokens:
-    context and endings are encoded separately and concatenated, so a BOS would land mid-sequence."""
-    folders = [spec, base]
-    adapter_config = Path(spec) / "adapter_config.json"
-    if adapter_config.is_file():
-        folders.append(json.loads(adapter_config.read_text()).get("base_model_name_or_path"))
-    for folder in folders:
-        if folder and (Path(folder) / "tokenizer.json").is_file():
-            from model import load_llama_tokenizer
-            tokenizer = load_llama_tokenizer(folder)
-            return lambda text: tokenizer.encode(text, add_special_tokens=False)
-    return None
-
-
 def main(argv=None):
     args = parse_args(argv)
     ddp = "RANK" in os.environ  # launched by torchrun
@@ -258,7 +249,7 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype == "bfloat16" and not device.startswith("cuda"):
-        raise SystemExit(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
+        raise ValueError(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
 
     if args.file is not None:
         path = args.file
@@ -272,12 +263,12 @@ def main(argv=None):
 
     from checkpoint import load_model  # our out_dir, an HF folder, or an adapter on its base
     model = load_model(args.model, base=args.base).to(device)
-    encode = checkpoint_encoder(args.model, args.base)
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    n_vocab = gpt2_encoding().n_vocab
-    if encode is None and vocab_size is not None and vocab_size < n_vocab:
-        raise SystemExit(f"{args.model}: vocab_size {vocab_size} < GPT-2's {n_vocab} tokens and no tokenizer.json "
-                         f"in the model folder: GPT-2's encoding does not fit this model")
+    try:
+        tokenizer = tokenizer_for(args.base or args.model, model.config.vocab_size)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"{args.model}: {e}") from None
+    # no special tokens: context and endings are encoded separately and concatenated, so a BOS would land mid-sequence
+    encode = partial(tokenizer.encode, add_special_tokens=False)
 
     result = evaluate(model, examples, device, encode=encode, batch_examples=args.batch_examples, rank=rank,
                       world_size=world_size, progress=rank == 0, amp=dtype == "bfloat16")
@@ -293,4 +284,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from atomic import atomic_path
-from tokenizer import EOT, gpt2_encoding
+from atomic import atomic_path, remove_stale_temps
+from tokenizer import tokenizer_for
 
 # held out for validation: one comedy, one roman play, one romance (~8% of the tokens)
 VAL_PLAYS = ("twelfth-night", "julius-caesar", "the-tempest")
@@ -154,30 +154,26 @@ def iter_fineweb_edu_docs(streaming=False):
 # documents -> tokens -> shards
 
 
-_hf_tokenizer = None  # set by use_tokenizer(): a checkpoint's own tokenizer instead of GPT-2's
+_tokenizer = None  # set by use_tokenizer(): GPT-2's, or a checkpoint's own (tokenizer.tokenizer_for)
 
 
 def use_tokenizer(model_dir):
-    """Tokenize with the tokenizer.json of a Hugging Face checkpoint (e.g. LLaMA) instead of GPT-2's.
+    """Tokenize with the tokenizer of a Hugging Face checkpoint (e.g. LLaMA's tokenizer.json); None: GPT-2's.
 
     Also the process-pool initializer, so every worker loads the same tokenizer."""
-    global _hf_tokenizer
-    from model.llama_tokenizer import load_llama_tokenizer
-    _hf_tokenizer = load_llama_tokenizer(model_dir) if model_dir else None
+    global _tokenizer
+    _tokenizer = tokenizer_for(model_dir)
 
 
 def tokenize(text):
-    """One document as token ids, prefixed by a document-boundary token: GPT-2's EOT, or for a checkpoint's
-    tokenizer its template (LLaMA: BOS). encode_ordinary: a literal "<|endoftext|>" in a web page is
-    tokenized as text, so EOT in a shard always means a real document boundary. uint16 holds GPT-2's and
-    LLaMA 2's vocabularies (< 2**16, half the disk of int32); larger ones (LLaMA 3: 128,256) need uint32."""
-    if _hf_tokenizer is None:
-        tokens, vocab_size = [EOT] + gpt2_encoding().encode_ordinary(text), 2**16
-    else:
-        tokens, vocab_size = _hf_tokenizer.encode(text), _hf_tokenizer.vocab_size
-    tokens = np.array(tokens, dtype=np.int64)
-    assert (0 <= tokens).all() and (tokens < vocab_size).all(), "token id out of the vocabulary"
-    return tokens.astype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+    """One document as token ids, starting with the tokenizer's document boundary (its template: GPT-2's
+    <|endoftext|>, LLaMA's BOS). A literal "<|endoftext|>" in a web page is tokenized as text, so EOT in a GPT-2
+    shard always means a real document boundary. uint16 holds GPT-2's and LLaMA 2's vocabularies (< 2**16, half
+    the disk of int32); larger ones (LLaMA 3: 128,256) need uint32."""
+    tokenizer = _tokenizer or tokenizer_for()
+    tokens = np.array(tokenizer.encode(text), dtype=np.int64)
+    assert (0 <= tokens).all() and (tokens < tokenizer.vocab_size).all(), "token id out of the vocabulary"
+    return tokens.astype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
 
 
 def tokenize_all(docs, num_proc=1):
@@ -185,7 +181,7 @@ def tokenize_all(docs, num_proc=1):
     if num_proc <= 1:
         yield from map(tokenize, docs)
         return
-    model_dir = _hf_tokenizer.model_dir if _hf_tokenizer is not None else None
+    model_dir = (_tokenizer or tokenizer_for()).model_dir
     with multiprocessing.Pool(num_proc, initializer=use_tokenizer, initargs=(model_dir,)) as pool:
         # imap keeps the input order (deterministic shards); chunksize amortizes the pickling per task
         yield from pool.imap(tokenize, docs, chunksize=16)
@@ -237,6 +233,7 @@ def write_shards(labelled_shards, out_dir, prefix):
     Returns one ShardResult per shard.
     """
     results = []
+    remove_stale_temps(out_dir)  # shards whose write was killed: redone below
     for index, (split, tokens) in enumerate(labelled_shards):
         path = shard_path(out_dir, prefix, split, index)
         if os.path.exists(path):
@@ -334,4 +331,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

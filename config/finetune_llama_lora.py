@@ -1,9 +1,9 @@
-# LoRA fine-tuning of a LLaMA checkpoint, the seeds' setting: r=16, alpha=16 on q_proj, k_proj, v_proj, o_proj.
+# LoRA fine-tuning of a LLaMA checkpoint: r=16, alpha=16 on q_proj, k_proj, v_proj, o_proj.
 # Token ids must be the checkpoint's own, so make the shards with its tokenizer.json (needs `pip install tokenizers`):
 #   python fineweb.py --source shakespeare-romances --tokenizer meta-llama/Llama-3.2-1B
 #       -> data/shakespeare_romances_Llama-3.2-1B   (a local folder works too: --tokenizer path/to/Llama-3.2-1B)
 #   python train.py config/finetune_llama_lora.py     (one GPU; torchrun for several)
-# For the MLP too: --lora_targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+# For the MLP too: --lora_targets='("q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj")'
 out_dir = "out-llama-lora"
 init_from = "meta-llama/Llama-3.2-1B"  # a local Hugging Face folder, or a hub name in the HF cache
 data_dir = "data/shakespeare_romances_Llama-3.2-1B"

@@ -22,14 +22,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from atomic import atomic_path
+from model.hf import read_json, read_safetensors, read_torch_weights
 from lora.inject import LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers, remove_lora
 
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
-GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 # adapter_config.json keys we read, or may ignore because they do not change what loading means
 USED = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out",
@@ -46,10 +46,10 @@ UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "trainable LoRA biases", "layers
                "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA", "megatron_config": "Megatron layers"}
 
 
-def is_gpt2(model) -> bool:
-    """Our GPT (Hugging Face GPT-2 names), whose HF twin uses Conv1D: PEFT's fan_in_fan_out=True."""
-    names = {n for n, _ in model.named_modules()}
-    return "transformer.wte" in names and any(n.endswith(".attn.c_attn") for n in names)
+def conv1d_names(model) -> tuple:
+    """The weights the model's Hugging Face twin stores transposed as Conv1D (GPT-2's projections, model/gpt.py):
+    PEFT then says fan_in_fan_out=True and stores modules_to_save in that layout. () for other models."""
+    return getattr(model, "CONV1D_NAMES", ())
 
 
 def save_adapter(model, path, base_model_name_or_path=None):
@@ -58,7 +58,7 @@ def save_adapter(model, path, base_model_name_or_path=None):
     layers = lora_layers(model)
     if config is None or not layers:
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers; apply_lora(model, config) first")
-    gpt2 = is_gpt2(model)
+    conv1d = conv1d_names(model)
     tensors = {}
     for name, layer in layers:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()  # (r, in)
@@ -66,12 +66,12 @@ def save_adapter(model, path, base_model_name_or_path=None):
     for module_name in _modules_to_save(model, config.modules_to_save):
         for key, t in model.get_submodule(module_name).state_dict().items():
             full = f"{module_name}.{key}"
-            tensors[PREFIX + full] = t.detach().t() if gpt2 and full.endswith(GPT2_CONV1D) else t.detach()
+            tensors[PREFIX + full] = t.detach().t() if conv1d and full.endswith(conv1d) else t.detach()
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     targets = config.targets if isinstance(config.targets, str) else list(config.targets)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout, "target_modules": targets, "fan_in_fan_out": gpt2,
+        "lora_dropout": config.dropout, "target_modules": targets, "fan_in_fan_out": bool(conv1d),
         "use_rslora": config.rslora, "bias": "none", "modules_to_save": list(config.modules_to_save) or None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "init_lora_weights": True,
         "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
@@ -92,13 +92,12 @@ def read_adapter(path):
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter folder "
                                 f"({CONFIG_NAME} + {WEIGHTS_NAME})")
-    with open(path / CONFIG_NAME) as f:
-        config = json.load(f)
-    check_peft_config(config, path)
+    config = read_json(path / CONFIG_NAME)
+    check_peft_config(config, path / CONFIG_NAME)
     if (path / WEIGHTS_NAME).is_file():
-        tensors = load_file(path / WEIGHTS_NAME)
+        tensors = read_safetensors(path / WEIGHTS_NAME)
     elif (path / LEGACY_WEIGHTS_NAME).is_file():  # restricted unpickler: tensors and plain containers only
-        tensors = torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        tensors = read_torch_weights(path / LEGACY_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) next to {CONFIG_NAME}")
     return config, tensors
@@ -112,6 +111,13 @@ def check_peft_config(config: dict, path="adapter"):
         raise ValueError(f"{path}: task_type={config['task_type']!r}; only CAUSAL_LM adapters fit our models")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={config['bias']!r} (trained base biases) is not supported; only 'none'")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{path}: \"r\" must be a positive int (the LoRA rank), got {r!r}"
+                         f"{' (missing)' if 'r' not in config else ''}; save the adapter again")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"{path}: \"lora_alpha\" must be a positive number, got {alpha!r}"
+                         f"{' (missing)' if 'lora_alpha' not in config else ''}; save the adapter again")
     if config.get("target_modules") in (None, "all-linear") or isinstance(config.get("target_modules"), dict):
         raise ValueError(f"{path}: target_modules={config.get('target_modules')!r} is not supported; "
                          f"it must be a list of module names or a regex")
@@ -152,8 +158,8 @@ def load_adapter(model, path, mode="split"):
     try:
         layers = dict(lora_layers(model))
         _check_same_layers(layers, lora, want, path)
-        to_copy = _match_modules_to_save(model, other, want, bool(config.get("fan_in_fan_out")) and is_gpt2(model),
-                                         path)
+        conv1d = conv1d_names(model) if config.get("fan_in_fan_out") else ()
+        to_copy = _match_modules_to_save(model, other, want, conv1d, path)
     except Exception:
         if applied_here:  # leave the model as we found it
             remove_lora(model)
@@ -197,7 +203,7 @@ def _check_same_layers(layers, lora, want, path):
                                  f"was made for a different base model")
 
 
-def _match_modules_to_save(model, other, want, transpose_conv1d, path):
+def _match_modules_to_save(model, other, want, conv1d, path):
     expected = {}
     for module_name in _modules_to_save(model, want.modules_to_save):
         for key, t in model.get_submodule(module_name).state_dict().items():
@@ -211,7 +217,7 @@ def _match_modules_to_save(model, other, want, transpose_conv1d, path):
         raise ValueError(f"{path}: modules_to_save tensors {', '.join(collapse_names(missing))} missing")
     to_copy = []  # checked before anything is written, so a bad adapter leaves the model untouched
     for key, target in expected.items():
-        t = other[key].t() if transpose_conv1d and key.endswith(GPT2_CONV1D) else other[key]
+        t = other[key].t() if conv1d and key.endswith(conv1d) else other[key]
         if t.shape != target.shape:
             raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(target.shape)}: the adapter was made for a different base model")

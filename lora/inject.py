@@ -9,7 +9,8 @@ Matching `targets` against qualified module names (the names of model.named_modu
     matches "transformer.h.3.attn.c_attn" and "ff.1" matches "layers.0.ff.1" (but "c_proj" also matches both the
     attention's and the MLP's c_proj: say "attn.c_proj" for one of them);
   - a single string: a regular expression that must match the whole name (re.fullmatch), e.g.
-    r"transformer\\.h\\.(10|11)\\.attn\\.c_attn" for the last two layers only.
+    r"transformer\\.h\\.(10|11)\\.attn\\.c_attn" for the last two layers only. A string with a comma (names
+    written as one string, "q_proj,v_proj") is refused: give names as a list.
 Only nn.Linear modules are adapted. A matched leaf that is not an nn.Linear (an Embedding, a LayerNorm) is an
 error; matched containers (e.g. ".*attn.*" also matching the attention block) are skipped.
 
@@ -28,7 +29,7 @@ Decisions worth knowing:
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 
 import torch.nn as nn
 
@@ -38,7 +39,7 @@ from lora.layer import MODES, LoRALinear
 @dataclass
 class LoRAConfig:
     r: int = 16
-    alpha: float = 16
+    alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple | list | str = ("c_attn",)  # GPT-2's fused q,k,v projection: PEFT's default for gpt2
     mode: str = "split"  # "split" | "fused", see lora/layer.py
@@ -55,11 +56,32 @@ class LoRAConfig:
         if self.mode == "fused" and self.dropout > 0:
             raise ValueError("LoRAConfig: mode='fused' needs dropout=0 (see lora/layer.py); use mode='split'")
         if isinstance(self.targets, str):
-            re.compile(self.targets)  # fail now on a bad regex
+            if "," in self.targets and "{" not in self.targets:
+                names = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+                raise ValueError(f"LoRA targets {self.targets!r} is a str, which is a regex over whole module names; "
+                                 f"for names give a list: {names!r} (train.py: --lora_targets='{names!r}'), "
+                                 f"or a regex such as '.*\\.({'|'.join(names)})'")
+            try:
+                re.compile(self.targets)  # fail now on a bad regex
+            except re.error as e:
+                raise ValueError(f"LoRA targets {self.targets!r} is not a valid regular expression ({e}); give "
+                                 f"module names, e.g. ('c_attn',), or fix the regex") from None
         elif not self.targets:
             raise ValueError("LoRAConfig.targets is empty: name at least one nn.Linear, e.g. ('c_attn',)")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = (self.modules_to_save,)
+
+
+# train.py's settings: every LoRAConfig field <name> is the key lora_<name> (lora_r, lora_alpha, lora_targets, ...)
+def lora_settings(prefix="lora_"):
+    """{"lora_r": 16, "lora_alpha": 16.0, ...}: LoRAConfig's fields with their defaults, under train.py's names."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(LoRAConfig)}
+    return {prefix + name: tuple(v) if isinstance(v, list) else v for name, v in defaults.items()}
+
+
+def lora_config_from(settings, prefix="lora_"):
+    """The LoRAConfig that the lora_<field> keys of `settings` (train.py's config) describe."""
+    return LoRAConfig(**{f.name: settings[prefix + f.name] for f in fields(LoRAConfig) if prefix + f.name in settings})
 
 
 def name_matches(name: str, targets) -> bool:
@@ -112,7 +134,8 @@ def _find_targets(model, targets):
                          f"Only nn.Linear layers can be adapted; train others fully with modules_to_save.")
     if not linears:
         existing = collapse_names(n for n, m in model.named_modules() if type(m) is nn.Linear)
-        raise ValueError(f"LoRA targets {targets!r} match no nn.Linear in {type(model).__name__}. "
+        regex = " (a str is a regex over whole names; names go in a tuple)" if isinstance(targets, str) else ""
+        raise ValueError(f"LoRA targets {targets!r} match no nn.Linear in {type(model).__name__}{regex}. "
                          f"Its nn.Linear layers are: {', '.join(existing) or '(none)'}")
     return linears
 

@@ -1,70 +1,21 @@
 """LoRALinear: a frozen nn.Linear plus a trainable low-rank update. The whole idea of LoRA lives here.
 
-The idea
---------
-Fine-tuning changes a pretrained weight W (out, in) into W + dW. LoRA (Hu et al., 2021) bets that the useful
-dW has low rank, and trains it in factored form:
-
+Fine-tuning changes a pretrained weight W (out, in) into W + dW. LoRA (Hu et al., 2021) trains dW in factored form:
     dW = s * B @ A        A: (r, in)   B: (out, r)   r << min(in, out)
     y  = x W^T + b + s * (x A^T) B^T
+W and b stay frozen (no gradient, no optimizer state); only r * (in + out) numbers per layer train (r=8 on GPT-2's
+c_attn, 768 -> 2304: 24,576 instead of 1,769,472). s = alpha / r, so a learning rate tuned at one rank roughly carries
+over; rsLoRA's s = alpha / sqrt(r) (`rslora=True`) keeps large ranks learning. A starts random (Kaiming, as PEFT) and
+B at zero: a fresh adapter leaves the model unchanged, and B gets a gradient at step one (with both zero, neither
+ever would: dA = s (dy B)^T x and dB = s dy^T (x A^T) would both be 0).
 
-W and b stay frozen: they get no gradient and no optimizer state. Only r * (in + out) numbers per layer train,
-e.g. r=8 on GPT-2's c_attn (768 -> 2304): 24,576 instead of 1,769,472 (1.4%).
-
-Shapes for a batch x (B, T, in): x A^T is (B, T, r), a thin "bottleneck"; (x A^T) B^T is (B, T, out), added to
-the frozen layer's output.
-
-Scaling s. With s = alpha / r, changing r (at fixed alpha) does not change the size of the update at init time, so
-a learning rate tuned at one rank roughly carries over. rsLoRA (Kalajdzievski, 2023) shows that for large r the
-update then shrinks too much and learning stalls; s = alpha / sqrt(r) keeps it stable (`rslora=True`).
-
-Initialization. A is random (Kaiming-uniform with a=sqrt(5), what nn.Linear uses, and what PEFT does) and B is
-zero, so B A = 0: a fresh adapter leaves the model exactly unchanged, and training starts from the pretrained
-function. Why not both zero? Then dA = s (dy B)^T x = 0 and dB = s dy^T (x A^T) = 0: no gradient ever flows. With
-A random and B zero, B gets a gradient at step one and A follows once B is nonzero.
-
-Two ways to compute the same thing (`mode`)
--------------------------------------------
-split:  y = x W^T + b + s * (dropout(x) A^T) B^T. Three GEMMs (one big, two thin); autograd does the backward.
-        The last thin GEMM adds into x W^T + b in place (addmm_), so no (N, out) temporary is made.
-
-fused:  y = x W'^T + b with W' = W + s B A. One big GEMM per forward, after forming W' (costs out*r*in, no N).
-        The backward is hand-written (`FusedLoRALinear` below). Let x be (N, in) with all leading dims flattened
-        into N tokens and dy = dL/dy (N, out). Differentiating y = x W'^T + b:
-
-            dx  = dy W'                              (N, out) @ (out, in)
-            dW' = dy^T x                             (out, in)  <- weight-sized, we never build it
-            dB  = s * dW' A^T = s * dy^T (x A^T)     (out, N) @ (N, r)
-            dA  = s * B^T dW' = s * (dy B)^T x       (r, N) @ (N, in)
-            db  = sum over the N tokens of dy
-
-        Associativity is the whole trick: (x A^T) and (dy B) are thin (N, r) tensors, so dA and dB cost
-        O(N r (in + out)) and no (out, in) gradient ever exists. Autograd on `x @ (W + s*B@A).T` would form dW'
-        (a full weight-sized gradient per layer per step), which is exactly what LoRA is meant to avoid.
-
-        Saved for backward: x, W, A, B. W, A, B are parameters (no extra memory), so only x is new - the same x
-        the frozen layer keeps anyway. W' is not saved but recomputed in the backward: saving it would hold one
-        extra weight-sized tensor per adapted layer from forward to backward (GPT-2 124M, c_attn only: 12 * 768 *
-        2304 * 4 bytes = 85 MB in fp32), while recomputing costs 2*out*r*in FLOPs, a fraction r/N of the dx GEMM.
-
-        Dropout on the LoRA input cannot be fused: the base term needs x, the LoRA term dropout(x), so there is no
-        single W'. A fused layer with dropout > 0 is therefore an error (use split, or dropout=0).
-
-Cost (N tokens, multiply-add = 2 FLOPs):
-    split forward   2*N*in*out + 2*N*r*(in+out)          fused forward  2*N*in*out + 2*out*r*in
-    backward (both) 2*N*in*out (dx) + about 4*N*r*(in+out) (dA, dB and the thin products they need)
-The FLOPs barely differ when r << in, out. What differs is memory traffic and kernel count: x A^T reads all of x
-(N x in) to do r/out of the big GEMM's math, so the thin GEMMs are memory-bound; fused reads x once in the forward
-and skips split's extra read and write of the (N, out) output, but reads and writes W' (out x in) instead. The
-activations kept for backward are about the same (x; split also keeps x A^T, N*r numbers). Measure on your GPU
-(bench/) before believing either way.
-
-Merging. After training, fold s B A into W: the layer becomes a plain F.linear, as fast as the original nn.Linear.
-`merge()` / `unmerge()` here are reversible (up to fp32 rounding: W + sBA - sBA is not bit-exact).
-
-Names. Like loralib, the frozen weight keeps the name `weight` (and `bias`), so this module's state dict is
-{weight, bias, lora_A, lora_B} and `transformer.h.0.attn.c_attn.weight` from a plain checkpoint loads unchanged
-into the adapted model.
+Two ways to compute the same y (`mode`):
+    split   x W^T + b + s (dropout(x) A^T) B^T: one big GEMM and two thin ones; autograd does the backward
+    fused   x (W + s B A)^T + b: one big GEMM after forming W' = W + s B A; a hand-written backward
+            (FusedLoRALinear) never builds a weight-sized gradient. No dropout: no single W' serves x and dropout(x)
+Which is faster depends on the token count and the shapes: the cost model and the measurements are in
+bench/fused_vs_split.py and bench/results/. merge() folds s B A into W (a plain F.linear; unmerge() undoes it up to
+rounding). As in loralib, the frozen weight keeps the name `weight`, so a plain checkpoint loads unchanged.
 """
 import math
 
@@ -76,7 +27,7 @@ MODES = ("split", "fused")
 
 
 class FusedLoRALinear(torch.autograd.Function):
-    """y = x (W + s B A)^T + b with the backward derived in the module docstring (no weight-sized gradient).
+    """y = x (W + s B A)^T + b, with a backward (derived inside it) that builds no weight-sized gradient.
 
     custom_fwd/custom_bwd (device_type="cuda") make the backward run under the same autocast state as the forward,
     so under torch.autocast(bfloat16) the GEMMs run in bf16 in both directions. Gradients are returned in the
@@ -87,6 +38,10 @@ class FusedLoRALinear(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         merged_weight = torch.addmm(weight, lora_B, lora_A, alpha=scaling)  # W + s*B@A: (out, in), temporary
+        # saved: x, W, A, B. W, A, B are parameters (no extra memory), so only x is new, the same x the frozen layer
+        # keeps anyway. W' is not saved but recomputed in backward: keeping it would hold one more weight-sized
+        # tensor per layer until backward (GPT-2 124M, c_attn only: 12 * 768 * 2304 * 4 bytes = 85 MB in fp32), while
+        # recomputing costs 2*out*r*in FLOPs, a fraction r/N of the dx GEMM
         ctx.save_for_backward(x, weight, lora_A, lora_B)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
@@ -95,13 +50,23 @@ class FusedLoRALinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
+        # x (N, in) with the leading dims flattened into N tokens, dy = dL/dy (N, out). Differentiating
+        # y = x W'^T + b with W' = W + s B A:
+        #     dx  = dy W'                              (N, out) @ (out, in)
+        #     dW' = dy^T x                             (out, in): weight-sized, never built
+        #     dB  = s * dW' A^T = s * dy^T (x A^T)     (out, N) @ (N, r)
+        #     dA  = s * B^T dW' = s * (dy B)^T x       (r, N) @ (N, in)
+        #     db  = dy summed over the N tokens
+        # Associativity is the whole trick: (x A^T) and (dy B) are thin (N, r), so dA and dB cost O(N r (in + out))
+        # and no (out, in) gradient exists. Autograd on x @ (W + s*B@A).T would form dW', a full weight-sized
+        # gradient per layer per step: exactly what LoRA is meant to avoid.
         x, weight, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scaling
         need_x, need_w, need_b, need_A, need_B, _ = ctx.needs_input_grad
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         dy = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         dx = dw = db = dA = dB = None
-        if need_x:  # recompute W' rather than keep it alive since the forward (see module docstring)
+        if need_x:  # recompute W' rather than keep it alive since the forward (see forward)
             merged_weight = torch.addmm(weight, lora_B, lora_A, alpha=s)  # (out, in)
             dx = (dy @ merged_weight.to(dy.dtype)).reshape(x.shape).to(x.dtype)  # (..., in)
         if need_A:

@@ -1,16 +1,36 @@
-"""Models written out by hand, with Hugging Face's module names: GPT-2 and LLaMA."""
+"""Models written out by hand, with Hugging Face's module names: GPT-2 and LLaMA.
+
+MODELS is the one place that knows the model families: config.json's `model_type` -> class. Loading a Hugging Face
+folder, rebuilding a checkpoint, train.py's `model_type` and adapter saving all go through it. A third family is a
+new file with a CausalLM subclass (model/lm.py says what it provides) and one entry here.
+"""
 from .gpt import GPT, GPTConfig
 from .hf import load_hf_config, resolve_model_dir
 from .llama import LLaMA, LLaMAConfig
 from .llama_tokenizer import load_llama_tokenizer
 
+MODELS = {cls.model_type: cls for cls in (GPT, LLaMA)}
 
-def load_pretrained(name_or_path, dtype=None):
-    """A Hugging Face folder (or cached hub name) as our GPT or LLaMA, chosen by config.json's model_type."""
+
+def model_class(model_type):
+    """The class for a model_type ('gpt2', 'llama')."""
+    if model_type not in MODELS:
+        raise ValueError(f"model_type {model_type!r} is not supported: use one of {', '.join(map(repr, MODELS))}")
+    return MODELS[model_type]
+
+
+def build_model(model_type, model_args):
+    """A freshly initialised model from its model_type and config dict (config_dict() gives it back)."""
+    cls = model_class(model_type)
+    return cls(cls.config_class(**model_args))
+
+
+def load_pretrained(name_or_path, dtype=None, **overrides):
+    """A Hugging Face folder (or cached hub name) as our model of its config.json's model_type.
+    `overrides` may set dropout."""
     model_dir = resolve_model_dir(name_or_path)
-    model_type = load_hf_config(model_dir).get("model_type")
-    if model_type == "gpt2":
-        return GPT.from_pretrained(model_dir, dtype=dtype)
-    if model_type == "llama":
-        return LLaMA.from_pretrained(model_dir, dtype=dtype)
-    raise ValueError(f"{model_dir}: model_type {model_type!r} is not supported (gpt2 or llama)")
+    try:
+        cls = model_class(load_hf_config(model_dir).get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"{model_dir}: {e}") from None
+    return cls.from_pretrained(model_dir, dtype=dtype, **overrides)

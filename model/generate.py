@@ -1,8 +1,4 @@
-"""Autoregressive sampling with a KV cache, shared by GPT and LLaMA.
-
-Without a cache, every new token re-runs the model over the whole sequence: O(T^2) work for T tokens.
-With a cache, each attention layer keeps the keys and values it has already computed. We run the
-prompt once ("prefill"), then feed one token per step; that step's attention reads the cached K/V.
+"""Autoregressive sampling, shared by GPT and LLaMA (the KV cache itself is in model/attention.py).
 
 A model that supports this provides:
     model.max_seq_len                            positions it can attend over
@@ -11,55 +7,6 @@ A model that supports this provides:
 """
 import torch
 import torch.nn.functional as F
-
-
-class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim) each.
-
-    `pos` is how many positions are filled. Each layer calls `update` with its new k, v (B, H, T, D);
-    the model advances `pos` by T once all layers have run.
-    """
-
-    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
-
-    def update(self, layer, k, v):
-        T = k.size(2)
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache is full: {self.pos} + {T} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]  # (B, H, pos+T, D)
-
-
-def cached_attention(q, k, v, kv_cache, layer, dropout_p=0.0):
-    """Causal attention, optionally through a KV cache. q (B, H, T, D); k, v (B, H_kv, T, D).
-
-    Grouped-query attention: when H_kv < H, each K/V head serves H // H_kv query heads.
-    """
-    T = q.size(2)
-    if kv_cache is None or kv_cache.pos == 0:
-        is_causal, mask = True, None  # plain causal attention over these T positions
-        if kv_cache is not None:
-            kv_cache.update(layer, k, v)
-    else:
-        k, v = kv_cache.update(layer, k, v)  # (B, H_kv, pos+T, D)
-        past = k.size(2) - T
-        if T == 1:
-            is_causal, mask = False, None  # the newest token may see everything before it
-        else:
-            # query i sits at absolute position past+i and may see keys 0..past+i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
-            is_causal = False
-    if k.size(1) != q.size(1):
-        repeat = q.size(1) // k.size(1)
-        k = k.repeat_interleave(repeat, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -7,16 +7,15 @@ One difference: Hugging Face stores GPT-2's projections as `Conv1D` with weight 
 
 Shapes: B batch, T sequence length, C = n_embd channels, H = n_head heads, D = C // H head size.
 """
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .generate import KVCache, cached_attention, generate
+from .attention import KVCache, cached_attention
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
-from .optim import configure_adamw
+from .lm import CausalLM
 
 
 @dataclass
@@ -58,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one GEMM
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_init = True  # GPT-2 scales the init of residual projections (see _init_weights)
+        self.c_proj.residual_init = True  # GPT-2 scales the init of residual projections (see init_weights)
         self.n_head, self.dropout, self.layer_idx = config.n_head, config.dropout, layer_idx
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -101,7 +100,10 @@ class Block(nn.Module):
         return x
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
+    model_type, config_class = "gpt2", GPTConfig
+    CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -117,13 +119,15 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
         self.apply(lambda module: init_weights(module, config.n_layer))
 
+    @staticmethod
+    def scratch_config(s):
+        """GPTConfig from train.py's settings, for init_from='scratch'."""
+        return GPTConfig(block_size=s["block_size"], vocab_size=s["vocab_size"], n_layer=s["n_layer"],
+                         n_head=s["n_head"], n_embd=s["n_embd"], dropout=s["dropout"], bias=s["bias"])
+
     @property
     def max_seq_len(self):
         return self.config.block_size
-
-    def num_params(self):
-        """Parameters counted once (the tied lm_head/wte matrix is one tensor)."""
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None):
         B, T = idx.size()
@@ -134,8 +138,6 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab)
         return logits, next_token_loss(logits, targets)
@@ -144,21 +146,7 @@ class GPT(nn.Module):
         c, p = self.config, self.lm_head.weight
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
-                 generator=None):
-        """idx (B, T) -> (B, T + new). Several samples of one prompt: repeat the prompt along B."""
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
-        """AdamW; weight decay on matrices and embeddings (dim >= 2), not on biases and LayerNorm gains.
-
-        Only parameters with requires_grad are handed over, so a LoRA model's frozen base stays out.
-        """
-        return configure_adamw(self, weight_decay, learning_rate, betas, device_type, verbose)
-
     # ---- Hugging Face checkpoints ------------------------------------------------------------------
-    CONV1D_NAMES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, **overrides):
         """Load a Hugging Face GPT-2 folder (or a hub name found in the local cache).
@@ -167,9 +155,9 @@ class GPT(nn.Module):
         """
         model_dir = resolve_model_dir(name_or_path)
         hf = load_hf_config(model_dir)
-        if hf.get("model_type") != "gpt2":
-            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not 'gpt2'; "
-                             f"use LLaMA.from_pretrained or model.load_pretrained for other architectures")
+        if hf.get("model_type") != cls.model_type:
+            raise ValueError(f"{model_dir}: config.json has model_type={hf.get('model_type')!r}, not "
+                             f"{cls.model_type!r}; model.load_pretrained picks the class by model_type")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{model_dir}: activation_function={hf['activation_function']!r} is not supported "
                              f"(our GPT uses GPT-2's tanh GELU)")
@@ -206,7 +194,7 @@ class GPT(nn.Module):
 
     def hf_config(self):
         c = self.config
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+        return {"model_type": self.model_type, "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
                 "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
                 "n_head": c.n_head, "layer_norm_epsilon": c.layer_norm_eps, "activation_function": "gelu_new",
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
@@ -223,7 +211,3 @@ class GPT(nn.Module):
                 continue
             sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
         save_hf_folder(model_dir, self.hf_config(), sd)
-
-    def config_dict(self):
-        return asdict(self.config)
-

@@ -17,16 +17,16 @@ Shapes: B batch, T sequence length, C = n_embd, H = n_head, H_kv = n_kv_head, D 
 checkpoint says otherwise), F = intermediate_size, V = vocab_size.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .generate import KVCache, cached_attention, generate
+from .attention import KVCache, cached_attention
 from .gpt import init_weights, next_token_loss
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
-from .optim import configure_adamw
+from .lm import CausalLM
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -182,7 +182,9 @@ class Block(nn.Module):
         return x
 
 
-class LLaMA(nn.Module):
+class LLaMA(CausalLM):
+    model_type, config_class = "llama", LLaMAConfig
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -200,13 +202,18 @@ class LLaMA(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one tensor, two uses
 
+    @staticmethod
+    def scratch_config(s):
+        """LLaMAConfig from train.py's settings, for init_from='scratch' (n_kv_head 0: n_head; intermediate_size 0:
+        8/3 n_embd rounded up to a multiple of 256, as Llama 2)."""
+        return LLaMAConfig(vocab_size=s["vocab_size"], n_embd=s["n_embd"], n_layer=s["n_layer"], n_head=s["n_head"],
+                           n_kv_head=s["n_kv_head"] or s["n_head"], max_seq_len=s["block_size"],
+                           rope_theta=s["rope_theta"], dropout=s["dropout"],
+                           intermediate_size=s["intermediate_size"] or 256 * math.ceil(8 * s["n_embd"] / 3 / 256))
+
     @property
     def max_seq_len(self):
         return self.config.max_seq_len
-
-    def num_params(self):
-        """Parameters counted once (a tied lm_head/embed_tokens matrix is one tensor)."""
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, kv_cache=None):
         B, T = idx.size()
@@ -218,26 +225,12 @@ class LLaMA(nn.Module):
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.pos += T
         logits = self.lm_head(self.model.norm(x))  # (B, T, V)
         return logits, next_token_loss(logits, targets)
 
     def make_kv_cache(self, batch_size, max_len):
         c, p = self.config, self.lm_head.weight
         return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, p.device, p.dtype)  # H_kv heads
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
-                 generator=None):
-        """idx (B, T) -> (B, T + new). Several samples of one prompt: repeat the prompt along B."""
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
-        """AdamW (model/optim.py): decay on matrices and embeddings, not on RMSNorm gains or biases."""
-        return configure_adamw(self, weight_decay, learning_rate, betas, device_type, verbose)
-
-    def config_dict(self):
-        return asdict(self.config)
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------------------
     @classmethod
@@ -278,7 +271,7 @@ class LLaMA(nn.Module):
 
     def hf_config(self):
         c = self.config
-        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
+        return {"model_type": self.model_type, "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
                 "hidden_size": c.n_embd, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layer,
                 "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
                 "hidden_act": "silu", "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.rms_norm_eps,
@@ -298,9 +291,9 @@ class LLaMA(nn.Module):
 
 def config_from_hf(hf):
     """LLaMAConfig keyword arguments from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
-    if hf.get("model_type") != "llama":
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not 'llama'; use "
-                         f"GPT.from_pretrained or model.load_pretrained for other architectures")
+    if hf.get("model_type") != LLaMA.model_type:
+        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not {LLaMA.model_type!r}; "
+                         f"model.load_pretrained picks the class by model_type")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses silu)")
     # transformers 4.x: top-level rope_theta + rope_scaling {"rope_type" or "type": ...};

@@ -20,6 +20,7 @@ class LLaMATokenizer:
 
     def __init__(self, tokenizer, bos_id=None, eos_id=None, model_dir=None):
         self.tokenizer, self.bos_id, self.eos_id, self.model_dir = tokenizer, bos_id, eos_id, model_dir
+        self.name = f"the tokenizer.json of {model_dir}"
 
     @property
     def vocab_size(self):

@@ -21,8 +21,8 @@ def configure_adamw(model, weight_decay, learning_rate, betas, device_type, verb
               f"with {sum(p.numel() for p in nodecay_params):,} parameters")
     groups = [{"params": decay_params, "weight_decay": weight_decay},
               {"params": nodecay_params, "weight_decay": 0.0}]
-    # the fused kernel does the whole update in one pass instead of a loop of elementwise ops per tensor:
-    # on CUDA, and on CPU since torch 2.4, our minimum (GPT-2 124M on 2 CPU cores: 65 ms instead of 430 ms per step)
+    # the fused kernel does the whole update in one pass instead of a loop of elementwise ops per tensor: on CUDA,
+    # and on CPU since torch 2.4, our minimum (measured in bench/train_defaults.py, results in bench/results/)
     use_fused = device_type in ("cuda", "cpu")
     extra = dict(fused=True) if use_fused else dict()
     if verbose:

@@ -147,13 +147,15 @@ def test_vs_peft_trains_the_same_parameters_as_peft_and_transformers(tmp_path):
     trainable = {r["name"]: r["trainable"] for r in rows}
     assert trainable["ours-lora"] == trainable["peft-lora"] == LORA_R2
     assert trainable["ours-full"] == trainable["hf-full"]
-    assert {w for w, _, _ in ratios} >= {"ours-lora / peft-lora", "ours-full / hf-full", "ours-lora / ours-full"}
+    assert {w for w, _ in ratios} >= {"ours-lora / peft-lora", "ours-full / hf-full", "ours-lora / ours-full"}
     assert (tmp_path / "cpu_vs_peft.md").exists()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
 def test_timings_taken_while_another_process_burns_cpu_are_thrown_away(monkeypatch):
     monkeypatch.setattr(timing, "CHUNK_S", 0.2)
+    # one busy core is 1/cpu_count of the machine: half of that is the limit, whatever the core count
+    monkeypatch.setattr(timing, "NOISE_LIMIT", 0.5 / (os.cpu_count() or 1))
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one core fully busy
     try:
         time.sleep(0.2)  # let it start

@@ -45,8 +45,13 @@ def test_int_is_accepted_for_a_float_key():
     assert configure(DEFAULTS, ["--max_lr=1"]) == {"max_lr": 1.0}
 
 
-def test_comma_list_flag_becomes_a_tuple():
-    assert configure(DEFAULTS, ["--lora_targets=q_proj,v_proj"]) == {"lora_targets": ("q_proj", "v_proj")}
+def test_a_flag_and_a_config_file_give_lora_targets_the_same_value(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text('lora_targets = ("q_proj", "v_proj")\n')
+    flag = configure(DEFAULTS, ["""--lora_targets=("q_proj","v_proj")"""])
+    assert flag == configure(DEFAULTS, [str(cfg)]) == {"lora_targets": ("q_proj", "v_proj")}
+    cfg.write_text('lora_targets = r".*\\.(q|v)_proj"\n')
+    assert configure(DEFAULTS, [r"--lora_targets=.*\.(q|v)_proj"]) == configure(DEFAULTS, [str(cfg)])
 
 
 def test_none_default_accepts_any_value():
@@ -63,11 +68,24 @@ def train_defaults():
     source = (ROOT / "train.py").read_text()
     section = source[source.index("# config:"):source.index("from configurator import")]
     namespace = {}
-    exec(section, {}, namespace)
-    return namespace
+    exec(section, namespace)  # one dict: the section's globals().update(lora_settings()) lands in it too
+    return {k: v for k, v in namespace.items() if not k.startswith("_")}
 
 
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "config").glob("*.py")))
 def test_every_shipped_config_file_sets_only_known_keys_of_the_right_type(config_file):
     overrides = configure(train_defaults(), [str(ROOT / "config" / config_file)])
     assert overrides  # a config file that sets nothing is a mistake
+
+
+def test_every_lora_config_field_is_a_train_key_that_reaches_lora_config():
+    from dataclasses import fields
+
+    from lora import LoRAConfig, lora_config_from
+    defaults = train_defaults()
+    assert {f"lora_{f.name}" for f in fields(LoRAConfig)} <= set(defaults)
+    settings = {**defaults, **configure(defaults, ["--lora_r=4", "--lora_rslora=True", "--lora_alpha=8",
+                                                   """--lora_modules_to_save=("ln_f",)"""])}
+    config = lora_config_from(settings)
+    assert (config.r, config.alpha, config.rslora, config.modules_to_save) == (4, 8.0, True, ("ln_f",))
+    assert config.targets == ("c_attn",) and config.mode == "split"  # LoRAConfig's defaults where nothing is set

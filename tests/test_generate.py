@@ -1,4 +1,4 @@
-"""KV-cache generation (model/generate.py) for GPT and LLaMA: the cache must not change what the model computes.
+"""KV-cache generation (model/attention.py, model/generate.py) for GPT and LLaMA: the cache must not change what the model computes.
 
 The reference is always the plain full-sequence forward pass, which has no cache at all.
 """
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, LLaMA, LLaMAConfig
+from model.attention import KVCache
 from model.generate import sample_next
 
 VOCAB = 97
@@ -55,6 +56,17 @@ def test_cached_logits_at_each_step_equal_full_forward(model):
         steps += [model(seq[:, t:t + 1], kv_cache=cache)[0] for t in range(8, 30)]
     assert cache.pos == 30
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_kv_cache_advances_once_every_layer_has_stored_the_new_positions():
+    cache = KVCache(n_layer=2, batch_size=1, n_kv_head=1, max_len=8, head_dim=2, device="cpu", dtype=torch.float32)
+    k0 = torch.ones(1, 1, 3, 2)
+    keys, _ = cache.update(0, k0, k0)
+    assert cache.pos == 0 and keys.shape == (1, 1, 3, 2)  # layer 1 still has to store the same 3 positions
+    cache.update(1, 2 * k0, 2 * k0)
+    assert cache.pos == 3
+    keys, _ = cache.update(0, 3 * k0[:, :, :1], 3 * k0[:, :, :1])  # the next token goes after the first three
+    assert keys[0, 0, :, 0].tolist() == [1.0, 1.0, 1.0, 3.0]
 
 
 def test_multi_token_step_after_a_filled_cache_equals_full_forward(model):

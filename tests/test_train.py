@@ -41,7 +41,7 @@ def run_train(argv, monkeypatch):
     monkeypatch.chdir(ROOT)
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    return runpy.run_path(str(ROOT / "train.py"), run_name="__main__")  # the run's globals
 
 
 def read_log(out_dir):
@@ -129,7 +129,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     with pytest.raises(SystemExit) as exit_info:
         run_train(tiny_flags(tmp_path, checkpoint_interval=2, eval_interval=0), monkeypatch)
     assert exit_info.value.code == 1
-    assert "step 4: loss is nan" in capsys.readouterr().out
+    assert "step 4: the loss is nan" in capsys.readouterr().out
     saved = checkpoint.read_checkpoint(tmp_path / "out")
     assert saved["step"] == 4
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
@@ -141,7 +141,7 @@ def run_torchrun(argv, script="train.py"):
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("extra", [{}, {"lora_r": 4, "lora_targets": "c_attn,c_fc"}], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [{}, {"lora_r": 4, "lora_targets": ("c_attn", "c_fc")}], ids=["full", "lora"])
 def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_path, monkeypatch, extra):
     write_shards(tmp_path / "data")
     # one process: 4 micro-steps of 4 x 16 tokens per step
@@ -220,3 +220,22 @@ def test_hellaswag_runs_in_training_and_logs_the_score_of_the_model_at_that_step
     fresh = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
     expected = eval_hellaswag.evaluate(fresh, eval_hellaswag.load_examples(jsonl), "cpu")["acc_norm"]
     assert log[0]["hellaswag_acc_norm"] == expected
+
+
+def dropout_probabilities(model):
+    """Every dropout probability in the model: nn.Dropout modules and the attention's own (a float attribute)."""
+    return ({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+            | {m.dropout for m in model.modules() if isinstance(getattr(m, "dropout", None), float)})
+
+
+def test_dropout_applies_to_a_llama_from_scratch_a_loaded_out_dir_and_a_resumed_run(tmp_path, monkeypatch):
+    write_shards(tmp_path / "data")
+    flags = dict(model_type="llama", max_steps=2, eval_interval=0)
+    run = run_train(tiny_flags(tmp_path, dropout=0.1, **flags), monkeypatch)
+    assert dropout_probabilities(run["raw_model"]) == {0.1}
+    run = run_train(tiny_flags(tmp_path, dropout=0.2, init_from=tmp_path / "out", out_dir=tmp_path / "ft", **flags),
+                    monkeypatch)
+    assert dropout_probabilities(run["raw_model"]) == {0.2}
+    run = run_train(tiny_flags(tmp_path, dropout=0.3, init_from="resume", out_dir=tmp_path / "ft",
+                               **{**flags, "max_steps": 3}), monkeypatch)
+    assert dropout_probabilities(run["raw_model"]) == {0.3}
