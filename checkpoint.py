@@ -7,7 +7,7 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
     lora         the LoRAConfig as a dict, or None;  base: the model the run started from (None: scratch), which
                  for a LoRA run is its frozen base
     base_fingerprint  a LoRA run's fingerprint(base) when it started: loading it on another base is refused
-    optimizer    AdamW state;  step: the next step to run;  config: the training config
+    optimizer    AdamW state, keyed by parameter name;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
                  exactly where it stopped
@@ -62,23 +62,30 @@ def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_
                     rng_states=None, base_fingerprint=None):
     """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact.
 
-    rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG."""
+    model: the plain module, or the FSDP-sharded one (never a DDP wrapper). Under torch.distributed every rank
+    calls this: FSDP's shards are gathered to rank 0, which writes; all return once the file is on disk. The file
+    is the same whether one process, DDP or FSDP wrote it (optimizer state keyed by parameter name), so a run
+    resumes under any of them. rng_states: one rng_state(device) per rank, gathered by the caller; None means
+    this process's CPU RNG."""
+    import torch.distributed as dist
+    from parallel import gather_state, is_rank0, optimizer_state
+    state = model.state_dict()  # sharded under FSDP: filtered before anything is gathered
     if lora_config is not None:
         from lora import lora_state_dict
-        model_sd = lora_state_dict(model)
-        lora = dataclasses.asdict(lora_config)
-    else:
-        model_sd = model.state_dict()
-        lora = None
-    checkpoint = {
-        "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
-        "lora": lora, "base": base, "base_fingerprint": base_fingerprint,
-        "optimizer": optimizer.state_dict(), "step": step,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-        "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()],
-    }
-    with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
-        torch.save(checkpoint, tmp)
+        state = lora_state_dict(model, state)
+    model_sd, optim_sd = gather_state(state), optimizer_state(model, optimizer)
+    if is_rank0():
+        checkpoint = {
+            "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
+            "lora": dataclasses.asdict(lora_config) if lora_config is not None else None, "base": base,
+            "base_fingerprint": base_fingerprint, "optimizer": optim_sd, "step": step,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()],
+        }
+        with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
+            torch.save(checkpoint, tmp)
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on (or exits) before the file is whole
 
 
 def read_checkpoint(path):

@@ -21,8 +21,9 @@ the optimizer state keyed by parameter name), so a DDP checkpoint resumes under 
 """
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 PARALLEL = ("ddp", "fsdp")
@@ -63,24 +64,86 @@ def is_sharded(model):
     return hasattr(model, "set_requires_gradient_sync")
 
 
-def full_state(model, optimizer=None):
-    """(model state dict, optimizer state dict) gathered to rank 0 on the CPU (other ranks get empty dicts).
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
 
-    Every rank must call it (FSDP all-gathers). Works for a plain or DDP'd module too, so both formats agree:
-    the optimizer state is keyed by parameter names, not by position.
-    """
-    model_sd = get_model_state_dict(model, options=FULL) if is_sharded(model) else model.state_dict()
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL) if optimizer is not None else None
-    if is_sharded(model) and dist.get_rank() != 0:
-        return {}, {}
-    return model_sd, optim_sd
+
+def local(t):
+    """This rank's part of a tensor: its shard of an FSDP DTensor, the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def all_ranks_true(flag, device):
+    """True when `flag` holds on every rank (under FSDP each rank checks only its own shards)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(int(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def gather_state(state):
+    """{name: tensor} with every FSDP shard gathered: whole CPU tensors on rank 0, {} on the other ranks.
+
+    Every rank must call it under FSDP (each gather is a collective). Filter first (e.g. lora_state_dict), gather
+    after: a LoRA run then moves only its adapter, never the frozen base. A tensor under two names (GPT-2's tied
+    wte/lm_head) is gathered once and stays one tensor."""
+    out, done = {}, {}
+    for name, t in state.items():
+        if id(t) not in done:
+            whole = t.full_tensor() if isinstance(t, DTensor) else t
+            done[id(t)] = whole.detach().cpu() if is_rank0() else None
+        if is_rank0():
+            out[name] = done[id(t)]
+    return out
+
+
+def optimizer_state(model, optimizer):
+    """The optimizer state keyed by parameter names, gathered to rank 0 on the CPU ({} on the other ranks).
+
+    `model` is the plain or FSDP-sharded module (not a DDP wrapper). Names, not positions: the same file for one
+    process, DDP and FSDP. Every rank must call it under FSDP."""
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def full_state(model, optimizer=None):
+    """(model state dict, optimizer state dict) gathered to rank 0 on the CPU (other ranks get empty dicts)."""
+    return gather_state(model.state_dict()), optimizer_state(model, optimizer) if optimizer is not None else None
 
 
 def load_optimizer_state(model, optimizer, optim_sd):
-    """Load a name-keyed full optimizer state (from full_state) into a plain or sharded model's optimizer."""
+    """Load a name-keyed full optimizer state (from optimizer_state) into a plain or sharded model's optimizer.
+
+    Every rank passes the whole state; FSDP keeps each rank's shard of it. An older checkpoint's state keyed by
+    position (optimizer.state_dict()) is renamed first: the positions are configure_optimizers' parameter order."""
+    if any(isinstance(k, int) for k in optim_sd["state"]) or any(
+            isinstance(k, int) for g in optim_sd["param_groups"] for k in g["params"]):
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]  # position -> name
+        optim_sd = {"state": {names[i]: s for i, s in optim_sd["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                     for g in optim_sd["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+
+def plain_copy(model):
+    """An unsharded copy of an FSDP model on rank 0's CPU, with its LoRA layers (None on the other ranks); the model
+    itself when it is not sharded. For what needs whole weights in one place: merge_on_save's merged export.
+    Every rank must call it under FSDP."""
+    if not is_sharded(model):
+        return model
+    state = gather_state(model.state_dict())
+    if not is_rank0():
+        return None
+    from model import build_model
+    copy = build_model(model.model_type, model.config_dict())  # the registry: the same class and config
+    if getattr(model, "lora_config", None) is not None:
+        from lora import apply_lora
+        apply_lora(copy, model.lora_config)
+    copy.load_state_dict(state)
+    return copy
 
 
 def local_numel(model):
     """Parameter elements this rank holds (its shards under fsdp, everything under ddp)."""
-    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    return sum(local(p).numel() for p in model.parameters())

@@ -87,6 +87,7 @@ CHECKS = {
                                                              "'auto', 'float32', 'bfloat16' or 'float16'",   LAUNCH),
     "device":              (device_name,                     "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",     LAUNCH),
     "seed":                (at_least(0),                     ">= 0",                                         FIXED),
+    "parallel":            (one_of("ddp", "fsdp"),           "'ddp' or 'fsdp'",                              LAUNCH),
     "overwrite":           (one_of(True, False),             "True or False",                                LAUNCH),
     "lora_r":              (at_least(0),                     ">= 0 (0 = no LoRA: train every weight)",       FIXED),
     "lora_alpha":          (at_least(1e-300),                "a positive number",                            FIXED),
@@ -111,6 +112,9 @@ RELATIONS = [
     (lambda c: c["sample_interval"] == 0 or len(c["sample_prompt"]) > 0,
      lambda c: "sample_prompt='' is empty: samples continue a prompt; give one (e.g. --sample_prompt='\\n') or "
                "--sample_interval=0"),
+    (lambda c: not (c.get("parallel") == "fsdp" and c["dtype"] == "float16"),
+     lambda c: "dtype='float16' with parallel='fsdp': float16's loss scaling would skip steps on some ranks only; "
+               "use --dtype=bfloat16 (FSDP's mixed precision) or --dtype=float32"),
     (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),
      lambda c: f"lora_mode='fused' needs lora_dropout=0 (got {c['lora_dropout']}): use lora_mode='split'"),
 ]

@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from atomic import atomic_path
 from model.hf import read_json, read_safetensors, read_torch_weights
-from lora.inject import LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers, remove_lora
+from lora.inject import (LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers, lora_state_dict,
+                         remove_lora)
 
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -52,21 +53,21 @@ def conv1d_names(model) -> tuple:
     return getattr(model, "CONV1D_NAMES", ())
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
-    """Write adapter_config.json + adapter_model.safetensors (PEFT format) into folder `path`, atomically each."""
+def save_adapter(model, path, base_model_name_or_path=None, state=None):
+    """Write adapter_config.json + adapter_model.safetensors (PEFT format) into folder `path`, atomically each.
+
+    state: the adapter's tensors as lora_state_dict(model) gives them (default); an FSDP run passes them gathered
+    to rank 0, its model holding only shards."""
     config = getattr(model, "lora_config", None)
-    layers = lora_layers(model)
-    if config is None or not layers:
+    if config is None or not lora_layers(model):
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers; apply_lora(model, config) first")
     conv1d = conv1d_names(model)
     tensors = {}
-    for name, layer in layers:
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()  # (r, in)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()  # (out, r)
-    for module_name in _modules_to_save(model, config.modules_to_save):
-        for key, t in model.get_submodule(module_name).state_dict().items():
-            full = f"{module_name}.{key}"
-            tensors[PREFIX + full] = t.detach().t() if conv1d and full.endswith(conv1d) else t.detach()
+    for key, t in (lora_state_dict(model) if state is None else state).items():
+        if key.endswith((".lora_A", ".lora_B")):  # (r, in), (out, r): PEFT's names end in .weight
+            tensors[f"{PREFIX}{key}.weight"] = t.detach()
+        else:  # a modules_to_save tensor, stored in PEFT's (Hugging Face's) layout
+            tensors[PREFIX + key] = t.detach().t() if conv1d and key.endswith(conv1d) else t.detach()
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     targets = config.targets if isinstance(config.targets, str) else list(config.targets)
     peft_config = {
