@@ -106,11 +106,6 @@ def optimizer_state(model, optimizer):
     return get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
-def full_state(model, optimizer=None):
-    """(model state dict, optimizer state dict) gathered to rank 0 on the CPU (other ranks get empty dicts)."""
-    return gather_state(model.state_dict()), optimizer_state(model, optimizer) if optimizer is not None else None
-
-
 def load_optimizer_state(model, optimizer, optim_sd):
     """Load a name-keyed full optimizer state (from optimizer_state) into a plain or sharded model's optimizer.
 

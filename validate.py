@@ -12,6 +12,7 @@ import math
 import re
 
 from model import MODELS
+from parallel import PARALLEL
 
 FIXED, FREE, LAUNCH = "fixed", "free", "launch"
 
@@ -87,7 +88,7 @@ CHECKS = {
                                                              "'auto', 'float32', 'bfloat16' or 'float16'",   LAUNCH),
     "device":              (device_name,                     "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",     LAUNCH),
     "seed":                (at_least(0),                     ">= 0",                                         FIXED),
-    "parallel":            (one_of("ddp", "fsdp"),           "'ddp' or 'fsdp'",                              LAUNCH),
+    "parallel":            (one_of(*PARALLEL),               "'ddp' or 'fsdp'",                              LAUNCH),
     "overwrite":           (one_of(True, False),             "True or False",                                LAUNCH),
     "lora_r":              (at_least(0),                     ">= 0 (0 = no LoRA: train every weight)",       FIXED),
     "lora_alpha":          (at_least(1e-300),                "a positive number",                            FIXED),
