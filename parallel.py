@@ -43,9 +43,11 @@ def wrap(model, parallel, device_type, local_rank, param_dtype=None):
     """
     if parallel == "ddp":
         return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"mp_policy": policy} if policy else {}
+    kwargs = {"mesh": init_device_mesh(device_type, (dist.get_world_size(),))}  # 1-D: every rank holds a shard
+    if param_dtype:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)  # the rest: embeddings, final norm, lm_head (tied to the embedding in GPT-2)
@@ -54,6 +56,7 @@ def wrap(model, parallel, device_type, local_rank, param_dtype=None):
 
 def set_grad_sync(model, sync):
     """Communicate gradients only on the last micro-step of an accumulation (all-reduce or reduce-scatter)."""
+    model = getattr(model, "_orig_mod", model)  # under torch.compile: the module it compiled
     if isinstance(model, DDP):
         model.require_backward_grad_sync = sync
     elif hasattr(model, "set_requires_gradient_sync"):  # an FSDP module
@@ -102,8 +105,18 @@ def optimizer_state(model, optimizer):
     """The optimizer state keyed by parameter names, gathered to rank 0 on the CPU ({} on the other ranks).
 
     `model` is the plain or FSDP-sharded module (not a DDP wrapper). Names, not positions: the same file for one
-    process, DDP and FSDP. Every rank must call it under FSDP."""
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
+    process, DDP and FSDP. Every rank must call it under FSDP (torch gathers the shards of m and v)."""
+    if is_sharded(model):
+        return get_optimizer_state_dict(model, optimizer, options=FULL)
+    return by_name(model, optimizer, optimizer.state_dict()) if is_rank0() else {}
+
+
+def by_name(model, optimizer, optim_sd):
+    """optimizer.state_dict() keys its parameters by position in the optimizer's groups: key them by name."""
+    name_of = {id(p): n for n, p in model.named_parameters()}  # a tied weight: its first name
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]  # position -> name
+    return {"state": {names[i]: s for i, s in optim_sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_sd["param_groups"]]}
 
 
 def load_optimizer_state(model, optimizer, optim_sd):
@@ -111,13 +124,8 @@ def load_optimizer_state(model, optimizer, optim_sd):
 
     Every rank passes the whole state; FSDP keeps each rank's shard of it. An older checkpoint's state keyed by
     position (optimizer.state_dict()) is renamed first: the positions are configure_optimizers' parameter order."""
-    if any(isinstance(k, int) for k in optim_sd["state"]) or any(
-            isinstance(k, int) for g in optim_sd["param_groups"] for k in g["params"]):
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]  # position -> name
-        optim_sd = {"state": {names[i]: s for i, s in optim_sd["state"].items()},
-                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                                     for g in optim_sd["param_groups"]]}
+    if any(isinstance(k, int) for g in optim_sd["param_groups"] for k in g["params"]):
+        optim_sd = by_name(model, optimizer, optim_sd)
     set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
 
 

@@ -54,11 +54,13 @@ def test_fsdp_matches_one_process_and_resumes_after_a_kill_with_the_losses_of_an
 def test_fsdp_lora_llama_matches_one_process_and_writes_the_same_adapter_and_merged_model(tmp_path, monkeypatch):
     write_shards(tmp_path / "data")
     lora = dict(model_type="llama", lora_r=4, lora_targets=("q_proj", "v_proj", "down_proj"), merge_on_save=True,
-                **STEP)
+                **{**STEP, "eval_interval": 3})  # val loss at steps 0, 3, 5: every rank runs the eval forwards
     run_train(tiny_flags(tmp_path, out_dir=tmp_path / "single", **lora), monkeypatch)
     result = run_torchrun(tiny_flags(tmp_path, out_dir=tmp_path / "fsdp", parallel="fsdp", **lora))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=2e-4)
+    val = [[r["val_loss"] for r in read_log(tmp_path / run) if "val_loss" in r] for run in ("fsdp", "single")]
+    assert len(val[0]) == 3 and val[0] == pytest.approx(val[1], rel=2e-4)
 
     for folder, weights in (("adapter", "adapter_model.safetensors"), ("merged", "model.safetensors")):
         single, fsdp = load_file(tmp_path / "single" / folder / weights), load_file(tmp_path / "fsdp" / folder / weights)
