@@ -200,6 +200,7 @@ if lora_config is not None:
     if master_process:
         print_trainable_parameters(model)
 raw_model = model  # the model itself (sharded in place under fsdp): checkpoints, sampling and the optimizer use it
+# fsdp shards after LoRA (and activation checkpointing) changed the modules, and before the optimizer sees them
 if sharded:  # shard on the CPU: each rank moves only its 1/world_size of the weights to its device
     wrap(model, "fsdp", device_type, ddp_local_rank, param_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
 model.to(device)
