@@ -12,9 +12,9 @@ per parameter, so a frozen LoRA base and trainable lora_A/lora_B tensors sit sid
 Memory per rank, fp32 weights and AdamW (P parameters, of which P_t are trained, W ranks, G = the largest block):
     DDP    4 P + 4 P_t + 8 P_t                        (weights, gradients, Adam m and v)
     FSDP   (4 P + 4 P_t + 8 P_t) / W + 4 G            (+ one block gathered at a time, two with prefetching)
-e.g. LLaMA-7B full fine-tuning, 16 bytes x 6.7B = 107 GB: no single 80 GB GPU holds it under DDP; under FSDP on 8
-GPUs each holds 13.4 GB plus a 0.8 GB block. A LoRA run trains ~0.1% of P: 4 P dominates, 27 GB under DDP on every
-rank, 3.4 GB a rank under FSDP on 8.
+e.g. LLaMA-7B full fine-tuning, 16 bytes x 6.74B = 108 GB: no single 80 GB GPU holds it under DDP; under FSDP on
+8 GPUs each holds 13.5 GB plus a 0.8 GB block (0.4 GB gathered in bf16). A LoRA run (r=16 on q/k/v/o) trains 0.25%
+of P: 4 P dominates, 27 GB under DDP on every rank, 3.4 GB a rank under FSDP on 8.
 
 Checkpoints are written in one format for both: the full state dict gathered to rank 0 (the model's tensors and
 the optimizer state keyed by parameter name), so a DDP checkpoint resumes under FSDP and the reverse.

@@ -98,8 +98,8 @@ validate_config(config)  # every value by range and meaning, once, here
 
 from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
-from parallel import (all_ranks_true, gather_state, load_optimizer_state, local, plain_copy, set_grad_sync,  # noqa: E402
-                      wrap)
+from parallel import (all_ranks_true, gather_state, load_optimizer_state, local, plain_copy,  # noqa: E402
+                      set_grad_sync, wrap)
 from dataloader import DataLoaderLite  # noqa: E402
 from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
