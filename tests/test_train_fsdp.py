@@ -55,8 +55,9 @@ def test_fsdp_lora_llama_matches_one_process_and_writes_the_same_adapter_and_mer
     write_shards(tmp_path / "data")
     lora = dict(model_type="llama", lora_r=4, lora_targets=("q_proj", "v_proj", "down_proj"), merge_on_save=True,
                 **{**STEP, "eval_interval": 3})  # val loss at steps 0, 3, 5: every rank runs the eval forwards
-    run_train(tiny_flags(tmp_path, out_dir=tmp_path / "single", **lora), monkeypatch)
-    result = run_torchrun(tiny_flags(tmp_path, out_dir=tmp_path / "fsdp", parallel="fsdp", **lora))
+    # val loss: each of 2 ranks reads every other batch, so 2 batches a rank are the single process's first 4
+    run_train(tiny_flags(tmp_path, out_dir=tmp_path / "single", eval_iters=4, **lora), monkeypatch)
+    result = run_torchrun(tiny_flags(tmp_path, out_dir=tmp_path / "fsdp", eval_iters=2, parallel="fsdp", **lora))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=2e-4)
     val = [[r["val_loss"] for r in read_log(tmp_path / run) if "val_loss" in r] for run in ("fsdp", "single")]
