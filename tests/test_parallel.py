@@ -5,6 +5,7 @@ single-process model built from the same seed."""
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -64,6 +65,7 @@ def _check_half(kind, lora):
     assert abs(mine.item() - plain / WORLD) <= 0.02 * plain  # each rank ~ 1/world_size (rows split unevenly)
 
 
+@pytest.mark.slow  # starts 2 processes
 def test_fsdp_rank_holds_about_one_over_world_size_of_the_parameters_gpt2_and_llama():
     run_in_two_processes(_each_rank_holds_half)
 
@@ -89,6 +91,7 @@ def _forward_only_work_on_every_rank(rank):
     assert evaluate(sharded, EXAMPLES, "cpu", word_ids, batch_examples=1, rank=rank, world_size=WORLD) == whole
 
 
+@pytest.mark.slow  # starts 2 processes
 def test_an_fsdp_model_samples_and_scores_hellaswag_like_the_plain_model_on_every_rank():
     run_in_two_processes(_forward_only_work_on_every_rank)
 
