@@ -9,7 +9,7 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
     base         the model the run started from (None: scratch), which for an adapter run is its frozen base
     base_fingerprint  an adapter run's fingerprint(base) when it started: loading it on another base is refused
     allocator    AdaLoRA's importance averages (AdaLoRA runs)
-    optimizer    AdamW state;  step: the next step to run;  config: the training config
+    optimizer    AdamW state, keyed by parameter name;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
                  exactly where it stopped
@@ -65,27 +65,35 @@ def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, base=
                     base_fingerprint=None, extra=None):
     """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact.
 
-    rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG.
-    extra: more entries for the dict (AdaLoRA's rank allocator state)."""
+    model: the plain module, or the FSDP-sharded one (never a DDP wrapper). Under torch.distributed every rank
+    calls this: FSDP's shards are gathered to rank 0, which writes; all return once the file is on disk. The file
+    is the same whether one process, DDP or FSDP wrote it (optimizer state keyed by parameter name), so a run
+    resumes under any of them. rng_states: one rng_state(device) per rank, gathered by the caller; None means
+    this process's CPU RNG. extra: more entries for the dict (AdaLoRA's rank allocator state)."""
+    import torch.distributed as dist
     from adapters import checkpoint_entry, trainable_state_dict
+    from parallel import gather_state, is_rank0, optimizer_state
     peft = checkpoint_entry(model)  # None for a model without an adapter
-    if peft is None:
-        model_sd = model.state_dict()
-    elif peft["method"] == "lora":
+    state = model.state_dict()  # sharded under FSDP: filtered before anything is gathered
+    if peft is not None and peft["method"] == "lora":
         from lora import lora_state_dict
-        model_sd = lora_state_dict(model)  # lora_A, lora_B and modules_to_save
-    else:
-        model_sd = trainable_state_dict(model)
-    checkpoint = {
-        "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
-        "lora": peft["config"] if peft and peft["method"] == "lora" else None, "peft": peft, "base": base,
-        "base_fingerprint": base_fingerprint,
-        "optimizer": optimizer.state_dict(), "step": step,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-        "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()], **(extra or {}),
-    }
-    with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
-        torch.save(checkpoint, tmp)
+        state = lora_state_dict(model, state)  # lora_A, lora_B (DoRA, PiSSA tensors) and modules_to_save
+    elif peft is not None:
+        trained = set(trainable_state_dict(model))
+        state = {k: v for k, v in state.items() if k in trained}
+    model_sd, optim_sd = gather_state(state), optimizer_state(model, optimizer)
+    if is_rank0():
+        checkpoint = {
+            "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
+            "lora": peft["config"] if peft and peft["method"] == "lora" else None, "peft": peft, "base": base,
+            "base_fingerprint": base_fingerprint, "optimizer": optim_sd, "step": step,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+            "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()], **(extra or {}),
+        }
+        with atomic_path(Path(out_dir) / CKPT_NAME) as tmp:
+            torch.save(checkpoint, tmp)
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on (or exits) before the file is whole
 
 
 def read_checkpoint(path):

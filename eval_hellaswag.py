@@ -194,7 +194,7 @@ def evaluate(model, examples, device, encode=None, batch_examples=4, rank=0, wor
              amp=True):
     """HellaSwag accuracy of `model` (called as `logits, loss = model(idx)`) on `examples`.
 
-    Under DDP every rank scores examples[rank::world_size] and the counts are summed over ranks, so all
+    Under DDP or FSDP every rank scores examples[rank::world_size] and the counts are summed over ranks, so all
     ranks return the totals. encode: text -> token ids (default GPT-2's); pass another tokenizer's for
     models trained with it. The model is put in eval mode (no dropout) and back afterwards.
     Returns dict(acc, acc_norm, n, correct, correct_norm).
@@ -202,13 +202,17 @@ def evaluate(model, examples, device, encode=None, batch_examples=4, rank=0, wor
     if not examples:
         raise ValueError("evaluate: no examples to score")
     shard = examples[rank::world_size]
+    # every rank runs the same number of forwards (an FSDP model needs all ranks in each): a shorter shard scores
+    # extra copies of examples[0] that are then dropped
+    padding = [examples[0]] * (-(-len(examples) // world_size) - len(shard))
     was_training = model.training
     model.eval()
     try:
-        sum_loss, mean_loss, labels = score_examples(model, shard, device, encode, batch_examples,
+        sum_loss, mean_loss, labels = score_examples(model, shard + padding, device, encode, batch_examples,
                                                      progress and rank == 0, amp)
     finally:
         model.train(was_training)
+    sum_loss, mean_loss, labels = sum_loss[:len(shard)], mean_loss[:len(shard)], labels[:len(shard)]
     correct = (sum_loss.argmin(1) == labels).sum().item()
     correct_norm = (mean_loss.argmin(1) == labels).sum().item()
     counts = torch.tensor([len(shard), correct, correct_norm], dtype=torch.long, device=device)

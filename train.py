@@ -3,6 +3,7 @@ tuning, P-tuning, prefix tuning: `peft_method`, see adapters.py).
 
     python train.py config/shakespeare_cpu.py                       # one process (CPU, MPS or one GPU)
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2_124m_fineweb.py
+    torchrun --standalone --nproc_per_node=8 train.py ... --parallel=fsdp   # shard a model too big for one GPU
 
 Reads top to bottom: config, distributed setup, data, model (+ adapter), optimizer, then the loop.
 Every `total_batch_size` tokens is one optimizer step, made of `grad_accum_steps` micro-batches of
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------------------------
 # config: every global below can be overridden by config/*.py files and --key=value flags
@@ -61,6 +61,7 @@ compile = "auto"  # torch.compile the model: 'auto' = on for CUDA, off on CPU (b
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 seed = 1337
+parallel = "ddp"  # under torchrun: 'ddp' (a whole model per GPU) | 'fsdp' (each GPU holds 1/world of it: parallel.py)
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
@@ -121,6 +122,8 @@ validate_config(config)  # every value by range and meaning, once, here
 import adapters  # noqa: E402
 from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
+from parallel import (all_ranks_true, gather_state, load_optimizer_state, local, plain_copy,  # noqa: E402
+                      set_grad_sync, wrap)
 from dataloader import DataLoaderLite  # noqa: E402
 from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
@@ -158,14 +161,18 @@ if dtype == "auto":
 if device_type != "cuda" and dtype != "float32":
     raise ValueError(f"dtype={dtype!r} on {device_type}: low-precision autocast is for CUDA (bf16 is ~400x "
                      f"slower on CPU); use --dtype=float32")
-# weights and optimizer stay fp32; autocast runs the matmuls in bf16/fp16 on CUDA
+sharded = ddp and parallel == "fsdp"  # one process has nothing to shard: parallel only matters under torchrun
+# weights and optimizer stay fp32; autocast runs the matmuls in bf16/fp16 on CUDA. FSDP instead gathers the weights
+# in bf16 and reduces the gradients in fp32 (its MixedPrecisionPolicy), so its training forward needs no autocast;
+# sampling keeps it (the KV cache is allocated in the weights' fp32)
 autocast = torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+train_autocast = nullcontext() if sharded else autocast
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16"))
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls that remain
     torch.backends.cudnn.allow_tf32 = True
 
-torch.manual_seed(seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+torch.manual_seed(seed)  # the same initial weights on every rank (DDP broadcasts rank 0's; FSDP shards them)
 tokens_per_micro_step = batch_size * block_size * world_size
 if total_batch_size % tokens_per_micro_step != 0:
     raise ValueError(f"total_batch_size={total_batch_size} must be divisible by batch_size*block_size*world_size "
@@ -176,7 +183,7 @@ grad_accum_steps = total_batch_size // tokens_per_micro_step
 claim_out_dir(out_dir, init_from, overwrite, argv, master=master_process)
 if master_process:
     print(f"total batch: {total_batch_size:,} tokens = {grad_accum_steps} micro-steps x {batch_size} x {block_size} "
-          f"x {world_size} process(es); device {device}, dtype {dtype}")
+          f"x {world_size} process(es){f' ({parallel})' if ddp else ''}; device {device}, dtype {dtype}")
     os.makedirs(out_dir, exist_ok=True)
 
 if objective == "sft":  # task examples: (x, y, position_ids) with y = -1 off the answers (sft_data.py)
@@ -244,21 +251,23 @@ if peft_method != "none":
     from lora import print_trainable_parameters
     if master_process:
         print_trainable_parameters(model)
+raw_model = model  # the model itself (sharded in place under fsdp): checkpoints, sampling and the optimizer use it
+# fsdp shards after LoRA (and activation checkpointing) changed the modules, and before the optimizer sees them
+if sharded:  # shard on the CPU: each rank moves only its 1/world_size of the weights to its device
+    wrap(model, "fsdp", device_type, ddp_local_rank, param_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
 model.to(device)
-raw_model = model  # the plain module: checkpoints, sampling and the optimizer use it
 raw_model.loss_chunk_size, raw_model.activation_checkpointing = loss_chunk_size, activation_checkpointing
 if compile:
     model = torch.compile(model)
-if ddp:
-    # no buffer broadcast before each forward: our only buffers are a quantized base's, equal on every rank
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+if ddp and not sharded:
+    model = wrap(model, "ddp", device_type, ddp_local_rank)
 
 optimizer = raw_model.configure_optimizers(weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
 # from here on each rank draws its own dropout masks (nanoGPT's seed_offset): with one seed everywhere, every rank
 # would drop the same positions of its micro-batch
 torch.manual_seed(seed + ddp_rank)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(raw_model, optimizer, checkpoint["optimizer"])  # the same file from one process, ddp or fsdp
     if len(checkpoint["rng"]) == world_size:  # one RNG state per rank: each continues its own stream
         set_rng_state(checkpoint["rng"], ddp_rank, device)
     elif master_process:
@@ -279,7 +288,8 @@ except (ValueError, FileNotFoundError, ImportError) as e:
     tokenizer = None
     if master_process and sample_interval > 0:
         print(f"no samples: {e}")
-sampling = master_process and sample_interval > 0 and tokenizer is not None
+# under fsdp every rank runs the forward passes (each holds a shard of the weights); rank 0 prints
+sampling = (master_process or sharded) and sample_interval > 0 and tokenizer is not None
 
 
 def get_lr(step):
@@ -347,7 +357,7 @@ def print_samples(step):
         out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=tokenizer.eos_id,
                                  generator=gen)
     raw_model.train()
-    for i in range(num_samples):
+    for i in range(num_samples if master_process else 0):
         print(f"sample {i}: {tokenizer.decode(out[i].tolist())!r}")
 
 
@@ -392,17 +402,18 @@ def stop_non_finite(what):
 def save(step):
     """Every rank calls this: rank 0 writes the checkpoint, with the RNG states of all ranks gathered into it."""
     global saved_step
-    bad = [n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad:  # the same on every rank (DDP keeps the weights identical), so all stop together
-        stop_non_finite(f"step {step}: {len(bad)} weights are not finite ({', '.join(bad[:3])} ...)")
+    bad = [n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(local(p)).all()]
+    if not all_ranks_true(not bad, device):  # under fsdp each rank checks its shards: all stop together
+        stop_non_finite(f"step {step}: {len(bad)} weights are not finite" + (f" ({', '.join(bad[:3])} ...)" if bad else
+                        " on another rank"))
     mine = rng_state(device)
     rng_states = [mine]
     if ddp:  # one entry per rank, in rank order
         rng_states = [None] * world_size
         dist.all_gather_object(rng_states, mine)
-    if master_process:
-        save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), base, rng_states,
-                        base_fingerprint, extra={"allocator": allocator.state_dict()} if allocator is not None else None)
+    save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), base, rng_states,
+                    base_fingerprint, extra={"allocator": allocator.state_dict()} if allocator is not None else None)
+    # (every rank calls it: fsdp gathers the shards, rank 0 writes)
     saved_step = step
 
 
@@ -440,9 +451,9 @@ for step in range(start_step, max_steps):
     for micro_step, batch in enumerate(batches):
         x, y = batch[0].to(device), batch[1].to(device)
         if ddp:
-            # all-reduce the gradients only once, after the last micro-step, not after each backward
-            model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-        with autocast:
+            # all-reduce (ddp) or reduce-scatter (fsdp) the gradients only once, after the last micro-step
+            set_grad_sync(model, micro_step == grad_accum_steps - 1)
+        with train_autocast:
             if objective == "sft":
                 pos = batch[2].to(device) if batch[2] is not None else None
                 _, loss = model(x, y, position_ids=pos)
@@ -461,10 +472,11 @@ for step in range(start_step, max_steps):
         loss_accum += loss.detach()
         scaler.scale(loss).backward()
     if ddp:
-        dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # DDP already averaged the gradients
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # DDP/FSDP already averaged the gradients
     scaler.unscale_(optimizer)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: the norm over all shards, replicated
     # never apply a non-finite update (with float16, the GradScaler skips a step with inf gradients by itself);
     # the gradients are all-reduced, so every rank sees the same norm and stops alike
     if not torch.isfinite(loss_accum) or (not scaler.is_enabled() and not torch.isfinite(norm)):
@@ -503,22 +515,33 @@ for step in range(start_step, max_steps):
     if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:
         save(step + 1)  # step + 1: the next step to run after resuming
 
-if master_process and peft_method != "none":
-    adapters.save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
-    print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
+if peft_method != "none":  # every rank: under fsdp the adapter's tensors (and for merging, all) go to rank 0
+    adapter_state = None
+    if sharded:
+        from lora import lora_state_dict
+        adapter_state = gather_state(lora_state_dict(raw_model))  # fsdp runs train LoRA only (validate.py)
+    if master_process:
+        if sharded:
+            from lora import save_adapter
+            save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base, state=adapter_state)
+        else:
+            adapters.save_adapter(raw_model, Path(out_dir) / "adapter", base_model_name_or_path=base)
+        print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
     if merge_on_save and peft_method in ("lora", "adalora"):  # prompts add positions: nothing to fold into W
-        from lora import merge_and_unload
-        from model.quant import dequantize
-        raw_model.eval()
-        x = val_loader.next_batch()[0].to(device)
-        with torch.no_grad(), autocast:
-            unmerged = raw_model(x)[0].float()
-        merged = dequantize(merge_and_unload(raw_model))  # full precision; a quantized W is dequantized first
-        with torch.no_grad(), autocast:
-            error = (merged(x)[0].float() - unmerged).abs().max().item()
-        merged.save_pretrained(Path(out_dir) / "merged")
-        print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format, full precision); largest "
-              f"|logit difference| merged vs unmerged on a val batch: {error:.2e}")
+        whole = plain_copy(raw_model)  # rank 0: the model unsharded (itself without fsdp)
+        if master_process:
+            from lora import merge_and_unload
+            from model.quant import dequantize
+            whole.eval()
+            x = val_loader.next_batch()[0].to(device)
+            with torch.no_grad(), autocast:
+                unmerged = whole(x)[0].float()
+            merged = dequantize(merge_and_unload(whole))  # full precision; a quantized W is dequantized first
+            with torch.no_grad(), autocast:
+                error = (merged(x)[0].float() - unmerged).abs().max().item()
+            merged.save_pretrained(Path(out_dir) / "merged")
+            print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format, full precision); largest "
+                  f"|logit difference| merged vs unmerged on a val batch: {error:.2e}")
 if wandb_run is not None:
     wandb_run.finish()
 if ddp:

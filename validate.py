@@ -12,6 +12,7 @@ import math
 import re
 
 from model import MODELS
+from parallel import PARALLEL
 
 FIXED, FREE, LAUNCH = "fixed", "free", "launch"
 
@@ -87,6 +88,7 @@ CHECKS = {
                                                              "'auto', 'float32', 'bfloat16' or 'float16'",   LAUNCH),
     "device":              (device_name,                     "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",     LAUNCH),
     "seed":                (at_least(0),                     ">= 0",                                         FIXED),
+    "parallel":            (one_of(*PARALLEL),               "'ddp' or 'fsdp'",                              LAUNCH),
     "overwrite":           (one_of(True, False),             "True or False",                                LAUNCH),
     "lora_r":              (at_least(0),                     ">= 0 (0 = no LoRA: train every weight)",       FIXED),
     "lora_alpha":          (at_least(1e-300),                "a positive number",                            FIXED),
@@ -148,6 +150,14 @@ RELATIONS = [
                f"the whole val split, only with objective='sft')"),
     (lambda c: c["objective"] == "sft" or c["eval_generate_every"] == 0,
      lambda c: f"eval_generate_every={c['eval_generate_every']} scores answers: it needs objective='sft'"),
+    (lambda c: not (c.get("parallel") == "fsdp" and c["dtype"] == "float16"),
+     lambda c: "dtype='float16' with parallel='fsdp': float16's loss scaling would skip steps on some ranks only; "
+               "use --dtype=bfloat16 (FSDP's mixed precision) or --dtype=float32"),
+    (lambda c: c.get("parallel") != "fsdp" or (c["peft_method"] == "lora" and not c["quantize"]
+                                               and not c["lora_init"].startswith("pissa")),
+     lambda c: f"parallel='fsdp' shards full and LoRA training (peft_method='lora', no PiSSA init, no quantize); "
+               f"got peft_method={c['peft_method']!r}, lora_init={c['lora_init']!r}, quantize={c['quantize']!r}: "
+               f"use parallel='ddp' for these"),
     (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),
      lambda c: f"lora_mode='fused' needs lora_dropout=0 (got {c['lora_dropout']}): use lora_mode='split'"),
 ]

@@ -32,7 +32,8 @@ from safetensors.torch import save_file
 
 from atomic import atomic_path
 from model.hf import read_json, read_safetensors, read_torch_weights
-from lora.inject import LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers, remove_lora
+from lora.inject import (LORA_KEYS, LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers,
+                         lora_state_dict, remove_lora)
 from lora import named
 from lora.pissa import as_plain_lora, is_pissa, plain_lora_alpha
 
@@ -60,25 +61,35 @@ def conv1d_names(model) -> tuple:
     return getattr(model, "CONV1D_NAMES", ())
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
-    """Write adapter_config.json + adapter_model.safetensors (PEFT format) into folder `path`, atomically each."""
+def save_adapter(model, path, base_model_name_or_path=None, state=None):
+    """Write adapter_config.json + adapter_model.safetensors (PEFT format) into folder `path`, atomically each.
+
+    state: the adapter's tensors as lora_state_dict(model) gives them (default); an FSDP run passes them gathered
+    to rank 0, its model holding only shards."""
     config = getattr(model, "lora_config", None)
-    layers = lora_layers(model)
-    if config is None or not layers:
+    if config is None or not lora_layers(model):
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers; apply_lora(model, config) first")
     conv1d = conv1d_names(model)
     pissa = is_pissa(config.init)  # saved as the plain LoRA it amounts to on the original base (lora/pissa.py)
     tensors = {}
-    for name, layer in layers:
-        A, B = as_plain_lora(layer) if pissa else (layer.lora_A.detach(), layer.lora_B.detach())
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = A  # (r, in)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B  # (out, r)
-        if layer.lora_magnitude_vector is not None:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()  # (out,)
-    for module_name in _modules_to_save(model, config.modules_to_save):
-        for key, t in model.get_submodule(module_name).state_dict().items():
-            full = f"{module_name}.{key}"
-            tensors[PREFIX + full] = t.detach().t() if conv1d and full.endswith(conv1d) else t.detach()
+    if state is None:
+        for name, layer in lora_layers(model):
+            A, B = as_plain_lora(layer) if pissa else (layer.lora_A.detach(), layer.lora_B.detach())
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = A  # (r, in)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = B  # (out, r)
+            if layer.lora_magnitude_vector is not None:
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()  # (out,)
+        state = {k: v for k, v in lora_state_dict(model).items() if not k.endswith(LORA_KEYS)}  # modules_to_save
+    elif pissa:
+        raise ValueError("save_adapter(state=...): a PiSSA adapter is converted to plain LoRA from its layers, "
+                         "not from gathered tensors; train PiSSA with parallel='ddp'")
+    for key, t in state.items():
+        if key.endswith((".lora_A", ".lora_B")):  # (r, in), (out, r): PEFT's names end in .weight
+            tensors[f"{PREFIX}{key}.weight"] = t.detach()
+        elif key.endswith(".lora_magnitude_vector"):  # DoRA's m (out,)
+            tensors[PREFIX + key] = t.detach()
+        elif not key.endswith(LORA_KEYS):  # a modules_to_save tensor, stored in PEFT's (Hugging Face's) layout
+            tensors[PREFIX + key] = t.detach().t() if conv1d and key.endswith(conv1d) else t.detach()
     targets = config.targets if isinstance(config.targets, str) else list(config.targets)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2 * config.r if pissa else config.r,

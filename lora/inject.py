@@ -229,12 +229,15 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=None) -> nn.Modul
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict:
+def lora_state_dict(model: nn.Module, state: dict | None = None) -> dict:
     """Only what the adapter adds: every lora_A / lora_B (DoRA's lora_magnitude_vector, PiSSA's lora_A_init /
-    lora_B_init), plus the tensors of modules_to_save (our names)."""
+    lora_B_init), plus the tensors of modules_to_save (our names).
+
+    state: the state dict to filter (default model.state_dict()), e.g. an FSDP model's sharded one before
+    gathering it."""
     config = getattr(model, "lora_config", None)
     saved = _modules_to_save(model, config.modules_to_save) if config is not None else []
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     return {k: v for k, v in state.items()
             if k.endswith(LORA_KEYS) or any(k.startswith(m + ".") for m in saved)}
 

@@ -173,6 +173,8 @@ def test_nan_gradient_with_a_finite_loss_is_never_applied_nor_saved(tmp_path, mo
     ({"sample_interval": 1, "sample_prompt": ""}, "sample_prompt='' is empty"),
     ({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"),
     ({"max_lr": float("nan")}, "max_lr=nan is not valid"),
+    ({"parallel": "zero3"}, "parallel='zero3' is not valid: it must be 'ddp' or 'fsdp'"),
+    ({"parallel": "fsdp", "dtype": "float16"}, "dtype='float16' with parallel='fsdp'"),
 ], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
 def test_bad_config_value_is_refused_by_name_before_anything_is_written(tmp_path, monkeypatch, bad, message):
     write_shards(tmp_path / "data")
