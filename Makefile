@@ -28,12 +28,15 @@ setup-dev: $(VENV)/.setup-dev
 data: setup
 	$(BIN)/python fineweb.py --source shakespeare
 
+# these targets re-run from the start: they replace the run in their out_dir (--overwrite=True) and say so
 shakespeare: data
-	$(BIN)/python train.py config/shakespeare_cpu.py
+	@echo "make shakespeare: training into out-shakespeare/, replacing any run there"
+	$(BIN)/python train.py config/shakespeare_cpu.py --overwrite=True
 
 finetune: setup
 	$(BIN)/python fineweb.py --source shakespeare-romances
-	$(BIN)/python train.py config/finetune_shakespeare_lora.py
+	@echo "make finetune: training into out-shakespeare-lora/, replacing any run there"
+	$(BIN)/python train.py config/finetune_shakespeare_lora.py --overwrite=True
 
 # the base of `make sft`: our out_dir, or a Hugging Face folder (its tokenizer.json then tokenizes the task)
 SFT_BASE ?= out-shakespeare

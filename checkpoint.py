@@ -6,12 +6,14 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
     lora         the LoRAConfig as a dict, or None;  base: the model the run started from (None: scratch), which
                  for a LoRA run is its frozen base
+    base_fingerprint  a LoRA run's fingerprint(base) when it started: loading it on another base is refused
     optimizer    AdamW state;  step: the next step to run;  config: the training config
     loader       the data loader's {"shard", "position"}
     rng          one {torch, cuda, python} RNG state per DDP rank, so that every rank's dropout continues
                  exactly where it stopped
 """
 import dataclasses
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -42,8 +44,22 @@ def set_rng_state(states, rank=0, device="cpu"):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def fingerprint(model):
+    """A short hash of a model's weights: every tensor's name, shape and dtype, and 16 of its values spread over it.
+
+    Enough to tell a LoRA run's base from another model, even one of the same shape (a retrained base, another
+    out_dir), without reading every byte of a large model twice."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 16)][:16].float().cpu()  # (<= 16,)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_config=None, base=None,
-                    rng_states=None):
+                    rng_states=None, base_fingerprint=None):
     """Write out_dir/ckpt.pt atomically: a crash mid-save leaves the previous checkpoint intact.
 
     rng_states: one rng_state(device) per DDP rank, gathered by the caller; None means this process's CPU RNG."""
@@ -56,7 +72,8 @@ def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, lora_
         lora = None
     checkpoint = {
         "model": model_sd, "model_type": model.model_type, "model_args": model.config_dict(),
-        "lora": lora, "base": base, "optimizer": optimizer.state_dict(), "step": step,
+        "lora": lora, "base": base, "base_fingerprint": base_fingerprint,
+        "optimizer": optimizer.state_dict(), "step": step,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "loader": loader_state, "rng": rng_states if rng_states is not None else [rng_state()],
     }
@@ -71,18 +88,41 @@ def read_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train with out_dir={path.parent} first "
                                 f"(init_from='resume' continues a run that saved one)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch's message is long and suggests unsafe loading
+        reason = str(e).split(". ")[0]
+        raise ValueError(f"{path} is not a readable checkpoint ({reason}): the file is truncated or not one of "
+                         f"train.py's; delete it and train again, or point at another checkpoint") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not one of train.py's checkpoints (it holds a {type(checkpoint).__name__})")
+    checkpoint["path"] = str(path)  # where it came from, for messages
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint, dtype=None, **overrides):
     """The trained model a checkpoint describes: full weights, or its base with the LoRA tensors applied.
     `overrides` may set dropout."""
+    missing = {"model", "model_type", "model_args", "lora", "base"} - set(checkpoint)
+    if missing:
+        raise ValueError(f"{checkpoint.get('path', 'checkpoint')} is not one of train.py's checkpoints (no "
+                         f"{', '.join(sorted(missing))})")
     if checkpoint["lora"] is None:
         model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model.load_state_dict(checkpoint["model"])
     else:
         from lora import LoRAConfig, apply_lora
-        model = load_model(checkpoint["base"], **overrides)
+        where, base = checkpoint.get("path", "the checkpoint"), checkpoint["base"]
+        if os.path.exists(base) and Path(where).parent.resolve() in (Path(base).resolve(),
+                                                                    Path(base).resolve().parent):
+            raise ValueError(f"{where}: a LoRA checkpoint whose base is its own out_dir {base} (its base was "
+                             f"overwritten by it); the base model is gone: train the LoRA run again on its base")
+        model = load_base(base, **overrides)
+        expected, found = checkpoint.get("base_fingerprint"), fingerprint(model)
+        if expected is not None and expected != found:
+            raise ValueError(f"{where}: its base {base} has changed since this LoRA run started (fingerprint "
+                             f"{found}, the run's was {expected}): the adapter was trained on other weights. Restore "
+                             f"that base, or start a new LoRA run on the current one")
         lora = dict(checkpoint["lora"])
         for key in ("targets", "modules_to_save"):
             if isinstance(lora.get(key), list):
@@ -94,6 +134,18 @@ def model_from_checkpoint(checkpoint, dtype=None, **overrides):
                              f"unexpected {unexpected[:4]}, missing {[k for k in missing if '.lora_' in k][:4]}")
     if dtype is not None:
         model.to(dtype)
+    return model
+
+
+def load_base(spec, **overrides):
+    """load_model(spec) as a plain model to build on: a LoRA run's base and adapter merged into one set of
+    weights, every parameter trainable (apply_lora and full fine-tuning both start from it)."""
+    from lora import lora_layers, merge_and_unload
+    model = load_model(spec, **overrides)
+    if lora_layers(model):
+        print(f"{spec} is a LoRA run: building on its merged weights (base + scaling * B @ A)")
+        merge_and_unload(model)
+        model.requires_grad_(True)
     return model
 
 

@@ -54,13 +54,23 @@ def configure(defaults, argv):
             if "=" in arg:
                 raise ValueError(f"argument {arg!r}: flags look like --key=value; a bare argument is a config file")
             try:
-                with open(arg) as f:
+                with open(arg, encoding="utf-8") as f:
                     source = f.read()
+                code = compile(source, arg, "exec")
             except FileNotFoundError:
                 raise FileNotFoundError(f"config file {arg!r} not found (config files live in config/)") from None
+            except IsADirectoryError:
+                raise ValueError(f"config file {arg!r} is a folder; a config file is a .py file of assignments "
+                                 f"(flags look like --key=value)") from None
+            except (UnicodeDecodeError, ValueError):  # ValueError: null bytes
+                raise ValueError(f"config file {arg!r} is not a text file; a config file is a .py file of "
+                                 f"assignments like those in config/") from None
+            except SyntaxError as e:
+                raise ValueError(f"config file {arg}, line {e.lineno}: {e.msg}; a config file is Python "
+                                 f"assignments like those in config/") from None
             print(f"overriding config with {arg}")
             namespace = {}
-            exec(compile(source, arg, "exec"), {}, namespace)  # config files are trusted Python, as in nanoGPT
+            exec(code, {}, namespace)  # config files are trusted Python, as in nanoGPT
             for key, value in namespace.items():
                 if key.startswith("_") or not isinstance(value, CONFIG_TYPES):
                     continue  # imports, helper functions and private names are not settings
@@ -70,6 +80,8 @@ def configure(defaults, argv):
             if not sep:
                 raise ValueError(f"flag {arg!r}: expected --{key}=VALUE")
             value = _parse_value(text)
+            if isinstance(defaults.get(key), float) and text.lower() in ("nan", "inf", "-inf"):
+                value = float(text)  # a float all the same: validate.py says why it is not a valid one
             overrides[key] = _check(key, value, defaults, arg)
             print(f"overriding: {key} = {overrides[key]!r}")
     return overrides

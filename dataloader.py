@@ -31,6 +31,7 @@ class DataLoaderLite:
         self.data_dir, self.B, self.T = data_dir, B, T
         self.process_rank, self.num_processes, self.split = process_rank, num_processes, split
         self.round_tokens = B * T * num_processes  # tokens all ranks consume per step
+        self.vocab_size = None  # set by check_vocab: then every shard loaded is checked against it
         self.shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
         if not self.shards:
             where = "does not exist" if not os.path.isdir(data_dir) else f"holds no {split} shards (*_{split}_*.npy)"
@@ -59,7 +60,24 @@ class DataLoaderLite:
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"shard {self.shards[index]} is not a 1-D array of token ids "
                              f"(shape {tokens.shape}, dtype {tokens.dtype}); remake it with fineweb.py")
+        if self.vocab_size is not None:
+            self._check_ids(self.shards[index], tokens)
         return tokens
+
+    def check_vocab(self, vocab_size):
+        """Refuse token ids the model has no embedding for: in the shard in memory now, and in every one loaded
+        later (each is checked once, when it is read in; one pass over memory that is read anyway)."""
+        self.vocab_size = vocab_size
+        self._check_ids(self.shards[self.shard], self.tokens)
+
+    def _check_ids(self, path, tokens):
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"shard {path} holds token id {bad}, outside the model's vocabulary "
+                             f"[0, {self.vocab_size}): the shards were made with another tokenizer. Remake them "
+                             f"with the model's (fineweb.py --tokenizer MODEL_FOLDER), or train a model with "
+                             f"vocab_size > {high}")
 
     def reset(self):
         """Back to the first round of the first shard (the val loader does this before every evaluation)."""

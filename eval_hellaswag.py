@@ -16,6 +16,7 @@ train.py calls `evaluate(model, examples, device, rank=..., world_size=...)` eve
 import argparse
 import json
 import os
+import sys
 import urllib.request
 from contextlib import nullcontext
 from functools import partial
@@ -85,7 +86,12 @@ def load_examples(path, limit=None):
     """The examples of a HellaSwag jsonl file (one JSON object a line), checked; the first `limit` if given."""
     examples = []
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+        try:
+            lines = list(enumerate(f, start=1))
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text file (HellaSwag files are UTF-8 jsonl): pass the .jsonl "
+                             f"file") from None
+        for line_number, line in lines:
             if limit is not None and len(examples) >= limit:
                 break
             if not line.strip():
@@ -243,7 +249,7 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype == "bfloat16" and not device.startswith("cuda"):
-        raise SystemExit(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
+        raise ValueError(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
 
     if args.file is not None:
         path = args.file
@@ -278,4 +284,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from atomic import atomic_path
+from atomic import atomic_path, remove_stale_temps
 from tokenizer import tokenizer_for
 
 # held out for validation: one comedy, one roman play, one romance (~8% of the tokens)
@@ -233,6 +233,7 @@ def write_shards(labelled_shards, out_dir, prefix):
     Returns one ShardResult per shard.
     """
     results = []
+    remove_stale_temps(out_dir)  # shards whose write was killed: redone below
     for index, (split, tokens) in enumerate(labelled_shards):
         path = shard_path(out_dir, prefix, split, index)
         if os.path.exists(path):
@@ -330,4 +331,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

@@ -75,26 +75,36 @@ objective = "lm"  # 'lm': every token of the stream is a target | 'sft': prepare
 packing = True  # sft: several examples per row (block-diagonal attention) | False: one a row, padded
 eval_generate_every = 0  # sft: greedy exact match on the val prompts every N steps (0 = off)
 eval_generate_limit = 0  # sft: score only the first N val prompts (0 = all)
+overwrite = False  # True: replace the run in out_dir (by default a new run refuses an out_dir holding another run)
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
+from errors import report_user_errors  # noqa: E402
+from validate import loaded_model_config, resume_config, validate_config  # noqa: E402
 
+argv = report_user_errors(sys.argv[1:])  # user errors end the run with one line (--debug: with the traceback)
 config_keys = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
-globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
-if objective not in ("lm", "sft"):
-    raise ValueError(f"objective={objective!r}: use 'lm' (a token stream, fineweb.py) or 'sft' (prepare_sft.py)")
-if objective != "sft" and eval_generate_every > 0:
-    raise ValueError(f"eval_generate_every={eval_generate_every} scores answers: it needs objective='sft'")
-if eval_generate_every < 0 or eval_generate_limit < 0:
-    raise ValueError("eval_generate_every and eval_generate_limit must be >= 0 (0 = off / all val prompts)")
+given = configure({k: globals()[k] for k in config_keys}, argv)  # the keys set by config files and flags
+globals().update(given)
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
+checkpoint, resume_notes = None, []
+if init_from == "resume":  # the run's settings come back from its checkpoint; only some may change (validate.py)
+    from checkpoint import read_checkpoint
+    checkpoint = read_checkpoint(out_dir)
+    config, resume_notes = resume_config(checkpoint["config"], config, given, out_dir)
+    globals().update(config)
+    if checkpoint["step"] >= max_steps:
+        raise ValueError(f"{out_dir} is already trained to step {checkpoint['step']} and max_steps={max_steps}: "
+                         f"pass a larger --max_steps to train on")
+validate_config(config)  # every value by range and meaning, once, here
 # -----------------------------------------------------------------------------------------------
 
-from checkpoint import (load_model, model_from_checkpoint, read_checkpoint, rng_state, save_checkpoint,  # noqa: E402
+from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 from dataloader import DataLoaderLite  # noqa: E402
 from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
+from run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
 from tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
@@ -141,6 +151,8 @@ if total_batch_size % tokens_per_micro_step != 0:
                      f"= {batch_size}*{block_size}*{world_size} = {tokens_per_micro_step}; e.g. "
                      f"--total_batch_size={max(1, total_batch_size // tokens_per_micro_step) * tokens_per_micro_step}")
 grad_accum_steps = total_batch_size // tokens_per_micro_step
+# out_dir is this run's: a new run refuses one that holds another run (or its own base) unless overwrite=True
+claim_out_dir(out_dir, init_from, overwrite, argv, master=master_process)
 if master_process:
     print(f"total batch: {total_batch_size:,} tokens = {grad_accum_steps} micro-steps x {batch_size} x {block_size} "
           f"x {world_size} process(es); device {device}, dtype {dtype}")
@@ -157,28 +169,30 @@ else:
 # -----------------------------------------------------------------------------------------------
 # model: from scratch, resumed, or loaded (Hugging Face folder or our own out_dir) for fine-tuning
 # base: the model this run started from (None: scratch); a LoRA run's frozen base; it also names the tokenizer
-start_step, checkpoint, lora_config, base = 0, None, None, None
+start_step, lora_config, base, base_fingerprint = 0, None, None, None
 if init_from == "resume":
-    checkpoint = read_checkpoint(out_dir)
-    model = model_from_checkpoint(checkpoint, dropout=dropout)  # a LoRA run rebuilds its base, re-applies its adapter
-    start_step, base = checkpoint["step"], checkpoint["base"]
+    # a LoRA run rebuilds its base (refused if its fingerprint changed) and re-applies its adapter
+    model = model_from_checkpoint(checkpoint, dropout=dropout)
+    start_step, base, base_fingerprint = checkpoint["step"], checkpoint["base"], checkpoint.get("base_fingerprint")
     if checkpoint["lora"] is not None:
         lora_config = model.lora_config  # the config model_from_checkpoint applied (apply_lora keeps a copy)
     train_loader.load_state_dict(checkpoint["loader"])
     if master_process:
-        print(f"resuming from {out_dir} at step {start_step}")
+        truncate_log(Path(out_dir) / "log.jsonl", start_step)  # the steps from start_step on are logged anew
+        print(f"resuming from {out_dir} at step {start_step}"
+              + (f"; applying {', '.join(resume_notes)}" if resume_notes else ""))
 elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
 else:
-    model = load_model(init_from, dropout=dropout)  # full fine-tuning, or the frozen base of a LoRA run
+    model = load_base(init_from, dropout=dropout)  # to fine-tune fully, or a LoRA base (a LoRA out_dir: merged)
     base = os.path.abspath(init_from) if os.path.exists(init_from) else init_from
+    base_fingerprint = fingerprint(model) if lora_r > 0 else None  # a resume refuses a base that has changed
+    config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions")
-if objective == "sft" and train_loader.header["vocab_size"] > model.config.vocab_size:
-    raise ValueError(f"{data_dir} was tokenized with {train_loader.header['tokenizer']} ({train_loader.header['vocab_size']}"
-                     f" tokens), more than the model's vocab_size {model.config.vocab_size}: prepare it with "
-                     f"prepare_sft.py --tokenizer <the model's folder>")
+for loader in (train_loader, val_loader):
+    loader.check_vocab(model.config.vocab_size)  # token ids the model has no embedding for are refused
 if init_from != "resume" and lora_r > 0:
     from lora import apply_lora, lora_config_from
     lora_config = lora_config_from(config)  # every lora_<field> setting, as LoRAConfig(<field>=...)
@@ -298,9 +312,8 @@ def hellaswag_accuracy():
     examples = eval_hellaswag.load_examples(path, limit=hellaswag_limit or None)
     # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
     encode = partial(tokenizer.encode, add_special_tokens=False)  # context and endings are encoded apart: no BOS
-    result = eval_hellaswag.evaluate(raw_model, examples, device, encode, rank=ddp_rank, world_size=world_size,
-                                     amp=dtype != "float32")
-    return result["acc_norm"]
+    return eval_hellaswag.evaluate(raw_model, examples, device, encode, rank=ddp_rank, world_size=world_size,
+                                   amp=dtype != "float32")
 
 
 wandb_run = None
@@ -312,8 +325,27 @@ flops_per_step = flops_per_token(raw_model, block_size, raw_model.config.n_layer
 peak_flops = peak_for_name(torch.cuda.get_device_name(device)) if device_type == "cuda" and dtype != "float32" else None
 
 
+saved_step = start_step if init_from == "resume" else None  # the step of the checkpoint in out_dir
+
+
+def stop_non_finite(what):
+    """End the run (every rank) without applying or saving non-finite weights, saying what is on disk."""
+    if master_process:
+        kept = (f"{out_dir}/ckpt.pt holds the weights of step {saved_step}, all finite" if saved_step is not None
+                else f"no checkpoint was written to {out_dir}")
+        print(f"{what}: stopping without applying this update. {kept}. Lower max_lr (now {max_lr:g}) or check "
+              f"the data, then start again" + (" or resume with --init_from=resume" if saved_step else ""))
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
 def save(step):
     """Every rank calls this: rank 0 writes the checkpoint, with the RNG states of all ranks gathered into it."""
+    global saved_step
+    bad = [n for n, p in raw_model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:  # the same on every rank (DDP keeps the weights identical), so all stop together
+        stop_non_finite(f"step {step}: {len(bad)} weights are not finite ({', '.join(bad[:3])} ...)")
     mine = rng_state(device)
     rng_states = [mine]
     if ddp:  # one entry per rank, in rank order
@@ -321,7 +353,8 @@ def save(step):
         dist.all_gather_object(rng_states, mine)
     if master_process:
         save_checkpoint(out_dir, raw_model, optimizer, step, config, train_loader.state_dict(), lora_config,
-                        base, rng_states)
+                        base, rng_states, base_fingerprint)
+    saved_step = step
 
 
 # -----------------------------------------------------------------------------------------------
@@ -334,7 +367,8 @@ for step in range(start_step, max_steps):
         if master_process:
             print(f"step {step}: val loss {record['val_loss']:.4f}")
     if hellaswag_every > 0 and (step % hellaswag_every == 0 or last_step):
-        record["hellaswag_acc_norm"] = record["hellaswag_acc"] = hellaswag_accuracy()
+        result = hellaswag_accuracy()
+        record["hellaswag_acc"], record["hellaswag_acc_norm"] = result["acc"], result["acc_norm"]
         if master_process:
             print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
     if eval_generate_every > 0 and (step % eval_generate_every == 0 or last_step):
@@ -377,16 +411,13 @@ for step in range(start_step, max_steps):
         scaler.scale(loss).backward()
     if ddp:
         dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # DDP already averaged the gradients
-    if not torch.isfinite(loss_accum):
-        if master_process:
-            print(f"step {step}: loss is {loss_accum.item()}; stopping. The last good checkpoint in {out_dir} "
-                  f"is untouched: lower max_lr or check the data, then init_from='resume'")
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
     scaler.unscale_(optimizer)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
+    # never apply a non-finite update (with float16, the GradScaler skips a step with inf gradients by itself);
+    # the gradients are all-reduced, so every rank sees the same norm and stops alike
+    if not torch.isfinite(loss_accum) or (not scaler.is_enabled() and not torch.isfinite(norm)):
+        stop_non_finite(f"step {step}: the loss is {loss_accum.item()} and the gradient norm {norm.item()}")
     lr = get_lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -408,7 +439,7 @@ for step in range(start_step, max_steps):
         if step % log_interval == 0 or last_step:
             print(line)
         with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")  # strict JSON: NaN -> null
         if wandb_run is not None:
             wandb_run.log(record, step=step)
     if (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0) or last_step:

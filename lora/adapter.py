@@ -22,9 +22,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from atomic import atomic_path
+from model.hf import read_json, read_safetensors, read_torch_weights
 from lora.inject import LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers, remove_lora
 
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -91,13 +92,12 @@ def read_adapter(path):
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a PEFT LoRA adapter folder "
                                 f"({CONFIG_NAME} + {WEIGHTS_NAME})")
-    with open(path / CONFIG_NAME) as f:
-        config = json.load(f)
-    check_peft_config(config, path)
+    config = read_json(path / CONFIG_NAME)
+    check_peft_config(config, path / CONFIG_NAME)
     if (path / WEIGHTS_NAME).is_file():
-        tensors = load_file(path / WEIGHTS_NAME)
+        tensors = read_safetensors(path / WEIGHTS_NAME)
     elif (path / LEGACY_WEIGHTS_NAME).is_file():  # restricted unpickler: tensors and plain containers only
-        tensors = torch.load(path / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        tensors = read_torch_weights(path / LEGACY_WEIGHTS_NAME)
     else:
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) next to {CONFIG_NAME}")
     return config, tensors
@@ -111,6 +111,13 @@ def check_peft_config(config: dict, path="adapter"):
         raise ValueError(f"{path}: task_type={config['task_type']!r}; only CAUSAL_LM adapters fit our models")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={config['bias']!r} (trained base biases) is not supported; only 'none'")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{path}: \"r\" must be a positive int (the LoRA rank), got {r!r}"
+                         f"{' (missing)' if 'r' not in config else ''}; save the adapter again")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"{path}: \"lora_alpha\" must be a positive number, got {alpha!r}"
+                         f"{' (missing)' if 'lora_alpha' not in config else ''}; save the adapter again")
     if config.get("target_modules") in (None, "all-linear") or isinstance(config.get("target_modules"), dict):
         raise ValueError(f"{path}: target_modules={config.get('target_modules')!r} is not supported; "
                          f"it must be a list of module names or a regex")

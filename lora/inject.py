@@ -61,7 +61,11 @@ class LoRAConfig:
                 raise ValueError(f"LoRA targets {self.targets!r} is a str, which is a regex over whole module names; "
                                  f"for names give a list: {names!r} (train.py: --lora_targets='{names!r}'), "
                                  f"or a regex such as '.*\\.({'|'.join(names)})'")
-            re.compile(self.targets)  # fail now on a bad regex
+            try:
+                re.compile(self.targets)  # fail now on a bad regex
+            except re.error as e:
+                raise ValueError(f"LoRA targets {self.targets!r} is not a valid regular expression ({e}); give "
+                                 f"module names, e.g. ('c_attn',), or fix the regex") from None
         elif not self.targets:
             raise ValueError("LoRAConfig.targets is empty: name at least one nn.Linear, e.g. ('c_attn',)")
         if isinstance(self.modules_to_save, str):

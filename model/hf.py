@@ -73,31 +73,61 @@ def _find_in_hf_cache(name):
     return candidates[-1] if candidates else None
 
 
+def read_json(path):
+    """A JSON object from `path`; a ValueError naming the file if it is not one (binary, truncated, a list ...)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON file ({e}): restore or re-export it") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, found a {type(value).__name__}")
+    return value
+
+
+def read_safetensors(path):
+    """All tensors of a .safetensors file; a ValueError naming the file if it is truncated or not safetensors."""
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type, or an OSError from a file cut short
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+                         f"write or download it again") from None
+
+
+def read_torch_weights(path):
+    """A pickled state dict (pytorch_model.bin, adapter_model.bin) through the restricted unpickler."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable weights file ({str(e).split('. ')[0]}): it is truncated, "
+                         f"corrupt or holds more than tensors; write or download it again") from None
+
+
 def load_hf_config(model_dir):
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model folder")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 def load_hf_state_dict(model_dir):
     """All tensors of the checkpoint in `model_dir`, by name, as stored (dtype unchanged)."""
     model_dir = Path(model_dir)
     if (model_dir / "model.safetensors").is_file():
-        return load_file(model_dir / "model.safetensors")
+        return read_safetensors(model_dir / "model.safetensors")
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]  # tensor name -> shard file name
+        weight_map = read_json(index).get("weight_map")  # tensor name -> shard file name
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" object; not a safetensors index")
         state_dict = {}
         for shard in sorted(set(weight_map.values())):
             if not (model_dir / shard).is_file():
                 raise FileNotFoundError(f"{model_dir}: shard {shard} named in {index.name} is missing")
-            state_dict.update(load_file(model_dir / shard))
+            state_dict.update(read_safetensors(model_dir / shard))
         return state_dict
     if (model_dir / "pytorch_model.bin").is_file():
-        return torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_torch_weights(model_dir / "pytorch_model.bin")
     raise FileNotFoundError(f"{model_dir}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
 
 

@@ -129,7 +129,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     with pytest.raises(SystemExit) as exit_info:
         run_train(tiny_flags(tmp_path, checkpoint_interval=2, eval_interval=0), monkeypatch)
     assert exit_info.value.code == 1
-    assert "step 4: loss is nan" in capsys.readouterr().out
+    assert "step 4: the loss is nan" in capsys.readouterr().out
     saved = checkpoint.read_checkpoint(tmp_path / "out")
     assert saved["step"] == 4
     assert all(torch.isfinite(t).all() for t in saved["model"].values())

@@ -116,7 +116,7 @@ def test_llama_trains_from_scratch(llama_run):
 def test_lora_fine_tune_of_a_hugging_face_llama_loads_in_peft(tmp_path, monkeypatch, capsys, llama_run):
     write_shards(tmp_path / "data", stride=3)
     run_train(lora_flags(tmp_path, llama_run / "hf", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                         merge_on_save=False), monkeypatch)
+                         merge_on_save=False, n_head=4, n_kv_head=2), monkeypatch)
     losses = [r["train_loss"] for r in read_log(tmp_path / "out")]
     assert np.mean(losses[-5:]) < losses[0] - 0.3
     idx = torch.randint(0, VOCAB, (2, 16))
@@ -134,6 +134,6 @@ def test_llama_run_prints_samples_with_the_checkpoints_own_tokenizer(tmp_path, m
     make_hf_tokenizer_folder(tmp_path / "tok", n_words=100)  # ids 0..101 fit the 128-token model
     shutil.copy(tmp_path / "tok" / "tokenizer.json", tmp_path / "llama" / "tokenizer.json")
     write_shards(tmp_path / "data", stride=3)
-    run_train(lora_flags(tmp_path, tmp_path / "llama", lora_targets=("q_proj", "v_proj"), max_steps=2,
+    run_train(lora_flags(tmp_path, tmp_path / "llama", lora_targets=("q_proj", "v_proj"), max_steps=2, n_head=4,
                          sample_interval=1, sample_prompt="w5 w6", merge_on_save=False), monkeypatch)
     assert "sample 0: '<s> w5 w6" in capsys.readouterr().out

@@ -1,0 +1,179 @@
+"""train.py's settings, checked once where they enter: by range and meaning, not only by type.
+
+configurator.py already refuses unknown keys and wrong types; this file knows what the values mean. CHECKS has
+one line per key: what a valid value is, and what resuming may do with it:
+    FIXED   shapes the model, its LoRA or the data stream: a resume must use the checkpoint's value
+    FREE    may change on resume (max_steps, learning rates, intervals): a value given is applied, and said
+    LAUNCH  describes this launch, not the run (out_dir, device ...): never taken from the checkpoint
+A key without a line is FREE and unchecked beyond its type. A new setting adds one line; a rule that involves
+two keys goes into RELATIONS.
+"""
+import math
+import re
+
+from model import MODELS
+
+FIXED, FREE, LAUNCH = "fixed", "free", "launch"
+
+
+def at_least(low):
+    return lambda v: v >= low and (not isinstance(v, float) or math.isfinite(v))
+
+
+def in_range(low, high):  # low <= v < high
+    return lambda v: low <= v < high
+
+
+def one_of(*allowed):
+    return lambda v: v in allowed
+
+
+def nonempty(v):
+    return len(v) > 0
+
+
+def lora_targets(v):
+    """A tuple of module names, or one regex string (re.fullmatch against module names)."""
+    if isinstance(v, str):
+        try:
+            re.compile(v)
+        except re.error:
+            return False
+        return len(v) > 0
+    return len(v) > 0 and all(isinstance(t, str) and t for t in v)
+
+
+def device_name(v):
+    return re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None
+
+
+CHECKS = {
+    # key                  valid(value)                      what a valid value is                       on resume
+    "out_dir":             (nonempty,                        "a folder name",                                LAUNCH),
+    "init_from":           (nonempty,                        "'scratch', 'resume', a model folder or name",  LAUNCH),
+    "data_dir":            (nonempty,                        "a folder of token shards",                     FREE),
+    "model_type":          (one_of(*MODELS),                 f"one of {', '.join(map(repr, MODELS))}",      FIXED),
+    "n_layer":             (at_least(1),                     "a positive int",                               FIXED),
+    "n_head":              (at_least(1),                     "a positive int",                               FIXED),
+    "n_embd":              (at_least(1),                     "a positive int",                               FIXED),
+    "block_size":          (at_least(1),                     "a positive int (tokens per sequence)",         FIXED),
+    "vocab_size":          (at_least(1),                     "a positive int",                               FIXED),
+    "dropout":             (in_range(0.0, 1.0),              "in [0, 1)",                                    FREE),
+    "bias":                (one_of(True, False),             "True or False",                                FIXED),
+    "n_kv_head":           (at_least(0),                     ">= 0 (0 = n_head)",                            FIXED),
+    "intermediate_size":   (at_least(0),                     ">= 0 (0 = the usual 8/3 * n_embd)",            FIXED),
+    "rope_theta":          (at_least(1e-9),                  "a positive number",                            FIXED),
+    "batch_size":          (at_least(1),                     "a positive int (sequences per micro-batch)",   FIXED),
+    "total_batch_size":    (at_least(1),                     "a positive int (tokens per optimizer step)",   FIXED),
+    "max_steps":           (at_least(1),                     "a positive int (the step to stop at)",         FREE),
+    "warmup_steps":        (at_least(0),                     ">= 0",                                         FREE),
+    "max_lr":              (at_least(1e-300),                "a positive finite number",                     FREE),
+    "min_lr":              (at_least(0.0),                   ">= 0 and finite",                              FREE),
+    "weight_decay":        (at_least(0.0),                   ">= 0 and finite",                              FREE),
+    "beta1":               (in_range(0.0, 1.0),              "in [0, 1)",                                    FREE),
+    "beta2":               (in_range(0.0, 1.0),              "in [0, 1)",                                    FREE),
+    "grad_clip":           (at_least(0.0),                   ">= 0 (0 = off)",                               FREE),
+    "eval_interval":       (at_least(0),                     ">= 0 (0 = off)",                               FREE),
+    "eval_iters":          (at_least(1),                     "a positive int (batches per evaluation)",      FREE),
+    "sample_interval":     (at_least(0),                     ">= 0 (0 = off)",                               FREE),
+    "sample_tokens":       (at_least(1),                     "a positive int",                               FREE),
+    "num_samples":         (at_least(1),                     "a positive int",                               FREE),
+    "checkpoint_interval": (at_least(0),                     ">= 0 (0 = only at the end)",                   FREE),
+    "hellaswag_every":     (at_least(0),                     ">= 0 (0 = off)",                               FREE),
+    "hellaswag_limit":     (at_least(0),                     ">= 0 (0 = all)",                               FREE),
+    "log_interval":        (at_least(1),                     "a positive int",                               FREE),
+    "compile":             (one_of("auto", True, False),     "'auto', True or False",                       LAUNCH),
+    "dtype":               (one_of("auto", "float32", "bfloat16", "float16"),
+                                                             "'auto', 'float32', 'bfloat16' or 'float16'",   LAUNCH),
+    "device":              (device_name,                     "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",     LAUNCH),
+    "seed":                (at_least(0),                     ">= 0",                                         FIXED),
+    "overwrite":           (one_of(True, False),             "True or False",                                LAUNCH),
+    "objective":           (one_of("lm", "sft"),             "'lm' (a token stream, fineweb.py) or 'sft' (prepare_sft.py)",
+                                                                                                             FIXED),
+    "packing":             (one_of(True, False),             "True or False",                                FIXED),
+    "eval_generate_every": (at_least(0),                     ">= 0 (0 = off)",                               FREE),
+    "eval_generate_limit": (at_least(0),                     ">= 0 (0 = all val prompts)",                   FREE),
+    "lora_r":              (at_least(0),                     ">= 0 (0 = no LoRA: train every weight)",       FIXED),
+    "lora_alpha":          (at_least(1e-300),                "a positive number",                            FIXED),
+    "lora_dropout":        (in_range(0.0, 1.0),              "in [0, 1)",                                    FIXED),
+    "lora_targets":        (lora_targets,                    "module names, or one valid regular expression", FIXED),
+    "lora_mode":           (one_of("split", "fused"),        "'split' or 'fused'",                           FIXED),
+    "lora_rslora":         (one_of(True, False),             "True or False",                                FIXED),
+    "lora_modules_to_save": (lambda v: all(isinstance(m, str) and m for m in v),
+                                                             "a tuple of module names",                      FIXED),
+}
+
+RELATIONS = [
+    # (holds(config), message(config)) for rules that involve several keys
+    (lambda c: c["n_embd"] % c["n_head"] == 0,
+     lambda c: f"n_embd={c['n_embd']} is not divisible by n_head={c['n_head']}: each head gets n_embd/n_head "
+               f"channels; change one of them"),
+    (lambda c: c["n_kv_head"] == 0 or c["n_head"] % c["n_kv_head"] == 0,
+     lambda c: f"n_kv_head={c['n_kv_head']} does not divide n_head={c['n_head']}: each key/value head serves "
+               f"n_head/n_kv_head query heads; change one of them"),
+    (lambda c: c["min_lr"] <= c["max_lr"],
+     lambda c: f"min_lr={c['min_lr']} is above max_lr={c['max_lr']}: the cosine decays from max_lr down to min_lr"),
+    (lambda c: c["sample_interval"] == 0 or len(c["sample_prompt"]) > 0,
+     lambda c: "sample_prompt='' is empty: samples continue a prompt; give one (e.g. --sample_prompt='\\n') or "
+               "--sample_interval=0"),
+    (lambda c: c["objective"] == "sft" or c["eval_generate_every"] == 0,
+     lambda c: f"eval_generate_every={c['eval_generate_every']} scores answers: it needs objective='sft'"),
+    (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),
+     lambda c: f"lora_mode='fused' needs lora_dropout=0 (got {c['lora_dropout']}): use lora_mode='split'"),
+]
+
+
+def validate_config(config):
+    """Raise ValueError naming the first bad key, its value and what it must be."""
+    for key, (valid, must_be, _) in CHECKS.items():
+        if key in config and not valid(config[key]):
+            raise ValueError(f"{key}={config[key]!r} is not valid: it must be {must_be}")
+    for holds, message in RELATIONS:
+        if not holds(config):
+            raise ValueError(message(config))
+
+
+ARCHITECTURE = ("model_type", "n_layer", "n_head", "n_embd", "vocab_size", "bias", "n_kv_head", "intermediate_size",
+                "rope_theta")  # (dropout is not: it applies to a loaded model too)
+
+
+def loaded_model_config(config, given, model, init_from):
+    """The config of a run that fine-tunes a loaded model: its architecture is the model's. A flag given for it must
+    agree (trained weights cannot be reshaped); the returned config records the model's values,
+    so that the checkpoint says what was trained."""
+    actual = {"model_type": model.model_type, **model.config_dict()}
+    differ = [k for k in given if k in ARCHITECTURE and k in actual and config[k] != actual[k]
+              and not (k in ("n_kv_head", "intermediate_size") and config[k] == 0)]  # 0 = the model's default
+    if differ:
+        what = ", ".join(f"{k}={config[k]!r} (the model has {actual[k]!r})" for k in differ)
+        raise ValueError(f"init_from={init_from!r}: {what}: a loaded model keeps its architecture; drop "
+                         f"{' '.join('--' + k for k in differ)}, or train from scratch with --init_from=scratch")
+    return {**config, **{k: actual[k] for k in ARCHITECTURE if k in actual and k in config}}
+
+
+def on_resume(key):
+    return CHECKS[key][2] if key in CHECKS else FREE
+
+
+def resume_config(saved, config, given, out_dir):
+    """The config of a resumed run: the checkpoint's `saved` config, with the keys the user `given` explicitly.
+
+    A given FIXED key must equal the checkpoint's (else ValueError naming them); a given FREE key is applied and
+    listed in the returned notes; every other key comes back from the checkpoint, so that a resume without the
+    config file still continues the same run. LAUNCH keys are always this launch's."""
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # ckpt.pt stores tuples as lists
+    changed = [k for k in given if on_resume(k) == FIXED and k in saved and saved[k] != config[k]]
+    if changed:
+        what = ", ".join(f"{k}={config[k]!r} (the checkpoint has {saved[k]!r})" for k in changed)
+        raise ValueError(f"resume of {out_dir}: {what} cannot change on resume, it shapes the model, its LoRA or "
+                         f"the data: drop {' '.join('--' + k for k in changed)} to continue the run, or start a new "
+                         f"run with another --out_dir")
+    resumed, notes = dict(config), []
+    for key, value in saved.items():
+        if key not in config or on_resume(key) == LAUNCH:
+            continue
+        if key not in given:
+            resumed[key] = value
+        elif config[key] != value:
+            notes.append(f"{key}={config[key]!r} (was {value!r})")
+    return resumed, notes
