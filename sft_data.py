@@ -26,14 +26,19 @@ import torch
 HEADER = "sft.json"
 
 
-def read_examples(data_dir, split):
-    """(header, [(ids, mask)]) of one split: numpy arrays per example, in file order."""
+def read_examples(data_dir, split, kind="sft"):
+    """(header, [(ids, mask)]) of one split: numpy arrays per example, in file order. kind: what the objective
+    needs, 'sft' (examples) or 'preference' (pairs, as consecutive examples)."""
     header_path = os.path.join(data_dir, HEADER)
     if not os.path.isfile(header_path):
         raise FileNotFoundError(f"data_dir {data_dir!r} has no {HEADER}: objective='sft' reads the folder "
                                 f"prepare_sft.py writes (python prepare_sft.py --input ... --val ... --out {data_dir})")
     with open(header_path) as f:
         header = json.load(f)
+    if header.get("kind", "sft") != kind:
+        need, other = ("dpo", "sft") if kind == "preference" else ("sft", "dpo")
+        raise ValueError(f"data_dir {data_dir!r} holds {header.get('kind', 'sft')} data, but objective={need!r} "
+                         f"needs {kind} data: prepare another folder, or use objective={other!r}")
     examples = []
     for path in sorted(glob.glob(os.path.join(data_dir, f"{split}_*.npz"))):
         with np.load(path, allow_pickle=False) as shard:

@@ -74,7 +74,7 @@ CHECKS = {
     "beta2":               (in_range(0.0, 1.0),              "in [0, 1)",                                    FREE),
     "grad_clip":           (at_least(0.0),                   ">= 0 (0 = off)",                               FREE),
     "eval_interval":       (at_least(0),                     ">= 0 (0 = off)",                               FREE),
-    "eval_iters":          (at_least(1),                     "a positive int (batches per evaluation)",      FREE),
+    "eval_iters":          (at_least(0),                     ">= 0 (batches per evaluation; 0 = all, sft/dpo)", FREE),
     "sample_interval":     (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "sample_tokens":       (at_least(1),                     "a positive int",                               FREE),
     "num_samples":         (at_least(1),                     "a positive int",                               FREE),
@@ -88,8 +88,13 @@ CHECKS = {
     "device":              (device_name,                     "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",     LAUNCH),
     "seed":                (at_least(0),                     ">= 0",                                         FIXED),
     "overwrite":           (one_of(True, False),             "True or False",                                LAUNCH),
-    "objective":           (one_of("lm", "sft"),             "'lm' (a token stream, fineweb.py) or 'sft' (prepare_sft.py)",
+    "objective":           (one_of("lm", "sft", "dpo"),      "'lm' (a token stream, fineweb.py), 'sft' or 'dpo' (prepare_sft.py)",
                                                                                                              FIXED),
+    "dpo_beta":            (at_least(1e-300),                "a positive number",                            FIXED),
+    "dpo_loss":            (one_of("sigmoid", "ipo", "hinge"), "'sigmoid', 'ipo' or 'hinge'",                FIXED),
+    "dpo_label_smoothing": (in_range(0.0, 0.5),              "in [0, 0.5) (the chance a label is flipped)",  FIXED),
+    "dpo_reference":       (one_of("auto", "adapter_off", "precompute", "copy"),
+                                                             "'auto', 'adapter_off', 'precompute' or 'copy'", FIXED),
     "packing":             (one_of(True, False),             "True or False",                                FIXED),
     "eval_generate_every": (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "eval_generate_limit": (at_least(0),                     ">= 0 (0 = all val prompts)",                   FREE),
@@ -116,8 +121,20 @@ RELATIONS = [
     (lambda c: c["sample_interval"] == 0 or len(c["sample_prompt"]) > 0,
      lambda c: "sample_prompt='' is empty: samples continue a prompt; give one (e.g. --sample_prompt='\\n') or "
                "--sample_interval=0"),
+    (lambda c: c["objective"] != "lm" or c["eval_iters"] > 0,
+     lambda c: "eval_iters=0 means the whole val split, which a token stream (objective='lm') does not have: "
+               "give a number of batches, e.g. --eval_iters=20"),
     (lambda c: c["objective"] == "sft" or c["eval_generate_every"] == 0,
      lambda c: f"eval_generate_every={c['eval_generate_every']} scores answers: it needs objective='sft'"),
+    (lambda c: not (c["dpo_reference"] == "adapter_off" and c["lora_r"] == 0),
+     lambda c: "dpo_reference='adapter_off' needs a LoRA run (lora_r > 0): without an adapter there is nothing to "
+               "switch off; use dpo_reference='precompute' or 'copy'"),
+    (lambda c: not (c["dpo_reference"] == "copy" and c["lora_r"] > 0),
+     lambda c: "dpo_reference='copy' is for full fine-tuning: a LoRA run's reference is the model with its adapter "
+               "off; use dpo_reference='adapter_off' (no second model in memory)"),
+    (lambda c: c["dpo_loss"] == "sigmoid" or c["dpo_label_smoothing"] == 0,
+     lambda c: f"dpo_label_smoothing={c['dpo_label_smoothing']} smooths the sigmoid loss only; use "
+               f"dpo_loss='sigmoid' or dpo_label_smoothing=0"),
     (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),
      lambda c: f"lora_mode='fused' needs lora_dropout=0 (got {c['lora_dropout']}): use lora_mode='split'"),
 ]
