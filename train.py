@@ -294,8 +294,10 @@ def get_lr(step):
 def dpo_micro_step(eval_model, x, y, stored):
     """The DPO loss (mean over the micro-batch's pairs) and its metric sums; x, y (2B, L), stored (2B,) or None."""
     with autocast:
-        logps = dpo.sequence_logps(eval_model(x)[0], y)  # (2B,) the policy, with gradients when training
+        # the reference first: its logits are freed before the policy's forward keeps activations for backward,
+        # so the step's peak memory is the policy's, as in an SFT step on the same rows (bench/dpo_memory.py)
         ref = dpo.reference_logps(x, y, dpo_reference, raw_model, ref_model, stored)  # (2B,) no gradients
+        logps = dpo.sequence_logps(eval_model(x)[0], y)  # (2B,) the policy, with gradients when training
     losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(logps, ref, dpo_beta, dpo_loss, dpo_label_smoothing)
     return losses.mean(), dpo.metric_sums(losses, chosen_rewards, rejected_rewards, logps)
 

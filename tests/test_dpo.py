@@ -201,3 +201,21 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_pat
     for key in ("train_loss", "grad_norm", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "eval_rewards/margins", "eval_logps/rejected"):
         assert [r[key] for r in ddp if key in r] == pytest.approx([r[key] for r in single if key in r], rel=1e-4), key
+
+
+def test_full_fine_tunes_with_a_frozen_copy_and_with_precomputed_log_probs_take_the_same_steps(tmp_path, monkeypatch):
+    write_dpo_dir(tmp_path / "data", make_pairs(16, 8), make_pairs(4, 9))
+    for reference in ("copy", "precompute"):
+        run_train(dpo_flags(tmp_path, out_dir=tmp_path / reference, lora_r=0, dpo_reference=reference, max_lr=1e-3),
+                  monkeypatch)
+    copy_log, precompute_log = read_log(tmp_path / "copy"), read_log(tmp_path / "precompute")
+    for key in ("train_loss", "grad_norm", "rewards/margins", "eval_rewards/margins"):
+        assert [r[key] for r in copy_log if key in r] == pytest.approx([r[key] for r in precompute_log if key in r],
+                                                                       abs=1e-6), key
+    assert copy_log[-1]["rewards/margins"] != 0  # the policy moved away from its reference
+
+
+def test_adapter_off_without_lora_is_refused_in_one_line(tmp_path, monkeypatch):
+    write_dpo_dir(tmp_path / "data", make_pairs(4, 10), make_pairs(2, 11))
+    with pytest.raises(ValueError, match="dpo_reference='adapter_off' needs a LoRA run"):
+        run_train(dpo_flags(tmp_path, lora_r=0, dpo_reference="adapter_off"), monkeypatch)
