@@ -14,13 +14,11 @@ goes to val (its rejected answer from val speeches too), the rest to train: val 
 never seen. Before tuning the policy is its own reference, so the held-out reward accuracy starts at 0.5.
 """
 import argparse
-import json
 import random
 from pathlib import Path
 
-from atomic import atomic_path
 from fineweb import shakespeare_play_paths
-from shakespeare_speakers import PLAYS, speeches
+from shakespeare_speakers import PLAYS, speeches, write_splits
 
 PROMPT_WORDS, ANSWER_WORDS = 12, 10
 VAL_EVERY = 5
@@ -55,10 +53,7 @@ def make(out_dir, plays=PLAYS, seed=0):
         val += v
     rng.shuffle(train)
     rng.shuffle(val)  # a capped evaluation then spans all plays
-    for name, rows in (("train", train), ("val", val)):
-        with atomic_path(Path(out_dir) / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    return len(train), len(val)
+    return write_splits(out_dir, train, val)
 
 
 if __name__ == "__main__":

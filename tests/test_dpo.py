@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
 import dpo
 from dpo_data import DPOLoader, precompute_reference, reference_path
 from lora import LoRAConfig, apply_lora, lora_disabled, remove_lora, save_adapter
 from model import GPT
 from prepare_sft import HEADER, write_split
+from test_sft_train import run_until_the_first_checkpoint
 from test_train import read_log, run_torchrun, run_train, tiny_flags
 
 VOCAB = 128
@@ -70,6 +70,19 @@ def test_step_0_with_a_fresh_adapter_gives_sigmoid_loss_ln_2_and_a_nonzero_lora_
     losses.mean().backward()
     assert losses.mean().item() == pytest.approx(math.log(2), abs=1e-7)
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_each_loss_at_a_zero_margin_has_its_closed_form_value():
+    zeros = torch.zeros(6)  # 3 pairs, policy == reference: the margin h is 0
+    beta = 0.25
+    assert dpo.dpo_loss(zeros, zeros, beta, "ipo")[0].tolist() == pytest.approx([1 / (2 * beta) ** 2] * 3)  # (0 - 1/2b)^2
+    assert dpo.dpo_loss(zeros, zeros, beta, "hinge")[0].tolist() == [1.0] * 3  # max(0, 1 - 0)
+    smoothed = dpo.dpo_loss(zeros, zeros, beta, "sigmoid", label_smoothing=0.3)[0]
+    assert smoothed.tolist() == pytest.approx([math.log(2)] * 3)  # either label of a coin flip costs ln 2
+    # one pair whose chosen answer gained 2 nats on the reference: -log sigmoid(beta * 2), smoothed toward its flip
+    gained = dpo.dpo_loss(torch.tensor([2.0, 0.0]), torch.zeros(2), beta, "sigmoid", label_smoothing=0.1)[0]
+    expected = 0.9 * math.log(1 + math.exp(-2 * beta)) + 0.1 * math.log(1 + math.exp(2 * beta))
+    assert gained.item() == pytest.approx(expected)
 
 
 def hf_sequence_logps(logits, labels):
@@ -170,16 +183,8 @@ def test_a_full_fine_tune_with_precomputed_reference_resumes_without_recomputing
     write_dpo_dir(tmp_path / "data", make_pairs(16, 4), make_pairs(4, 5))
     flags = dict(lora_r=0, dpo_reference="precompute", max_steps=6, eval_interval=0, max_lr=1e-3)
     run_train(dpo_flags(tmp_path, out_dir=tmp_path / "whole", **flags), monkeypatch)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(dpo_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **flags), monkeypatch)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    run_until_the_first_checkpoint(dpo_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **flags),
+                                   monkeypatch)
     stored = list((tmp_path / "data").glob("reference_logps_*.npz"))
     assert len(stored) == 1  # both runs start from the same model: one file
     before = stored[0].stat().st_mtime_ns
