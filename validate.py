@@ -122,8 +122,8 @@ RELATIONS = [
      lambda c: "sample_prompt='' is empty: samples continue a prompt; give one (e.g. --sample_prompt='\\n') or "
                "--sample_interval=0"),
     (lambda c: c["objective"] != "lm" or c["eval_iters"] > 0,
-     lambda c: "eval_iters=0 means the whole val split, which a token stream (objective='lm') does not have: "
-               "give a number of batches, e.g. --eval_iters=20"),
+     lambda c: "eval_iters=0 is not valid for objective='lm': 0 means the whole val split, which a token stream "
+               "does not have; give a number of batches, e.g. --eval_iters=20"),
     (lambda c: c["objective"] == "sft" or c["eval_generate_every"] == 0,
      lambda c: f"eval_generate_every={c['eval_generate_every']} scores answers: it needs objective='sft'"),
     (lambda c: not (c["dpo_reference"] == "adapter_off" and c["lora_r"] == 0),
