@@ -2,13 +2,14 @@
 #   make smollm2-lora  set up, convert SmolLM2-135M-Instruct (make smollm2), LoRA-fine-tune it on Shakespeare, on CPU
 #   make test          set up (with the test-only references transformers + peft) and run the tests
 #   make sft           LoRA-fine-tune a base on the speaker-attribution task and print the held-out exact match
+#   make dpo           LoRA DPO on Shakespeare preference pairs; prints the held-out reward accuracy before and after
 PYTHON ?= python3
 VENV ?= .venv
 # torch first, on its own: pick the build for your machine, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev shakespeare data finetune sft test bench clean smollm2 smollm2-lora
+.PHONY: setup setup-dev shakespeare data finetune sft dpo test bench clean smollm2 smollm2-lora
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,18 @@ sft: setup
 		--block_size 64 --overwrite $(if $(wildcard $(SFT_BASE)/tokenizer.json),--tokenizer $(SFT_BASE))
 	$(BIN)/python train.py config/sft_shakespeare_speakers.py --init_from=$(SFT_BASE)
 	$(BIN)/python sft_eval.py --data $(SFT_DATA)/sft --model $(SFT_BASE) --model out-sft-speakers
+
+# DPO on preference pairs from the plays, from the same base; the reference is the base (the adapter switched off)
+DPO_DATA := data/shakespeare_pairs
+
+dpo: setup
+	test -e $(SFT_BASE) || $(MAKE) shakespeare
+	$(BIN)/python shakespeare_pairs.py --out $(DPO_DATA)
+	$(BIN)/python prepare_sft.py --input $(DPO_DATA)/train.jsonl --val $(DPO_DATA)/val.jsonl --out $(DPO_DATA)/dpo \
+		--block_size 64 --overwrite $(if $(wildcard $(SFT_BASE)/tokenizer.json),--tokenizer $(SFT_BASE))
+	@echo "make dpo: training into out-dpo-shakespeare/, replacing any run there"
+	$(BIN)/python train.py config/dpo_shakespeare.py --init_from=$(SFT_BASE) --overwrite=True
+	$(BIN)/python dpo.py out-dpo-shakespeare
 
 test: setup-dev
 	$(BIN)/python -m pytest tests -q

@@ -5,15 +5,20 @@
 One record a line, in either of the two formats Hugging Face TRL uses:
     {"prompt": "...", "completion": "..."}                        prompt text, then the completion and EOS
     {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}   a chat, ending with a reply
+or preference pairs for `objective = 'dpo'`, as TRL takes them (a file holds one kind):
+    {"prompt": "...", "chosen": "...", "rejected": "..."}        two examples with the same prompt tokens
+    {"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}   conversational
 Chats are rendered with the checkpoint's own chat template (chat.py), else with the plain one. The mask is 1 on
 the tokens the model learns to produce (completion / assistant replies and the EOS that ends them), 0 on prompt,
-system, user and template tokens. An example is at most --block_size tokens; a longer one is cut
-(--truncation=truncate: the start of the prompt's budget and the whole answer where it fits) or skipped (drop).
+system, user and template tokens (in a pair, 1 on the final answer only). An example is at most --block_size
+tokens; a longer one is cut (--truncation=truncate: the start of the prompt's budget and the whole answer where it
+fits) or skipped (drop). The two examples of a pair are cut alike (room for the longer answer) or dropped together.
 
 Output (all of it built in a temp folder, then renamed into place: an interrupted run leaves nothing):
     sft.json                  header: tokenizer, chat template, eos/pad id, block_size, counts per split
     {split}_{k:06d}.npz       tokens (N,) uint16|uint32, mask (N,) uint8, offsets (n_examples + 1,) int64
-Example i of a shard is tokens[offsets[i]:offsets[i + 1]]; examples keep the order of the input file.
+Example i of a shard is tokens[offsets[i]:offsets[i + 1]]; examples keep the order of the input file. A pair is
+examples 2j (chosen) and 2j + 1 (rejected) of one shard; sft.json's "kind" is 'preference', else 'sft'.
 """
 import argparse
 import json
@@ -70,7 +75,9 @@ def read_records(path):
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-            if "messages" in record:
+            if "chosen" in record or "rejected" in record:
+                yield where, preference_record(record, where)
+            elif "messages" in record:
                 yield where, ("messages", check_messages(record["messages"], where))
             elif "prompt" in record or "completion" in record:
                 if isinstance(record.get("prompt"), list):  # TRL's conversational prompt/completion
@@ -85,6 +92,26 @@ def read_records(path):
                                  f"(found {', '.join(map(repr, record)) or 'none'})")
 
 
+def preference_record(record, where):
+    """('preference', prompt, chosen, rejected) of a DPO pair, as TRL takes it: three strings, or the conversational
+    form where prompt is a list of messages and chosen / rejected are lists of assistant messages (the answers)."""
+    if "prompt" not in record:
+        raise ValueError(f"{where}: field 'prompt' is missing (a preference pair needs prompt, chosen and rejected)")
+    if isinstance(record["prompt"], list):
+        prompt = check_messages(record["prompt"] + [{"role": "assistant", "content": "-"}], where, "prompt")[:-1]
+        answers = []
+        for key in ("chosen", "rejected"):
+            if key not in record:
+                raise ValueError(f"{where}: field {key!r} is missing")
+            answer = check_messages(record[key], where, key)
+            if any(m["role"] != "assistant" for m in answer):
+                raise ValueError(f"{where}: field {key!r} must hold assistant messages only (the answer)")
+            answers.append(prompt + answer)
+        return ("preference_messages", *answers)
+    return ("preference", _text_field(record, "prompt", where), _text_field(record, "chosen", where),
+            _text_field(record, "rejected", where))
+
+
 # ---- records -> (ids, mask) ----------------------------------------------------------------------------------
 def example_ids(tok, record):
     """(ids, mask) of one record: prompt/completion as start + prompt + completion + EOS, chats via chat_ids."""
@@ -96,55 +123,96 @@ def example_ids(tok, record):
     return prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids)
 
 
-def fit(ids, mask, block_size, truncation):
+def pair_ids(tok, record):
+    """[(ids, mask) of chosen, (ids, mask) of rejected]: the same prompt tokens, the mask on the final answer only
+    (a conversational prompt's own assistant turns are context, not the answer being compared)."""
+    if record[0] == "preference":
+        _, prompt, chosen, rejected = record
+        return [example_ids(tok, ("prompt_completion", prompt, answer)) for answer in (chosen, rejected)]
+    pair = []
+    for messages in record[1:]:
+        ids, mask = chat_ids(tok, messages)
+        start = answer_start(mask)
+        pair.append((ids, [0] * start + mask[start:]))
+    return pair
+
+
+def answer_start(mask):
+    """The index of the first token of the mask's last run of 1s (the answer)."""
+    start = max(i for i, m in enumerate(mask) if m)
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return start
+
+
+def fit(ids, mask, block_size, truncation, answer_len=None):
     """(ids, mask, was_cut) within block_size tokens, or None to drop. The answer is the last run of 1s in the mask,
     the prompt everything before it: truncate keeps the prompt's first tokens that leave room for the whole answer
-    (at least one), and cuts the answer's end only when the answer alone does not fit."""
-    if len(ids) <= block_size:
+    (at least one), and cuts the answer's end only when the answer alone does not fit. answer_len: room to leave
+    instead (the longer answer of a pair, so that chosen and rejected keep the same prompt tokens)."""
+    if len(ids) <= block_size and answer_len is None:
         return ids, mask, False
     if truncation == "drop":
         return None
-    answer_start = max(i for i, m in enumerate(mask) if m)  # the answer's last token, then back to its first
-    while answer_start > 0 and mask[answer_start - 1]:
-        answer_start -= 1
-    budget = max(1, block_size - (len(ids) - answer_start))
-    keep = list(range(budget)) + list(range(answer_start, len(ids)))[:block_size - budget]
-    return [ids[i] for i in keep], [mask[i] for i in keep], True
+    start = answer_start(mask)
+    budget = max(1, block_size - (answer_len or len(ids) - start))
+    keep = list(range(min(budget, start))) + list(range(start, len(ids)))[:block_size - min(budget, start)]
+    return [ids[i] for i in keep], [mask[i] for i in keep], len(keep) < len(ids)
+
+
+def fit_pair(pair, block_size, truncation):
+    """fit() for chosen and rejected together: both kept or both dropped, their prompt cut alike."""
+    if max(len(ids) for ids, _ in pair) <= block_size:
+        return pair, False
+    if truncation == "drop":
+        return None
+    answer_len = max(len(ids) - answer_start(mask) for ids, mask in pair)
+    fitted = [fit(ids, mask, block_size, truncation, answer_len) for ids, mask in pair]
+    return [(ids, mask) for ids, mask, _ in fitted], True
 
 
 def tokenize_split(path, tok, block_size, truncation):
     """All examples of one JSONL file as lists, plus counts for the header."""
-    examples, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "prompt_completion": 0, "messages": 0}
+    examples, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "prompt_completion": 0, "messages": 0,
+                            "preference": 0, "preference_messages": 0}
+    kind = None  # 'sft' or 'preference': one file holds one kind
     for where, record in read_records(path):
+        record_kind = "preference" if record[0].startswith("preference") else "sft"
+        if kind not in (None, record_kind):
+            raise ValueError(f"{where}: a {record_kind} record in a file of {kind} records; a file holds "
+                             f"prompt/completion or messages records, or preference pairs, not both")
+        kind = record_kind
         counts[record[0]] += 1
         try:
-            ids, mask = example_ids(tok, record)
+            unit = pair_ids(tok, record) if kind == "preference" else [example_ids(tok, record)]
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        fitted = fit(ids, mask, block_size, truncation)
+        fitted = fit_pair(unit, block_size, truncation)
         if fitted is None:
             counts["dropped"] += 1
             continue
-        ids, mask, was_cut = fitted
+        unit, was_cut = fitted
         counts["truncated"] += was_cut
-        examples.append((ids, mask))
+        examples += unit  # a pair: chosen then rejected, next to each other
     if not examples:
         raise ValueError(f"{path}: no examples left (empty file, or every example dropped as longer than "
                          f"--block_size={block_size})")
-    counts["examples"] = len(examples)
+    counts["kind"] = kind
+    counts["examples"] = len(examples) if kind == "sft" else len(examples) // 2  # pairs
     counts["tokens"] = sum(len(ids) for ids, _ in examples)
     counts["trained_tokens"] = sum(sum(mask) for _, mask in examples)
     return examples, counts
 
 
-def write_split(folder, split, examples, dtype, shard_size):
-    """Whole examples into shards of about shard_size tokens; returns the shard file names."""
+def write_split(folder, split, examples, dtype, shard_size, group=1):
+    """Whole examples into shards of about shard_size tokens, `group` at a time (2: a preference pair is never
+    split over two shards); returns the shard file names."""
     names, start = [], 0
     while start < len(examples):
         end, n = start, 0
-        while end < len(examples) and (n == 0 or n + len(examples[end][0]) <= shard_size):
-            n += len(examples[end][0])
-            end += 1
+        while end < len(examples) and (n == 0 or n + sum(len(ids) for ids, _ in examples[end:end + group]) <= shard_size):
+            n += sum(len(ids) for ids, _ in examples[end:end + group])
+            end += group
         chunk = examples[start:end]
         lengths = np.array([len(ids) for ids, _ in chunk], dtype=np.int64)
         name = f"{split}_{len(names):06d}.npz"
@@ -178,7 +246,11 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
     try:
         for split, path in (("train", train_path), ("val", val_path)):
             examples, counts = tokenize_split(path, tok, block_size, truncation)
-            counts["shards"] = write_split(tmp, split, examples, dtype, shard_size)
+            header.setdefault("kind", counts["kind"])
+            if counts.pop("kind") != header["kind"]:
+                raise ValueError(f"{path} holds {'preference pairs' if header['kind'] == 'sft' else 'sft records'}"
+                                 f", {train_path} the other kind: give both splits in one format")
+            counts["shards"] = write_split(tmp, split, examples, dtype, shard_size, 2 if header["kind"] == "preference" else 1)
             header["splits"][split] = {"source": str(path), **counts}
         (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder owner-only
@@ -219,7 +291,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"prepare_sft.py: {e}")
     for split, c in header["splits"].items():
-        print(f"{split}: {c['examples']:,} examples, {c['tokens']:,} tokens ({c['trained_tokens']:,} trained on); "
+        print(f"{split}: {c['examples']:,} {'pairs' if header['kind'] == 'preference' else 'examples'}, {c['tokens']:,} tokens ({c['trained_tokens']:,} trained on); "
               f"{c['truncated']:,} truncated, {c['dropped']:,} dropped (longer than {args.block_size} tokens)")
     print(f"wrote {args.out} (tokenizer {header['tokenizer']}, {header['chat_template']} chat template)")
 

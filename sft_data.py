@@ -26,14 +26,19 @@ import torch
 HEADER = "sft.json"
 
 
-def read_examples(data_dir, split):
-    """(header, [(ids, mask)]) of one split: numpy arrays per example, in file order."""
+def read_examples(data_dir, split, kind="sft"):
+    """(header, [(ids, mask)]) of one split: numpy arrays per example, in file order. kind: what the objective
+    needs, 'sft' (examples) or 'preference' (pairs, as consecutive examples)."""
     header_path = os.path.join(data_dir, HEADER)
     if not os.path.isfile(header_path):
         raise FileNotFoundError(f"data_dir {data_dir!r} has no {HEADER}: objective='sft' reads the folder "
                                 f"prepare_sft.py writes (python prepare_sft.py --input ... --val ... --out {data_dir})")
     with open(header_path) as f:
         header = json.load(f)
+    if header.get("kind", "sft") != kind:
+        need, other = ("dpo", "sft") if kind == "preference" else ("sft", "dpo")
+        raise ValueError(f"data_dir {data_dir!r} holds {header.get('kind', 'sft')} data, but objective={need!r} "
+                         f"needs {kind} data: prepare another folder, or use objective={other!r}")
     examples = []
     for path in sorted(glob.glob(os.path.join(data_dir, f"{split}_*.npz"))):
         with np.load(path, allow_pickle=False) as shard:
@@ -68,6 +73,7 @@ class SFTLoader:
     def __init__(self, data_dir, B, T, process_rank=0, num_processes=1, split="train", packing=True, seed=1337,
                  shuffle=None):
         self.header, self.examples = read_examples(data_dir, split)
+        self.data_dir = data_dir
         self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
         self.packing, self.seed = packing, seed
         self.shuffle = split == "train" if shuffle is None else shuffle
@@ -78,6 +84,13 @@ class SFTLoader:
                              f"{T + 1}; use a larger block_size, or prepare_sft.py --block_size={T + 1}")
         self.pad_id = int(self.header.get("pad_id", 0))
         self.epoch, self.row, self._rows_epoch, self._rows = 0, 0, None, None
+
+    def check_vocab(self, vocab_size):
+        """Refuse a folder tokenized with more ids than the model has embeddings for."""
+        if self.header["vocab_size"] > vocab_size:
+            raise ValueError(f"{self.data_dir} was tokenized with {self.header['tokenizer']} "
+                             f"({self.header['vocab_size']} tokens), more than the model's vocab_size {vocab_size}: "
+                             f"prepare it with prepare_sft.py --tokenizer <the model's folder>")
 
     def rows_of_epoch(self, epoch):
         """The example indices of every row of this epoch (cached for the current one)."""

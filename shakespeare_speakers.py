@@ -74,6 +74,11 @@ def make(out_dir, plays=PLAYS):
         train += t
         val += v
     random.Random(0).shuffle(val)  # the first N val prompts (eval_generate_limit) then span all six plays
+    return write_splits(out_dir, train, val)
+
+
+def write_splits(out_dir, train, val):
+    """out_dir/train.jsonl and out_dir/val.jsonl, one JSON record a line, each written atomically."""
     for name, rows in (("train", train), ("val", val)):
         with atomic_path(Path(out_dir) / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -96,6 +96,10 @@ objective = "lm"  # 'lm': every token of the stream is a target | 'sft': prepare
 packing = True  # sft: several examples per row (block-diagonal attention) | False: one a row, padded
 eval_generate_every = 0  # sft: greedy exact match on the val prompts every N steps (0 = off)
 eval_generate_limit = 0  # sft: score only the first N val prompts (0 = all)
+dpo_beta = 0.1  # dpo: the strength of the pull toward the reference (dpo.py)
+dpo_loss = "sigmoid"  # dpo: 'sigmoid' (DPO) | 'ipo' | 'hinge'
+dpo_label_smoothing = 0.0  # dpo, sigmoid: the chance that a label is flipped (conservative DPO)
+dpo_reference = "auto"  # dpo: 'adapter_off' | 'precompute' | 'copy'; 'auto' = adapter_off for LoRA, else precompute
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 from errors import report_user_errors  # noqa: E402
@@ -117,6 +121,8 @@ if init_from == "resume":  # the run's settings come back from its checkpoint; o
         raise ValueError(f"{out_dir} is already trained to step {checkpoint['step']} and max_steps={max_steps}: "
                          f"pass a larger --max_steps to train on")
 validate_config(config)  # every value by range and meaning, once, here
+if objective == "dpo" and dpo_reference == "auto":
+    dpo_reference = config["dpo_reference"] = "adapter_off" if lora_r > 0 else "precompute"
 # -----------------------------------------------------------------------------------------------
 
 import adapters  # noqa: E402
@@ -186,7 +192,11 @@ if master_process:
           f"x {world_size} process(es){f' ({parallel})' if ddp else ''}; device {device}, dtype {dtype}")
     os.makedirs(out_dir, exist_ok=True)
 
-if objective == "sft":  # task examples: (x, y, position_ids) with y = -1 off the answers (sft_data.py)
+if objective == "dpo":  # preference pairs: (x, y, stored reference log-probs) with 2B rows (dpo_data.py)
+    from dpo_data import DPOLoader
+    train_loader = DPOLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "train", seed)
+    val_loader = DPOLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "val", seed)
+elif objective == "sft":  # task examples: (x, y, position_ids) with y = -1 off the answers (sft_data.py)
     from sft_data import SFTLoader
     train_loader = SFTLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "train", packing, seed)
     val_loader = SFTLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "val", packing, seed)
@@ -215,6 +225,7 @@ if init_from == "resume":
 elif init_from == "scratch":
     model_cls = model_class(model_type)
     model = model_cls(model_cls.scratch_config(config))
+    base_fingerprint = fingerprint(model) if objective == "dpo" else None
 else:
     # to fine-tune fully, or an adapter run's frozen base (quantized while loading for QLoRA; a LoRA out_dir: merged)
     model = load_base(init_from, quantize=quantize, dropout=dropout)
@@ -222,14 +233,16 @@ else:
     config = loaded_model_config(config, given, model, init_from)  # its architecture, which flags cannot change
 if init_from != "resume":
     method = "none" if peft_method == "lora" and lora_r == 0 else peft_method
-    if method != "none" and base is not None:
-        base_fingerprint = fingerprint(model)  # a resume refuses a base that has changed
+    if (method != "none" or objective == "dpo") and base is not None:
+        # a resume refuses a base that has changed; DPO's precomputed reference is named by it
+        base_fingerprint = fingerprint(model)
     # prompt_init='text' starts the prompt from these words' embeddings
     text_init = method == "prompt" and prompt_init == "text"
     encode = tokenizer_for(base, model.config.vocab_size).encode if text_init else None
     # swaps target Linears for LoRA/AdaLoRA layers or attaches a prompt encoder, and freezes everything else
     adapters.apply(model, method, adapters.config_from_settings(method, config), encode)
 peft_method = adapters.method_of(model)  # what this run trains (a resumed run: what its checkpoint had)
+lora_config = getattr(model, "lora_config", None)  # a LoRA run's config: DPO's reference is its adapter switched off
 if block_size > model.max_seq_len:
     raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions"
                      + (f" (after {model.num_virtual_tokens} virtual tokens)" if model.num_virtual_tokens else ""))
@@ -261,6 +274,42 @@ if compile:
     model = torch.compile(model)
 if ddp and not sharded:
     model = wrap(model, "ddp", device_type, ddp_local_rank)
+
+ref_model = None  # dpo_reference='copy': the frozen starting model
+if objective == "dpo":
+    import dpo
+    if dpo_reference == "copy":  # the starting model: this one before any step, or reloaded from `base` on resume
+        if init_from == "resume":
+            if base is None:
+                raise ValueError(f"resume of {out_dir}: dpo_reference='copy' needs the starting model, and a run from "
+                                 f"scratch has none to reload; start it again with dpo_reference='precompute'")
+            ref_model = load_base(base)
+            if fingerprint(ref_model) != base_fingerprint:
+                raise ValueError(f"resume of {out_dir}: its starting model {base} has changed since the run began; "
+                                 f"the reference would differ. Restore it, or start a new run")
+        else:
+            import copy
+            ref_model = copy.deepcopy(raw_model)
+        ref_model.requires_grad_(False).eval().to(device)
+        if master_process:
+            copy_mib = sum(p.numel() * p.element_size() for p in ref_model.parameters()) / 2**20
+            print(f"dpo reference: a frozen copy of the model, {copy_mib:,.1f} MiB more memory")
+    elif dpo_reference == "precompute":
+        from dpo_data import precompute_reference, reference_path
+
+        def starting_logps(x, y):  # the starting model: LoRA switched off (B = 0 at a fresh start anyway)
+            with autocast:
+                return dpo.reference_logps(x, y, "adapter_off" if lora_config else "copy", raw_model, raw_model)
+
+        path = reference_path(data_dir, base_fingerprint)
+        if init_from == "resume" and lora_config is None and not path.exists():
+            raise ValueError(f"resume of {out_dir}: its reference log-probs {path} are gone, and a full fine-tune "
+                             f"cannot recompute them from trained weights; start the run again")
+        raw_model.eval()
+        precompute_reference((train_loader, val_loader), starting_logps, path, device, master_process, ddp)
+        raw_model.train()
+    elif master_process:
+        print("dpo reference: the model with its LoRA adapter switched off (no second model in memory)")
 
 optimizer = raw_model.configure_optimizers(weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
 # from here on each rank draws its own dropout masks (nanoGPT's seed_offset): with one seed everywhere, every rank
@@ -302,6 +351,32 @@ def get_lr(step):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+def dpo_micro_step(eval_model, x, y, stored):
+    """The DPO loss (mean over the micro-batch's pairs) and its metric sums; x, y (2B, L), stored (2B,) or None."""
+    with autocast:
+        # the reference first: its logits are freed before the policy's forward keeps activations for backward,
+        # so the step's peak memory is the policy's, as in an SFT step on the same rows (bench/dpo_memory.py)
+        ref = dpo.reference_logps(x, y, dpo_reference, raw_model, ref_model, stored)  # (2B,) no gradients
+        logps = dpo.sequence_logps(eval_model(x)[0], y)  # (2B,) the policy, with gradients when training
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(logps, ref, dpo_beta, dpo_loss, dpo_label_smoothing)
+    return losses.mean(), dpo.metric_sums(losses, chosen_rewards, rejected_rewards, logps)
+
+
+@torch.no_grad()
+def dpo_val_metrics():
+    """TRL's metrics (eval_ prefixed) over the val pairs of all ranks, up to eval_iters batches per rank."""
+    eval_model = getattr(model, "module", model)  # ranks may hold different numbers of batches: no DDP forward
+    eval_model.eval()
+    sums = torch.zeros(len(dpo.METRICS) + 1, device=device)
+    for x, y, stored in val_loader.eval_batches(eval_iters):
+        sums += dpo_micro_step(eval_model, x.to(device), y.to(device),
+                               stored.to(device) if stored is not None else None)[1]
+    if ddp:
+        dist.all_reduce(sums)
+    eval_model.train()
+    return dpo.metric_means(sums, prefix="eval_")
+
+
 @torch.no_grad()
 def estimate_val_loss():
     if objective == "sft":
@@ -323,7 +398,7 @@ def estimate_val_loss():
 @torch.no_grad()
 def sft_val_loss():
     """Mean loss over every answer token of the val batches of all ranks (up to eval_iters batches per rank)."""
-    eval_model = model.module if ddp else model  # ranks may hold different numbers of batches: no DDP forward
+    eval_model = getattr(model, "module", model)  # ranks may hold different numbers of batches: no DDP forward
     eval_model.eval()
     sums = torch.zeros(2, device=device)  # summed loss, number of target tokens
     for x, y, pos in val_loader.eval_batches(eval_iters):
@@ -422,7 +497,13 @@ def save(step):
 for step in range(start_step, max_steps):
     last_step = step == max_steps - 1
     record = {"step": step}
-    if eval_interval > 0 and (step % eval_interval == 0 or last_step):
+    if eval_interval > 0 and (step % eval_interval == 0 or last_step) and objective == "dpo":
+        record.update(dpo_val_metrics())
+        record["val_loss"] = record["eval_loss"]
+        if master_process:
+            print(f"step {step}: val loss {record['val_loss']:.4f}, reward accuracy "
+                  f"{record['eval_rewards/accuracies']:.4f}, margin {record['eval_rewards/margins']:.4f}")
+    elif eval_interval > 0 and (step % eval_interval == 0 or last_step):
         record["val_loss"] = estimate_val_loss()
         if master_process:
             print(f"step {step}: val loss {record['val_loss']:.4f}")
@@ -442,7 +523,8 @@ for step in range(start_step, max_steps):
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
-    batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]  # (x, y) or (x, y, position_ids)
+    batches = [train_loader.next_batch() for _ in range(grad_accum_steps)]  # (x, y) or (x, y, position_ids | ref)
+    dpo_sums = torch.zeros(len(dpo.METRICS) + 1, device=device) if objective == "dpo" else None
     if objective == "sft":
         # micro-batches hold different numbers of answer tokens: count the whole step's, over all ranks
         step_targets = sum((b[1] != -1).sum() for b in batches).to(device)
@@ -453,12 +535,16 @@ for step in range(start_step, max_steps):
         if ddp:
             # all-reduce (ddp) or reduce-scatter (fsdp) the gradients only once, after the last micro-step
             set_grad_sync(model, micro_step == grad_accum_steps - 1)
-        with train_autocast:
-            if objective == "sft":
-                pos = batch[2].to(device) if batch[2] is not None else None
-                _, loss = model(x, y, position_ids=pos)
-            else:
-                _, loss = model(x, y)
+        if objective == "dpo":  # every micro-batch holds batch_size pairs: the mean over them, as for 'lm'
+            loss, sums = dpo_micro_step(model, x, y, batch[2].to(device) if batch[2] is not None else None)
+            dpo_sums += sums
+        else:
+            with train_autocast:
+                if objective == "sft":
+                    pos = batch[2].to(device) if batch[2] is not None else None
+                    _, loss = model(x, y, position_ids=pos)
+                else:
+                    _, loss = model(x, y)
         if objective == "sft":
             # mean over this micro-batch's answer tokens -> their sum / the step's count; x world_size because DDP
             # averages the ranks' gradients: the step's gradient is the mean over every answer token it holds
@@ -473,6 +559,8 @@ for step in range(start_step, max_steps):
         scaler.scale(loss).backward()
     if ddp:
         dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # DDP/FSDP already averaged the gradients
+        if dpo_sums is not None:
+            dist.all_reduce(dpo_sums)
     scaler.unscale_(optimizer)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else float("inf"))
@@ -496,6 +584,8 @@ for step in range(start_step, max_steps):
     if master_process:
         record.update(train_loss=loss_accum.item(), lr=lr, grad_norm=norm.item(), dt_ms=dt * 1000,
                       tok_per_s=tokens_per_sec)
+        if dpo_sums is not None:  # TRL's names: rewards/chosen, rewards/accuracies, logps/rejected, ...
+            record.update(dpo.metric_means(dpo_sums))
         line = (f"step {step:5d} | loss {record['train_loss']:.6f} | lr {lr:.4e} | norm {record['grad_norm']:.4f} "
                 f"| dt {dt * 1000:.1f}ms | tok/s {tokens_per_sec:,.0f}")
         if peak_flops:

@@ -75,7 +75,7 @@ CHECKS = {
     "beta2":               (in_range(0.0, 1.0),              "in [0, 1)",                                    FREE),
     "grad_clip":           (at_least(0.0),                   ">= 0 (0 = off)",                               FREE),
     "eval_interval":       (at_least(0),                     ">= 0 (0 = off)",                               FREE),
-    "eval_iters":          (at_least(0),                     ">= 0 (batches per evaluation; 0 = all, sft)",  FREE),
+    "eval_iters":          (at_least(0),                     ">= 0 (batches per evaluation; 0 = all, sft/dpo)", FREE),
     "sample_interval":     (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "sample_tokens":       (at_least(1),                     "a positive int",                               FREE),
     "num_samples":         (at_least(1),                     "a positive int",                               FREE),
@@ -90,6 +90,16 @@ CHECKS = {
     "seed":                (at_least(0),                     ">= 0",                                         FIXED),
     "parallel":            (one_of(*PARALLEL),               "'ddp' or 'fsdp'",                              LAUNCH),
     "overwrite":           (one_of(True, False),             "True or False",                                LAUNCH),
+    "objective":           (one_of("lm", "sft", "dpo"),      "'lm' (a token stream, fineweb.py), 'sft' or 'dpo' (prepare_sft.py)",
+                                                                                                             FIXED),
+    "dpo_beta":            (at_least(1e-300),                "a positive number",                            FIXED),
+    "dpo_loss":            (one_of("sigmoid", "ipo", "hinge"), "'sigmoid', 'ipo' or 'hinge'",                FIXED),
+    "dpo_label_smoothing": (in_range(0.0, 0.5),              "in [0, 0.5) (the chance a label is flipped)",  FIXED),
+    "dpo_reference":       (one_of("auto", "adapter_off", "precompute", "copy"),
+                                                             "'auto', 'adapter_off', 'precompute' or 'copy'", FIXED),
+    "packing":             (one_of(True, False),             "True or False",                                FIXED),
+    "eval_generate_every": (at_least(0),                     ">= 0 (0 = off)",                               FREE),
+    "eval_generate_limit": (at_least(0),                     ">= 0 (0 = all val prompts)",                   FREE),
     "lora_r":              (at_least(0),                     ">= 0 (0 = no LoRA: train every weight)",       FIXED),
     "lora_alpha":          (at_least(1e-300),                "a positive number",                            FIXED),
     "lora_dropout":        (in_range(0.0, 1.0),              "in [0, 1)",                                    FIXED),
@@ -102,10 +112,6 @@ CHECKS = {
                                                              "'kaiming', 'gaussian', 'pissa' or 'pissa_niter_K'", FIXED),
     "lora_use_dora":       (one_of(True, False),             "True or False",                                FIXED),
     "lora_loraplus_lr_ratio": (at_least(1e-300),             "a positive number (lora_B's lr / lora_A's)",   FIXED),
-    "objective":           (one_of("lm", "sft"),             "'lm' (a token stream) or 'sft' (prepare_sft.py)", FIXED),
-    "packing":             (one_of(True, False),             "True or False",                                FIXED),
-    "eval_generate_every": (at_least(0),                     ">= 0 (0 = off)",                               FREE),
-    "eval_generate_limit": (at_least(0),                     ">= 0 (0 = all val prompts)",                   FREE),
     "peft_method":         (one_of("lora", "adalora", "prompt", "ptuning", "prefix", "none"),
                                                              "'lora', 'adalora', 'prompt', 'ptuning', 'prefix' or 'none'", FIXED),
     "adalora_init_r":      (at_least(1),                     "a positive int",                               FIXED),
@@ -145,19 +151,28 @@ RELATIONS = [
     (lambda c: c["adalora_target_r"] <= c["adalora_init_r"],
      lambda c: f"adalora_target_r={c['adalora_target_r']} is above adalora_init_r={c['adalora_init_r']}: AdaLoRA "
                f"prunes ranks down to the target"),
-    (lambda c: c["eval_iters"] > 0 or c["objective"] == "sft",
-     lambda c: f"eval_iters={c['eval_iters']} is not valid: it must be a positive int (batches per evaluation; 0, "
-               f"the whole val split, only with objective='sft')"),
+    (lambda c: c["objective"] != "lm" or c["eval_iters"] > 0,
+     lambda c: "eval_iters=0 is not valid for objective='lm': 0 means the whole val split, which a token stream "
+               "does not have; give a number of batches, e.g. --eval_iters=20"),
     (lambda c: c["objective"] == "sft" or c["eval_generate_every"] == 0,
      lambda c: f"eval_generate_every={c['eval_generate_every']} scores answers: it needs objective='sft'"),
+    (lambda c: not (c["dpo_reference"] == "adapter_off" and (c["lora_r"] == 0 or c["peft_method"] != "lora")),
+     lambda c: "dpo_reference='adapter_off' needs a LoRA run (lora_r > 0): without an adapter there is nothing to "
+               "switch off; use dpo_reference='precompute' or 'copy'"),
+    (lambda c: not (c["dpo_reference"] == "copy" and c["lora_r"] > 0),
+     lambda c: "dpo_reference='copy' is for full fine-tuning: a LoRA run's reference is the model with its adapter "
+               "off; use dpo_reference='adapter_off' (no second model in memory)"),
+    (lambda c: c["dpo_loss"] == "sigmoid" or c["dpo_label_smoothing"] == 0,
+     lambda c: f"dpo_label_smoothing={c['dpo_label_smoothing']} smooths the sigmoid loss only; use "
+               f"dpo_loss='sigmoid' or dpo_label_smoothing=0"),
     (lambda c: not (c.get("parallel") == "fsdp" and c["dtype"] == "float16"),
      lambda c: "dtype='float16' with parallel='fsdp': float16's loss scaling would skip steps on some ranks only; "
                "use --dtype=bfloat16 (FSDP's mixed precision) or --dtype=float32"),
     (lambda c: c.get("parallel") != "fsdp" or (c["peft_method"] == "lora" and not c["quantize"]
-                                               and not c["lora_init"].startswith("pissa")),
+                                               and not c["lora_init"].startswith("pissa") and c["objective"] != "dpo"),
      lambda c: f"parallel='fsdp' shards full and LoRA training (peft_method='lora', no PiSSA init, no quantize); "
                f"got peft_method={c['peft_method']!r}, lora_init={c['lora_init']!r}, quantize={c['quantize']!r}: "
-               f"use parallel='ddp' for these"),
+               f"use parallel='ddp' for these (and for objective='dpo')"),
     (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),
      lambda c: f"lora_mode='fused' needs lora_dropout=0 (got {c['lora_dropout']}): use lora_mode='split'"),
 ]

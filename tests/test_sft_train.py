@@ -115,10 +115,8 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation_on_unev
     assert [r["step"] for r in ddp if "val_exact_match" in r] == [0, 2]
 
 
-def test_sft_run_resumes_at_its_data_position_with_the_same_losses(tmp_path, monkeypatch):
-    write_sft_dir(tmp_path / "data", make_examples(24, seed=4), make_examples(4, seed=5))
-    flags = dict(max_steps=6, eval_interval=0, total_batch_size=2 * 32 * 2)
-    run_train(sft_flags(tmp_path, out_dir=tmp_path / "whole", **flags), monkeypatch)
+def run_until_the_first_checkpoint(argv, monkeypatch):
+    """train.py ARGV, stopped (KeyboardInterrupt) right after it has written its first checkpoint."""
     real_save = checkpoint.save_checkpoint
 
     def save_then_crash(*args, **kwargs):
@@ -127,8 +125,16 @@ def test_sft_run_resumes_at_its_data_position_with_the_same_losses(tmp_path, mon
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run_train(sft_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **flags), monkeypatch)
+        run_train(argv, monkeypatch)
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+
+
+def test_sft_run_resumes_at_its_data_position_with_the_same_losses(tmp_path, monkeypatch):
+    write_sft_dir(tmp_path / "data", make_examples(24, seed=4), make_examples(4, seed=5))
+    flags = dict(max_steps=6, eval_interval=0, total_batch_size=2 * 32 * 2)
+    run_train(sft_flags(tmp_path, out_dir=tmp_path / "whole", **flags), monkeypatch)
+    run_until_the_first_checkpoint(sft_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **flags),
+                                   monkeypatch)
     assert checkpoint.read_checkpoint(tmp_path / "split")["loader"] != {"epoch": 0, "row": 0}
     run_train(sft_flags(tmp_path, out_dir=tmp_path / "split", init_from="resume", **flags), monkeypatch)
     whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
