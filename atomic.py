@@ -33,9 +33,7 @@ def atomic_path(path):
         yield tmp
         # mkstemp makes the file owner-only, and some writers (safetensors) replace it by their own owner-only
         # file: give the finished file a normal file's permissions, as the umask says, just before the rename
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -51,3 +49,10 @@ def remove_stale_temps(folder):
     for name in stale:
         os.remove(os.path.join(folder, name))
     return stale
+
+
+def current_umask():
+    """The process's umask (os.umask can only be read by setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

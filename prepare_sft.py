@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atomic import current_umask
 from chat import ROLES, chat_ids, load_text_tokenizer
 from sft_data import HEADER
 
@@ -253,7 +254,7 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
             counts["shards"] = write_split(tmp, split, examples, dtype, shard_size, 2 if header["kind"] == "preference" else 1)
             header["splits"][split] = {"source": str(path), **counts}
         (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder owner-only
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes the folder owner-only
         if out.exists():  # --overwrite of our own folder: swap, then delete the old one
             old = out.with_name(f".{out.name}.old")
             os.replace(out, old)
@@ -265,12 +266,6 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return header
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def main(argv=None):

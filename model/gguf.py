@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atomic import current_umask
+
 from .llama import LLaMA
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
@@ -254,12 +256,6 @@ def convert_gguf(path, out_dir, dtype=torch.float32):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def smollm2_gguf():
