@@ -1,15 +1,15 @@
 # Two commands on a fresh machine:
 #   make smollm2-lora  set up, convert SmolLM2-135M-Instruct (make smollm2), LoRA-fine-tune it on Shakespeare, on CPU
 #   make test          set up (with the test-only references transformers + peft) and run the tests
-#   make sft           LoRA-fine-tune a base on the speaker-attribution task and print the held-out exact match
-#   make dpo           LoRA DPO on Shakespeare preference pairs; prints the held-out reward accuracy before and after
+#   make sft           LoRA-fine-tune SmolLM2 on the speaker-attribution task; prints the held-out exact match
+#   make dpo           LoRA DPO of SmolLM2 on Shakespeare preference pairs; prints held-out reward accuracy before/after
 PYTHON ?= python3
 VENV ?= .venv
 # torch first, on its own: pick the build for your machine, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev shakespeare data finetune sft dpo test bench clean smollm2 smollm2-lora
+.PHONY: setup setup-dev shakespeare data finetune sft-base sft dpo test bench clean smollm2 smollm2-lora
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,26 +40,33 @@ finetune: setup
 	@echo "make finetune: training into out-shakespeare-lora/, replacing any run there"
 	$(BIN)/python train.py config/finetune_shakespeare_lora.py --overwrite=True
 
-# the base of `make sft`: our out_dir, or a Hugging Face folder (its tokenizer.json then tokenizes the task)
-SFT_BASE ?= out-shakespeare
+# the base of `make sft` and `make dpo`: SmolLM2-135M-Instruct (make smollm2), or our own out_dir
+# (SFT_BASE=out-shakespeare after `make shakespeare`) or any Hugging Face folder; a base with a tokenizer.json
+# tokenizes the task with it
+SMOLLM2 := models/smollm2-135m-instruct
+SFT_BASE ?= $(SMOLLM2)
 SFT_DATA := data/shakespeare_speakers
+BASE_TOKENIZER = $$(test -e $(SFT_BASE)/tokenizer.json && echo --tokenizer $(SFT_BASE))
 
-sft: setup
-	test -e $(SFT_BASE) || $(MAKE) shakespeare
+sft-base: setup
+	@if [ "$(SFT_BASE)" = "$(SMOLLM2)" ]; then $(MAKE) smollm2; \
+	elif [ "$(SFT_BASE)" = out-shakespeare ] && [ ! -e out-shakespeare ]; then $(MAKE) shakespeare; fi
+
+sft: sft-base
 	$(BIN)/python shakespeare_speakers.py --out $(SFT_DATA)
 	$(BIN)/python prepare_sft.py --input $(SFT_DATA)/train.jsonl --val $(SFT_DATA)/val.jsonl --out $(SFT_DATA)/sft \
-		--block_size 64 --overwrite $(if $(wildcard $(SFT_BASE)/tokenizer.json),--tokenizer $(SFT_BASE))
-	$(BIN)/python train.py config/sft_shakespeare_speakers.py --init_from=$(SFT_BASE)
+		--block_size 64 --overwrite $(BASE_TOKENIZER)
+	@echo "make sft: training into out-sft-speakers/, replacing any run there"
+	$(BIN)/python train.py config/sft_shakespeare_speakers.py --init_from=$(SFT_BASE) --overwrite=True
 	$(BIN)/python sft_eval.py --data $(SFT_DATA)/sft --model $(SFT_BASE) --model out-sft-speakers
 
 # DPO on preference pairs from the plays, from the same base; the reference is the base (the adapter switched off)
 DPO_DATA := data/shakespeare_pairs
 
-dpo: setup
-	test -e $(SFT_BASE) || $(MAKE) shakespeare
+dpo: sft-base
 	$(BIN)/python shakespeare_pairs.py --out $(DPO_DATA)
 	$(BIN)/python prepare_sft.py --input $(DPO_DATA)/train.jsonl --val $(DPO_DATA)/val.jsonl --out $(DPO_DATA)/dpo \
-		--block_size 64 --overwrite $(if $(wildcard $(SFT_BASE)/tokenizer.json),--tokenizer $(SFT_BASE))
+		--block_size 64 --overwrite $(BASE_TOKENIZER)
 	@echo "make dpo: training into out-dpo-shakespeare/, replacing any run there"
 	$(BIN)/python train.py config/dpo_shakespeare.py --init_from=$(SFT_BASE) --overwrite=True
 	$(BIN)/python dpo.py out-dpo-shakespeare

@@ -80,7 +80,8 @@ def main(argv):
     idx = torch.tensor([ids], dtype=torch.long, device=dev).repeat(s.num_samples, 1)  # (num_samples, T)
     gen = torch.Generator(device=dev).manual_seed(s.seed)
     streamer = Streamer(tok) if s.num_samples == 1 else None
-    print(text, end="", flush=True)
+    shown = text + "\n" if s.chat else text  # a chat's reply starts on a line of its own
+    print(shown, end="", flush=True)
     with torch.no_grad(), autocast:
         out = generate(model, idx, n_new, s.temperature, s.top_k or None, s.top_p, tok.eos_id, generator=gen,
                        on_token=streamer)
@@ -88,7 +89,7 @@ def main(argv):
         new = row[len(ids):].tolist()
         new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new  # EOS ends a sample
         if streamer is None:
-            print((text if i else "") + tok.decode(new))
+            print((shown if i else "") + tok.decode(new))
             print("---------------")
     if streamer is not None:
         print()

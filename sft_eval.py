@@ -11,7 +11,7 @@ baseline that always answers the most frequent training answer. train.py calls e
 `eval_generate_every` steps, each rank on its share of the prompts, the counts all-reduced.
 """
 import argparse
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 import torch.distributed as dist
@@ -38,19 +38,28 @@ def tokenizer_of(header):
 
 
 @torch.no_grad()
-def exact_match(model, examples, tok, device, rank=0, world_size=1, limit=0, extra_tokens=8):
-    """(correct, n) over examples[:limit] (all when 0), rank r scoring every world_size-th one; summed over ranks."""
+def exact_match(model, examples, tok, device, rank=0, world_size=1, limit=0, extra_tokens=8, batch_size=32):
+    """(correct, n) over examples[:limit] (all when 0), rank r scoring every world_size-th one; summed over ranks.
+    Prompts of the same length are decoded together, up to batch_size at a time (no padding: each row is exactly
+    what it is alone); each row keeps its own budget, len(reference) + extra_tokens new tokens."""
     examples = examples[:limit or None][rank::world_size]
     was_training = model.training
     model.eval()
-    correct = 0
+    by_length = defaultdict(list)
     for ids, mask in examples:
         prompt, reference = prompt_and_reference(ids, mask, tok.eos_id)
-        new = min(len(reference) + extra_tokens, model.max_seq_len - len(prompt))
-        idx = torch.tensor([prompt], dtype=torch.long, device=device)
-        out = model.generate(idx, new, temperature=0.0, eos_id=tok.eos_id)[0, len(prompt):].tolist()
-        out = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
-        correct += tok.decode(out).strip() == tok.decode(reference).strip()
+        by_length[len(prompt)].append((prompt, reference))
+    correct = 0
+    for length, pairs in by_length.items():
+        for i in range(0, len(pairs), batch_size):
+            group = pairs[i:i + batch_size]
+            budgets = [min(len(reference) + extra_tokens, model.max_seq_len - length) for _, reference in group]
+            idx = torch.tensor([prompt for prompt, _ in group], dtype=torch.long, device=device)  # (b, length)
+            out = model.generate(idx, max(budgets), temperature=0.0, eos_id=tok.eos_id)[:, length:].tolist()
+            for row, budget, (_, reference) in zip(out, budgets, group):
+                row = row[:budget]
+                row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+                correct += tok.decode(row).strip() == tok.decode(reference).strip()
     model.train(was_training)
     counts = torch.tensor([correct, len(examples)], dtype=torch.long, device=device)
     if world_size > 1 and dist.is_available() and dist.is_initialized():

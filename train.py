@@ -82,6 +82,7 @@ merge_on_save = False  # LoRA, AdaLoRA: also write out_dir/merged, a Hugging Fac
 quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), model/quant.py
 loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
 activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
+cpu_mmap_threshold = 65536  # CPU (glibc): tensors of this many bytes or more are freed back to the OS (model/memory.py)
 # LoRA: every field of LoRAConfig (lora/inject.py) is a key lora_<field> with LoRAConfig's default: lora_alpha,
 # lora_dropout, lora_targets (a tuple of names or .-suffixes, or a str that is a regex: the same in a config file and
 # on the command line, --lora_targets='("q_proj","v_proj")'), lora_mode ('split' | 'fused'), lora_rslora,
@@ -134,7 +135,7 @@ from dataloader import DataLoaderLite  # noqa: E402
 from model import model_class  # noqa: E402
 from model.flops import flops_per_token, peak_for_name  # noqa: E402
 from run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
-from model.memory import estimate_peak_bytes, peak_memory_bytes  # noqa: E402
+from model.memory import estimate_peak_bytes, peak_memory_bytes, set_cpu_mmap_threshold  # noqa: E402
 from tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
@@ -167,6 +168,8 @@ if dtype == "auto":
 if device_type != "cuda" and dtype != "float32":
     raise ValueError(f"dtype={dtype!r} on {device_type}: low-precision autocast is for CUDA (bf16 is ~400x "
                      f"slower on CPU); use --dtype=float32")
+if device_type == "cpu" and cpu_mmap_threshold > 0:  # resident memory then follows the live tensors (model/memory.py)
+    set_cpu_mmap_threshold(cpu_mmap_threshold)
 sharded = ddp and parallel == "fsdp"  # one process has nothing to shard: parallel only matters under torchrun
 # weights and optimizer stay fp32; autocast runs the matmuls in bf16/fp16 on CUDA. FSDP instead gathers the weights
 # in bf16 and reduces the gradients in fp32 (its MixedPrecisionPolicy), so its training forward needs no autocast;
@@ -323,8 +326,10 @@ if checkpoint is not None:
         print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
               f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
     checkpoint = None  # free the memory
-memory_estimate = estimate_peak_bytes(raw_model, batch_size, block_size, act_bytes=4 if dtype == "float32" else 2,
-                                      device=device)
+# dpo: a micro-batch of batch_size pairs is 2 x batch_size rows, and its log-probs come from the full logits
+memory_estimate = estimate_peak_bytes(raw_model, batch_size * (2 if objective == "dpo" else 1), block_size,
+                                      loss_chunk_size=0 if objective == "dpo" else None,
+                                      act_bytes=4 if dtype == "float32" else 2, device=device)
 if master_process:
     print(f"memory model, peak of a training step: {memory_estimate.summary()}")
 

@@ -129,6 +129,7 @@ CHECKS = {
     "quantize":            (one_of("", "nf4", "int8"),       "'', 'nf4' or 'int8'",                          FIXED),
     "loss_chunk_size":     (at_least(0),                     ">= 0 (tokens per loss chunk; 0 = full logits)", FREE),
     "activation_checkpointing": (one_of(True, False),        "True or False",                                FREE),
+    "cpu_mmap_threshold":  (in_range(0, 2 ** 25 + 1),        "0 to 33554432 bytes (0 = glibc's own threshold)", FREE),
 }
 
 RELATIONS = [

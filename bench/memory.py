@@ -10,9 +10,13 @@ Rows (each in its own fresh process, so that the peak is the row's own):
   lora-fwdgrad  LoRA; chunked loss with its gradients formed in forward (loss_recompute = False)
   lora-plain  LoRA with loss_chunk_size = 0: full logits then F.cross_entropy, the loss before the chunked one
   full-plain  full fine-tuning with the plain loss
-Measured: CUDA max_memory_allocated; CPU peak RSS of the row's process minus an idle child's (torch imported).
---compare times lora-plain, lora, lora-fwdgrad and lora-ckpt on one model in one process, interleaved step by step (one step
-of each per iteration), and reports the medians of the per-iteration ratios to lora-plain.
+Measured: CUDA max_memory_allocated; CPU peak RSS of the row's process minus an idle child's (torch imported). On CPU
+each row fixes glibc's mmap threshold at --mmap_threshold bytes first, as train.py does (cpu_mmap_threshold), so that
+a freed activation leaves the process (model/memory.py); --mmap_threshold 0 measures with glibc's moving threshold.
+--compare times settings on one model in one process, interleaved step by step (one step of each per iteration), and
+reports the medians of the per-iteration ratios to the first: lora-plain with glibc's threshold at its 32 MiB ceiling
+(where its moving threshold ends up once a step has freed its large tensors: the allocator before this setting), then
+lora, lora-fwdgrad and lora-ckpt with the fixed threshold, and lora at the ceiling (the allocator's own cost).
 """
 import argparse
 import os
@@ -53,9 +57,16 @@ def act_bytes(cfg):
     return 4 if cfg["dtype"] == "fp32" else 2
 
 
+def set_allocator(cfg, threshold):
+    if not cfg["device"].startswith("cuda") and threshold:
+        from model.memory import set_cpu_mmap_threshold
+        set_cpu_mmap_threshold(threshold)
+
+
 def run_row(cfg, row):
     """One row in a fresh process: predicted peak, then warmup + timed steps; the parent adds the measured peak."""
     from model.memory import estimate_peak_bytes
+    set_allocator(cfg, cfg["mmap_threshold"])
     timing.NOISE_LIMIT = cfg["noise_limit"]
     device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
     model, optimizer, (idx, targets) = build(cfg, row["mode"], row["B"], row["T"])
@@ -67,15 +78,20 @@ def run_row(cfg, row):
                 noise=t["noise"])
 
 
-def compare(cfg, B, T, modes):
-    """Interleaved step times of `modes` on one LoRA model: {"summaries": {mode: summary}, "ratios": {mode: median
-    ratio to modes[0]}}. Runs in a child process: on Linux a child's peak RSS starts at its parent's (fork, then
-    exec, keeps the high-water mark), so the parent must stay small for the rows measured after it."""
-    device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
-    model, optimizer, (idx, targets) = build(cfg, modes[0], B, T)
+GLIBC_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 
-    def step_of(mode):
+
+def compare(cfg, B, T, settings):
+    """Interleaved step times of `settings` [(name, mode, mmap threshold)] on one LoRA model: {"summaries": {name:
+    summary}, "ratios": {name: median ratio to the first}}. Runs in a child process: on Linux a child's peak RSS
+    starts at its parent's (fork, then exec, keeps the high-water mark), so the parent must stay small for the rows
+    measured after it."""
+    device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
+    model, optimizer, (idx, targets) = build(cfg, settings[0][1], B, T)
+
+    def step_of(mode, threshold):
         def step():
+            set_allocator(cfg, threshold)
             set_mode(model, mode, cfg)
             with timing.autocast_ctx(device, dtype):
                 _, loss = model(idx, targets)
@@ -84,13 +100,16 @@ def compare(cfg, B, T, modes):
             optimizer.zero_grad(set_to_none=True)
         return step
     timing.NOISE_LIMIT = cfg["noise_limit"]
-    cols, info = timing.time_phases([step_of(m) for m in modes], device, cfg["warmup"], cfg["iters"])
-    summaries = {m: dict(timing.summarize(ms), noise=info) for m, ms in zip(modes, cols)}
-    ratios = {m: statistics.median(a / b for a, b in zip(ms, cols[0])) for m, ms in zip(modes, cols)}
+    cols, info = timing.time_phases([step_of(m, t) for _, m, t in settings], device, cfg["warmup"], cfg["iters"])
+    names = [name for name, _, _ in settings]
+    summaries = {n: dict(timing.summarize(ms), noise=info) for n, ms in zip(names, cols)}
+    ratios = {n: statistics.median(a / b for a, b in zip(ms, cols[0])) for n, ms in zip(names, cols)}
     return dict(summaries=summaries, ratios=ratios)
 
 
 def chart(rows, path):
+    if len({r["T"] for r in rows}) < 2:
+        return None  # memory vs T needs more than one T
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -141,12 +160,15 @@ def parse_shapes(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(p)
-    p.add_argument("--shapes", default="4x128,4x256,4x512,4x1024,1x1024,2x1024", help="BxT, comma separated")
+    p.add_argument("--shapes", default="4x128,4x256,4x512,4x1024,4x2048,1x1024,2x1024", help="BxT, comma separated")
     p.add_argument("--modes", default="full,lora,lora-ckpt", help=f"any of {','.join(MODES)}")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--chunk", type=int, default=1024, help="loss_chunk_size of the chunked loss")
     p.add_argument("--compare", action="store_true",
                    help="first time lora-plain, lora, lora-fwdgrad, lora-ckpt interleaved in one process at the largest shape")
+    p.add_argument("--mmap_threshold", type=int, default=None,
+                   help="CPU: glibc's mmap threshold in bytes for every row (default: train.py's cpu_mmap_threshold, "
+                        "64 KiB; 0 = glibc's moving threshold)")
     p.add_argument("--compare_iters", type=int, default=3, help="timed iterations of --compare")
     p.add_argument("--noise_limit", type=float, default=timing.NOISE_LIMIT,
                    help="CPU: re-run iterations during which other processes used more than this share of the "
@@ -158,6 +180,11 @@ def main(argv=None):
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise SystemExit(f"--modes {args.modes}: choose among {','.join(MODES)}")
+    if args.mmap_threshold is None:
+        from model.memory import CPU_MMAP_THRESHOLD
+        args.mmap_threshold = CPU_MMAP_THRESHOLD
+    if not 0 <= args.mmap_threshold <= GLIBC_MMAP_CEILING:
+        raise SystemExit(f"--mmap_threshold {args.mmap_threshold}: give 0 ... {GLIBC_MMAP_CEILING} bytes")
     if args.r < 1 or args.chunk < 1:
         raise SystemExit(f"--r {args.r} / --chunk {args.chunk}: both must be >= 1")
     shapes = parse_shapes(args.shapes)
@@ -171,15 +198,18 @@ def main(argv=None):
     extra, compare_md = {}, ""
     if cfg["compare"]:  # first: the number the loss is judged by, on a model of its own in this process
         B, T = max(shapes, key=lambda s: s[0] * s[1])
-        modes_compared = ["lora-plain", "lora", "lora-fwdgrad", "lora-ckpt"]
-        result = timing.run_isolated(compare, dict(cfg, iters=cfg["compare_iters"]), B, T, modes_compared)
+        fixed, ceiling = cfg["mmap_threshold"], GLIBC_MMAP_CEILING
+        settings = [("lora-plain, glibc threshold 32 MiB", "lora-plain", ceiling)]
+        settings += [(f"{m}, threshold {fixed // 1024} KiB", m, fixed) for m in ("lora", "lora-fwdgrad", "lora-ckpt")]
+        settings += [("lora, glibc threshold 32 MiB", "lora", ceiling)]
+        result = timing.run_isolated(compare, dict(cfg, iters=cfg["compare_iters"]), B, T, settings)
         summaries, ratios = result["summaries"], result["ratios"]
         extra["compare"] = dict(B=B, T=T, summaries=summaries, ratios=ratios)
         lines = [f"| {m} | {s['median']:,.0f} ({s['p25']:,.0f}-{s['p75']:,.0f}) | {ratios[m]:.3f} |"
                  for m, s in summaries.items()]
-        compare_md = (f"\n\nStep time, LoRA r={cfg['r']}, B={B}, T={T}: {', '.join(modes_compared)} interleaved step "
-                      f"by step on one model (median of {summaries['lora']['n']} steps each):\n\n"
-                      "| setting | step ms (median, IQR) | median ratio to lora-plain |\n|---|---|---|\n"
+        compare_md = (f"\n\nStep time, LoRA r={cfg['r']}, B={B}, T={T}: the settings interleaved step by step on one "
+                      f"model (median of {summaries[settings[0][0]]['n']} steps each):\n\n"
+                      "| setting | step ms (median, IQR) | median ratio to the first |\n|---|---|---|\n"
                       + "\n".join(lines))
         print("\n".join(lines), flush=True)
     idle = 0 if cuda else timing.idle_baseline_bytes(cfg)

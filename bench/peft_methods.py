@@ -14,6 +14,7 @@ uses its own usual learning rate (ROWS). A row runs in a fresh process (spawn), 
 Columns: trainable parameters, peak memory above an idle process, median step time, best val loss and its step,
 final train loss (mean over the last eval interval) and final val loss, and how far val rose from its best.
 A new method is one line in ROWS: (peft_method, its train.py settings, learning rate).
+DoRA and QLoRA (LoRA on an NF4 base) are LoRA rows with r=16, beside plain LoRA at the same rank.
 """
 import argparse
 import math
@@ -31,12 +32,15 @@ from timing import idle_baseline_bytes, run_isolated  # noqa: E402
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear of the blocks, as config/finetune_shakespeare_lora.py
 PROMPT = dict(num_virtual_tokens=16)
-ROWS = {  # name -> (peft_method, train.py settings, learning rate); AdaLoRA prunes from 10% to 80% of the steps
+ROWS = {  # name -> (peft_method, train.py settings, learning rate); AdaLoRA prunes from 10% to 80% of the steps;
+    # quantize: the frozen base's Linear layers in NF4 first (model/quant.py), as train.py's quantize setting
     "full": ("none", {}, 1e-3),
     "lora r=1": ("lora", dict(lora_r=1, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
     "lora r=4": ("lora", dict(lora_r=4, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
     "lora r=16": ("lora", dict(lora_r=16, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
     "lora r=64": ("lora", dict(lora_r=64, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
+    "dora r=16": ("lora", dict(lora_r=16, lora_alpha=16.0, lora_targets=TARGETS, lora_use_dora=True), 3e-3),
+    "qlora r=16 (nf4)": ("lora", dict(lora_r=16, lora_alpha=16.0, lora_targets=TARGETS, quantize="nf4"), 3e-3),
     "adalora 12->4": ("adalora", dict(adalora_init_r=12, adalora_target_r=4, lora_alpha=16.0, lora_targets=TARGETS),
                       3e-3),
     "prompt": ("prompt", dict(PROMPT, prompt_init="sample_vocab"), 3e-2),
@@ -98,8 +102,13 @@ def run(cfg, row, seed):
     import adapters
     from lora.summary import count_parameters
     method, settings, lr = ROWS[row]
+    settings = dict(settings)
+    quantize = settings.pop("quantize", "")
     train, val = task_data(cfg)
     model = make_base(cfg)
+    if quantize:
+        from model.quant import quantize as quantize_model
+        quantize_model(model, quantize)
     torch.manual_seed(seed)  # the adapter's init
     steps = cfg["steps"]
     schedule = dict(max_steps=steps, adalora_tinit=steps // 10, adalora_tfinal=steps // 5)

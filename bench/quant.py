@@ -2,6 +2,8 @@
 
     python bench/quant.py                       # CPU: GPT-2 124M shapes, B=2, T=128; a LLaMA shape; the trained base
     python bench/quant.py --base out-shakespeare --data_dir data/shakespeare
+    python bench/quant.py --base models/smollm2-135m-instruct --data_dir data/shakespeare_romances_smollm2-135m-instruct \
+        --shapes ''                             # QLoRA's base: SmolLM2 in fp32 / nf4 / int8 on The Tempest
 
 1. storage: bytes per weight of the quantized Linear layers, and of the whole model (embeddings, norms, biases
    and the tied head stay fp32); the quantization error mean |W - deq(W)| / mean |W| over those weights.
@@ -12,8 +14,9 @@
    bases interleaved round by round (bench/vs_peft.py's scheme) with paired ratios against the fp32 base; and
    peak memory, each base in a fresh process that loads it from a Hugging Face folder (quantizing while loading)
    and then trains: the peak RSS of loading, what the loaded model keeps resident, and the peak RSS of the steps
-   (Linux: the peak is reset between the two through /proc/self/clear_refs). GPT-2 124M shapes with random
-   weights (timing and memory do not depend on the values), and a LLaMA shape.
+   (Linux: the peak is reset between the two through /proc/self/clear_refs; glibc's mmap threshold fixed as
+   train.py fixes it on CPU, so that the dequantized weights freed after each layer leave). GPT-2 124M shapes with
+   random weights (timing and memory do not depend on the values), and a LLaMA shape.
 The numbers and what they are compared with: bench/README.md.
 """
 import argparse
@@ -110,7 +113,7 @@ def quality(cfg):
     losses = {base: val_loss(load_model(cfg["base"], quantize="" if base == "fp32" else base), loader,
                              cfg["val_batches"]) for base in BASES}
     model = load_model(cfg["base"], quantize="nf4")
-    add_lora(model, cfg, "gpt2")
+    add_lora(model, cfg, "gpt2" if model.model_type == "gpt2" else "llama")
     torch.manual_seed(1)
     for _, layer in lora_layers(model):  # an adapter that changes the model: B ~ N(0, 0.02), as after training
         layer.lora_B.normal_(std=0.02)
@@ -171,6 +174,8 @@ def memory_child(cfg, family, base, folder):
     import gc
     import lora  # noqa: F401 (imported before the first reading, like everything the measured code needs)
     from checkpoint import load_model
+    from model.memory import set_cpu_mmap_threshold
+    set_cpu_mmap_threshold()  # as train.py on CPU: freed tensors (each dequantized W) leave the process
     start = vm_kib("VmRSS")
     model = load_model(folder, quantize="" if base == "fp32" else base)
     gc.collect()
@@ -209,7 +214,9 @@ def main(argv=None):
     common.add_common_args(p)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--settle", type=int, default=1, help="untimed steps of a base before its timed one")
-    p.add_argument("--base", default="out-shakespeare", help="a trained model for the quality numbers ('' = skip)")
+    p.add_argument("--base", default="out-shakespeare",
+                   help="a trained model (out_dir or Hugging Face folder, GPT-2 or LLaMA) for the quality numbers "
+                        "('' = skip)")
     p.add_argument("--data_dir", default="data/shakespeare", help="its val shards")
     p.add_argument("--val_batches", type=int, default=40, help="val batches of 8 x val_T tokens")
     p.add_argument("--val_T", type=int, default=64)

@@ -1,11 +1,14 @@
-# LoRA fine-tuning on a task: who speaks these lines? (shakespeare_speakers.py; `make sft` runs all of it)
+# LoRA fine-tuning of SmolLM2-135M-Instruct on a task: who speaks these lines? (`make sft` runs all of it)
+#   make smollm2                                         -> models/smollm2-135m-instruct
 #   python shakespeare_speakers.py                       -> data/shakespeare_speakers/{train,val}.jsonl
 #   python prepare_sft.py --input data/shakespeare_speakers/train.jsonl --val data/shakespeare_speakers/val.jsonl \
-#       --out data/shakespeare_speakers/sft --block_size 64
+#       --out data/shakespeare_speakers/sft --block_size 64 --tokenizer models/smollm2-135m-instruct
 #   python train.py config/sft_shakespeare_speakers.py
-#   python sft_eval.py --data data/shakespeare_speakers/sft --model out-shakespeare --model out-sft-speakers
-# The base is one setting: init_from (with a Hugging Face LLaMA, prepare the data with --tokenizer <its folder>).
-init_from = "out-shakespeare"
+#   python sft_eval.py --data data/shakespeare_speakers/sft --model models/smollm2-135m-instruct \
+#       --model out-sft-speakers
+# The base is one setting: init_from (prepare the data with that base's tokenizer: --tokenizer <its folder>, or none
+# for GPT-2's, as our from-scratch `make shakespeare` base uses; that 7M base wants max_lr=6e-3).
+init_from = "models/smollm2-135m-instruct"
 out_dir = "out-sft-speakers"
 data_dir = "data/shakespeare_speakers/sft"
 objective = "sft"
@@ -21,17 +24,17 @@ lora_targets = ("c_attn", "c_proj", "c_fc",  # GPT-2 names; LLaMA names below (a
                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 batch_size = 8
-total_batch_size = 1024  # 2 micro-steps of 8 rows x 64 positions, ~17 examples each
-max_steps = 100  # ~1.4 epochs of the 1,991 training examples
-warmup_steps = 10
-max_lr = 6e-3
-min_lr = 6e-4
+total_batch_size = 512  # one micro-step of 8 rows x 64 positions, ~12 examples
+max_steps = 60  # ~720 of the 1,991 training examples: minutes on 2 CPU cores
+warmup_steps = 5
+max_lr = 2e-3
+min_lr = 2e-4
 weight_decay = 0.0
 
-eval_interval = 50
+eval_interval = 30
 eval_iters = 0  # 0: the whole val split
-eval_generate_every = 50  # exact match: step 0 (the untuned base), 50 and the end
-eval_generate_limit = 100  # the first 100 val prompts (sft_eval.py scores all 495)
+eval_generate_every = 60  # exact match: step 0 (the untuned base) and the end
+eval_generate_limit = 60  # the first 60 val prompts (sft_eval.py scores all 495)
 sample_interval = 0
-checkpoint_interval = 50
-log_interval = 20
+checkpoint_interval = 60
+log_interval = 10

@@ -6,8 +6,9 @@ A step holds, besides the weights (all of them, frozen or not):
     (saved_widths below; tests/test_memory.py checks the count against saved_tensors_hooks).
     With activation checkpointing a block saves only its input, and one block's list is rebuilt in backward;
   - the loss: one chunk of (n, V) float32 logits (model/chunked_loss.py), dx (N, C), and dW (V, C) if the head
-    trains; with loss_chunk_size = 0, four (N, V): the logits (returned to the caller), log_softmax's output,
-    and in backward the gradient w.r.t. each, both alive while log_softmax's backward runs;
+    trains; with loss_chunk_size = 0, three (N, V): log_softmax's output, saved for backward (the logits
+    themselves are gone once the caller drops them, as a training loop's `_, loss = model(x, y)` does), and in
+    backward the gradient w.r.t. it and w.r.t. the logits, both alive while log_softmax's backward runs;
   - backward's working set: the gradients flowing through the block being differentiated, about two
     (B, T, widest hidden) tensors plus two of the residual stream.
 The peak is the largest of three moments: the start of backward (every activation saved, the loss's buffers
@@ -16,7 +17,9 @@ optimizer step (weights, gradients, moments). AdamW allocates its moments in its
 of a run peaks lower than the ones after it when many tensors train.
 On CPU, where the measure is the process's resident memory, add what running a step at all costs: torch's
 kernels, thread pools and allocator arenas on first use, ~0.1 GB (CPU_RUNTIME_BYTES, measured on a 2-layer model
-whose tensors are a few MB). On CUDA, max_memory_allocated counts tensors only.
+whose tensors are a few MB); and the resident memory follows the tensors only when freed tensors leave the process,
+which glibc's malloc does not do by default (set_cpu_mmap_threshold below; train.py sets it on CPU). On CUDA,
+max_memory_allocated counts tensors only.
 Assumes dropout = 0 (a dropout layer adds a mask per (B, T, C) tensor it drops) and no LoRA dropout.
 """
 import resource
@@ -108,7 +111,7 @@ def estimate_peak_bytes(model, batch_size, seq_len, activation_checkpointing=Non
     if chunk > 0:
         loss = min(chunk, N) * V * 4 + N * C * act_bytes + head_grad  # one chunk, dx, dW
     else:
-        loss = 4 * N * V * 4 + N * C * act_bytes + head_grad  # logits, log_softmax, a gradient of each; dx
+        loss = 3 * N * V * 4 + N * C * act_bytes + head_grad  # log_softmax's output, its gradient, dlogits; dx
     workspace = N * (2 * max(block) + 2 * C) * act_bytes
     recompute = per_block if ckpt else 0
     adamw, grads = 2 * trainable, trainable
@@ -129,3 +132,25 @@ def peak_memory_bytes(device):
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+# ---- CPU: resident memory that follows the tensors ----------------------------------------------------------------
+# glibc's malloc serves a block below its mmap threshold from its heap and keeps it there after free(); the threshold
+# starts at 128 KiB and rises to the size of each mmapped block freed (up to 32 MiB). A training step allocates and
+# frees (B, T, C) activations of a few MB to tens of MB in a changing order, so after the first steps they come from
+# the heap, and the holes they leave are reused only by blocks that fit: the process's peak RSS grows past the bytes
+# of live tensors (GPT-2 124M LoRA, B=4, T=1024, bench/memory.py: 3.69 GB resident for 3.30 GB predicted; 1.94 GB
+# for 1.13 GB with activation checkpointing). A fixed threshold makes every block of that size or more an mmap of its
+# own, given back to the OS on free (3.31 GB and 1.05 GB); the price is fresh zeroed pages for each large tensor.
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h); a value set by mallopt also stops the rise
+CPU_MMAP_THRESHOLD = 64 * 1024
+
+
+def set_cpu_mmap_threshold(nbytes=CPU_MMAP_THRESHOLD):
+    """Fix glibc's mmap threshold at `nbytes` (Linux with glibc); True when set, False where there is no glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False

@@ -1,5 +1,9 @@
 """Memory at the limit: the chunked linear + cross-entropy against F.cross_entropy on the full logits, activation
 checkpointing against the plain forward, and the memory model's activation count against what autograd saves."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,3 +211,43 @@ def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_the_head_gradient_stays
     torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)  # bf16 logits: ~3 significant digits
     torch.testing.assert_close(x.grad, expected_dx, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(dw, expected_dw, rtol=2e-2, atol=2e-3)
+
+
+ALLOCATOR_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from model.memory import set_cpu_mmap_threshold
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+if {fixed}:
+    assert set_cpu_mmap_threshold()
+first = torch.ones(2 ** 21)  # 8 MiB, mmapped (above glibc's first threshold, 128 KiB); freeing it raises that threshold
+del first
+before = rss()
+blocks = [torch.ones(2 ** 21) for _ in range(24)]  # 24 x 8 MiB = 192 MiB, touched
+keep = torch.ones(2 ** 18)  # 1 MiB allocated after them and kept, as a step keeps later tensors
+del blocks
+print((rss() - before) / 2 ** 20)
+"""
+
+
+def glibc_missing():
+    import ctypes
+    try:
+        return not hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or glibc_missing(), reason="glibc's malloc and /proc only")
+@pytest.mark.parametrize("fixed", [False, True])
+def test_with_a_fixed_mmap_threshold_freed_activations_leave_the_process(fixed):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE.format(root=root, fixed=fixed)],
+                         capture_output=True, text=True, check=True).stdout
+    retained_mib = float(out.strip().splitlines()[-1])
+    if fixed:
+        assert retained_mib < 16  # every 8 MiB block was its own mmap, unmapped on free
+    else:
+        assert retained_mib > 150  # glibc's moving threshold served them from its heap and keeps it
+

@@ -72,3 +72,16 @@ def test_a_folder_that_is_none_of_the_three_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="none of a training out_dir .ckpt.pt., a LoRA adapter folder"):
         sample.main([f"--init_from={tmp_path / 'empty'}"])
+
+
+def test_chat_wraps_the_prompt_in_the_plain_template_and_prints_the_reply_on_its_own_line(tmp_path, capsys):
+    tiny_gpt(seed=2).save_pretrained(tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    # the README's plain template for a model without one: <bos>User: {user}\n\nAssistant:
+    ids = torch.tensor([[EOT] + gpt2_encoding().encode_ordinary(f"User: {PROMPT}\n\nAssistant:")])
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=EOT, pad_token_id=EOT)
+    new = out[0, ids.size(1):].tolist()
+    reply = gpt2_encoding().decode(new[:new.index(EOT)] if EOT in new else new)
+    printed = run_sample(capsys, tmp_path / "hf", "--num_samples=1", "--chat")
+    assert samples_of(printed) == [f"{PROMPT}\n{reply}".strip("\n")]

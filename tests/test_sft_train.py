@@ -151,3 +151,28 @@ def test_the_loss_falls_on_the_answers_without_packing(tmp_path, monkeypatch):
     losses = [r["train_loss"] for r in read_log(tmp_path / "out")]
     assert losses[0] == pytest.approx(np.log(VOCAB), abs=0.3)
     assert np.mean(losses[-5:]) < losses[0] - 2.0
+
+
+def test_exact_match_counts_the_answers_transformers_greedy_decoding_reproduces(tmp_path):
+    """Prompts of several lengths, scored in groups of one length; half the references are transformers' own greedy
+    continuation (one prompt at a time), half are random."""
+    from types import SimpleNamespace
+
+    from sft_eval import exact_match
+    hf, ours = tiny_models(tmp_path, "gpt2")
+    eos = 0
+    tok = SimpleNamespace(eos_id=eos, decode=lambda ids: " ".join(map(str, ids)))
+    rng = np.random.default_rng(3)
+    examples, expected = [], 0
+    for i in range(30):
+        prompt = rng.integers(1, VOCAB, int(rng.integers(3, 7))).tolist()
+        n_answer = int(rng.integers(1, 6))
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_answer, do_sample=False, eos_token_id=eos,
+                              pad_token_id=eos)[0, len(prompt):].tolist()
+        greedy = out[:out.index(eos)] if eos in out else out
+        answer = greedy if i % 2 == 0 and greedy else rng.integers(1, VOCAB, n_answer).tolist()
+        expected += answer == greedy
+        examples.append((np.array(prompt + answer + [eos]), np.array([0] * len(prompt) + [1] * (len(answer) + 1))))
+    assert 10 <= expected < 30
+    assert exact_match(ours, examples, tok, "cpu", extra_tokens=0, batch_size=4) == (expected, 30)
