@@ -139,7 +139,7 @@ def peak_memory_bytes(device):
 # starts at 128 KiB and rises to the size of each mmapped block freed (up to 32 MiB). A training step allocates and
 # frees (B, T, C) activations of a few MB to tens of MB in a changing order, so after the first steps they come from
 # the heap, and the holes they leave are reused only by blocks that fit: the process's peak RSS grows past the bytes
-# of live tensors (GPT-2 124M LoRA, B=4, T=1024, bench/memory.py: 3.69 GB resident for 3.30 GB predicted; 1.94 GB
+# of live tensors (GPT-2 124M LoRA, B=4, T=1024, bench/memory.py: 3.64 GB resident for 3.30 GB predicted; 1.77 GB
 # for 1.13 GB with activation checkpointing). A fixed threshold makes every block of that size or more an mmap of its
 # own, given back to the OS on free (3.31 GB and 1.05 GB); the price is fresh zeroed pages for each large tensor.
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h); a value set by mallopt also stops the rise
