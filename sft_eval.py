@@ -4,7 +4,8 @@ The prompt of a val example is everything before its last trained span (the comp
 reply), the reference is that span without its EOS. The model completes the prompt greedily until EOS; the
 example counts as right when the decoded completion equals the reference, both stripped of surrounding whitespace.
 
-    python sft_eval.py --data data/shakespeare_speakers/sft --model out-shakespeare --model out-sft-speakers
+    python sft_eval.py --data data/shakespeare_speakers/sft --model models/smollm2-135m-instruct \
+        --model out-sft-speakers
 
 prints the exact match of each model (an out_dir, an adapter folder, or a Hugging Face folder) and of the trivial
 baseline that always answers the most frequent training answer. train.py calls exact_match() every

@@ -12,8 +12,9 @@ speech; the completion is the speaker, one of the four characters with the most 
 The cues are the scene (who spoke before, so which play and who is on stage) and the speech itself (names,
 manner of address). The metric is exact match of the greedy answer; always answering the most frequent training
 speaker is the trivial baseline. Every fifth eligible speech of a play goes to val, the rest to train, so val
-holds speeches the model has never been trained on, from the same scenes (val.jsonl in a shuffled order). The plays are part of `make
-shakespeare`'s base corpus, so the base model has read them, as text, without the question.
+holds speeches the model has never been trained on, from the same scenes (val.jsonl in a shuffled order). `make
+sft` tunes SmolLM2-135M-Instruct on it; the plays are also part of the from-scratch base's corpus (`make
+shakespeare`), which has read them as text, without the question.
 """
 import argparse
 import json
