@@ -12,6 +12,7 @@ import math
 import re
 
 from model import MODELS
+from model.memory import GLIBC_MMAP_CEILING
 from parallel import PARALLEL
 
 FIXED, FREE, LAUNCH = "fixed", "free", "launch"
@@ -129,7 +130,7 @@ CHECKS = {
     "quantize":            (one_of("", "nf4", "int8"),       "'', 'nf4' or 'int8'",                          FIXED),
     "loss_chunk_size":     (at_least(0),                     ">= 0 (tokens per loss chunk; 0 = full logits)", FREE),
     "activation_checkpointing": (one_of(True, False),        "True or False",                                FREE),
-    "cpu_mmap_threshold":  (in_range(0, 2 ** 25 + 1),        "0 to 33554432 bytes (0 = glibc's own threshold)", FREE),
+    "cpu_mmap_threshold":  (in_range(0, GLIBC_MMAP_CEILING + 1),        "0 to 33554432 bytes (0 = glibc's own threshold)", FREE),
 }
 
 RELATIONS = [

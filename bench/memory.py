@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
+from model.memory import CPU_MMAP_THRESHOLD, GLIBC_MMAP_CEILING, set_cpu_mmap_threshold  # noqa: E402
 
 MODES = {  # name: (LoRA?, activation checkpointing?, loss: "chunked" | "fwdgrad" | "plain")
     "full": (False, False, "chunked"), "lora": (True, False, "chunked"), "lora-ckpt": (True, True, "chunked"),
@@ -59,7 +60,6 @@ def act_bytes(cfg):
 
 def set_allocator(cfg, threshold):
     if not cfg["device"].startswith("cuda") and threshold:
-        from model.memory import set_cpu_mmap_threshold
         set_cpu_mmap_threshold(threshold)
 
 
@@ -76,9 +76,6 @@ def run_row(cfg, row):
     t = timing.time_train_step(model, optimizer, idx, targets, device, dtype, cfg["warmup"], cfg["iters"])
     return dict(row, predicted=estimate.peak, estimate=vars(estimate), step_ms=t["step"]["median"], time=t,
                 noise=t["noise"])
-
-
-GLIBC_MMAP_CEILING = 32 * 2 ** 20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 
 
 def compare(cfg, B, T, settings):
@@ -181,7 +178,6 @@ def main(argv=None):
     if not modes or any(m not in MODES for m in modes):
         raise SystemExit(f"--modes {args.modes}: choose among {','.join(MODES)}")
     if args.mmap_threshold is None:
-        from model.memory import CPU_MMAP_THRESHOLD
         args.mmap_threshold = CPU_MMAP_THRESHOLD
     if not 0 <= args.mmap_threshold <= GLIBC_MMAP_CEILING:
         raise SystemExit(f"--mmap_threshold {args.mmap_threshold}: give 0 ... {GLIBC_MMAP_CEILING} bytes")

@@ -144,13 +144,20 @@ def peak_memory_bytes(device):
 # own, given back to the OS on free (3.31 GB and 1.05 GB); the price is fresh zeroed pages for each large tensor.
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h); a value set by mallopt also stops the rise
 CPU_MMAP_THRESHOLD = 64 * 1024
+GLIBC_MMAP_CEILING = 32 * 2 ** 20  # the largest threshold glibc takes on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+
+
+def glibc():
+    """The C library when it is glibc (it has mallopt), else None."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
 
 
 def set_cpu_mmap_threshold(nbytes=CPU_MMAP_THRESHOLD):
     """Fix glibc's mmap threshold at `nbytes` (Linux with glibc); True when set, False where there is no glibc."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
+    libc = glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora import LoRAConfig, apply_lora
 from model import GPT, LLaMA, GPTConfig, LLaMAConfig
 from model.chunked_loss import linear_cross_entropy
-from model.memory import estimate_peak_bytes
+from model.memory import estimate_peak_bytes, glibc
 
 N, C, V = 45, 16, 97  # 45 tokens: chunk sizes 1, 15 and 45 divide it, 7 and 64 do not
 
@@ -231,15 +231,7 @@ print((rss() - before) / 2 ** 20)
 """
 
 
-def glibc_missing():
-    import ctypes
-    try:
-        return not hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
-    except OSError:
-        return True
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or glibc_missing(), reason="glibc's malloc and /proc only")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or glibc() is None, reason="glibc's malloc and /proc only")
 @pytest.mark.parametrize("fixed", [False, True])
 def test_with_a_fixed_mmap_threshold_freed_activations_leave_the_process(fixed):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
