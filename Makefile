@@ -14,9 +14,12 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# the repository root goes on the venv's path (a .pth file), so that `python bench/x.py` and the tools import the
+# packages from any folder, as `python -m bench.x` does from the root
 $(VENV)/.setup: requirements.txt | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -r requirements.txt
+	echo "$(CURDIR)" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nanolora.pth"
 	touch $@
 
 $(VENV)/.setup-dev: $(VENV)/.setup requirements-dev.txt
@@ -53,7 +56,7 @@ sft-base: setup
 	elif [ "$(SFT_BASE)" = out-shakespeare ] && [ ! -e out-shakespeare ]; then $(MAKE) shakespeare; fi
 
 sft: sft-base
-	$(BIN)/python shakespeare_speakers.py --out $(SFT_DATA)
+	$(BIN)/python -m tasks.shakespeare_speakers --out $(SFT_DATA)
 	$(BIN)/python prepare_sft.py --input $(SFT_DATA)/train.jsonl --val $(SFT_DATA)/val.jsonl --out $(SFT_DATA)/sft \
 		--block_size 64 --overwrite $(BASE_TOKENIZER)
 	@echo "make sft: training into out-sft-speakers/, replacing any run there"
@@ -64,12 +67,12 @@ sft: sft-base
 DPO_DATA := data/shakespeare_pairs
 
 dpo: sft-base
-	$(BIN)/python shakespeare_pairs.py --out $(DPO_DATA)
+	$(BIN)/python -m tasks.shakespeare_pairs --out $(DPO_DATA)
 	$(BIN)/python prepare_sft.py --input $(DPO_DATA)/train.jsonl --val $(DPO_DATA)/val.jsonl --out $(DPO_DATA)/dpo \
 		--block_size 64 --overwrite $(BASE_TOKENIZER)
 	@echo "make dpo: training into out-dpo-shakespeare/, replacing any run there"
 	$(BIN)/python train.py config/dpo_shakespeare.py --init_from=$(SFT_BASE) --overwrite=True
-	$(BIN)/python dpo.py out-dpo-shakespeare
+	$(BIN)/python dpo_eval.py out-dpo-shakespeare
 
 test: setup-dev
 	$(BIN)/python -m pytest tests -q
@@ -90,7 +93,7 @@ $(VENV)/.smollm2: $(VENV)/.setup
 	touch $@
 
 smollm2: $(VENV)/.smollm2
-	$(BIN)/python -m model.gguf --smollm2
+	$(BIN)/python -m formats.gguf --smollm2
 
 # the quickstart: LoRA-fine-tune SmolLM2 on Shakespeare's late romances (shards with SmolLM2's own tokenizer)
 smollm2-lora: smollm2

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from atomic import atomic_path, remove_stale_temps
-from tokenizer import tokenizer_for
+from tools.atomic import atomic_path, remove_stale_temps
+from tokenization.tokenizer import tokenizer_for
 
 # held out for validation: one comedy, one roman play, one romance (~8% of the tokens)
 VAL_PLAYS = ("twelfth-night", "julius-caesar", "the-tempest")
@@ -331,5 +331,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from errors import report_user_errors
+    from tools.errors import report_user_errors
     main(report_user_errors(sys.argv[1:]))

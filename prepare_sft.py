@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from atomic import current_umask
-from chat import ROLES, chat_ids, load_text_tokenizer
-from sft_data import HEADER
+from tools.atomic import current_umask
+from tokenization.chat import ROLES, chat_ids, load_text_tokenizer
+from loaders.sft import HEADER
 
 FORMAT = "nanolora-sft-1"
 

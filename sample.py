@@ -51,11 +51,11 @@ def model_kind(path):
 
 
 def main(argv):
-    from chat import generation_prompt_ids, load_text_tokenizer
-    from checkpoint import load_model
+    from tokenization.chat import generation_prompt_ids, load_text_tokenizer
+    from training.checkpoint import load_model
     from configurator import configure
     from model.generate import generate
-    from tokenizer import tokenizer_for
+    from tokenization.tokenizer import tokenizer_for
     argv = ["--chat=True" if a == "--chat" else a for a in argv]  # a bare --chat switches it on
     s = SimpleNamespace(**{**DEFAULTS, **configure(DEFAULTS, argv)})
     dev = s.device if s.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"

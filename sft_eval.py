@@ -12,69 +12,9 @@ baseline that always answers the most frequent training answer. train.py calls e
 `eval_generate_every` steps, each rank on its share of the prompts, the counts all-reduced.
 """
 import argparse
-from collections import Counter, defaultdict
 
-import torch
-import torch.distributed as dist
-
-from chat import load_text_tokenizer
-from sft_data import read_examples
-
-
-def prompt_and_reference(ids, mask, eos_id):
-    """(prompt ids, reference ids): split one example (numpy ids, bool mask) at its last trained span."""
-    end = int(mask.nonzero()[0][-1]) + 1
-    start = end
-    while start > 0 and mask[start - 1]:
-        start -= 1
-    reference = ids[start:end].tolist()
-    if reference and reference[-1] == eos_id:
-        reference = reference[:-1]
-    return ids[:start].tolist(), reference
-
-
-def tokenizer_of(header):
-    """The tokenizer prepare_sft.py used, named in the data's header."""
-    return load_text_tokenizer(None if header["tokenizer"] == "gpt2" else header["tokenizer"])
-
-
-@torch.no_grad()
-def exact_match(model, examples, tok, device, rank=0, world_size=1, limit=0, extra_tokens=8, batch_size=32):
-    """(correct, n) over examples[:limit] (all when 0), rank r scoring every world_size-th one; summed over ranks.
-    Prompts of the same length are decoded together, up to batch_size at a time (no padding: each row is exactly
-    what it is alone); each row keeps its own budget, len(reference) + extra_tokens new tokens."""
-    examples = examples[:limit or None][rank::world_size]
-    was_training = model.training
-    model.eval()
-    by_length = defaultdict(list)
-    for ids, mask in examples:
-        prompt, reference = prompt_and_reference(ids, mask, tok.eos_id)
-        by_length[len(prompt)].append((prompt, reference))
-    correct = 0
-    for length, pairs in by_length.items():
-        for i in range(0, len(pairs), batch_size):
-            group = pairs[i:i + batch_size]
-            budgets = [min(len(reference) + extra_tokens, model.max_seq_len - length) for _, reference in group]
-            idx = torch.tensor([prompt for prompt, _ in group], dtype=torch.long, device=device)  # (b, length)
-            out = model.generate(idx, max(budgets), temperature=0.0, eos_id=tok.eos_id)[:, length:].tolist()
-            for row, budget, (_, reference) in zip(out, budgets, group):
-                row = row[:budget]
-                row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-                correct += tok.decode(row).strip() == tok.decode(reference).strip()
-    model.train(was_training)
-    counts = torch.tensor([correct, len(examples)], dtype=torch.long, device=device)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    return tuple(counts.tolist())
-
-
-def majority_baseline(train_examples, val_examples, tok):
-    """(answer, correct, n): always answering the most frequent training answer."""
-    def answer(example):
-        return tok.decode(prompt_and_reference(*example, tok.eos_id)[1]).strip()
-    most_common = Counter(map(answer, train_examples)).most_common(1)[0][0]
-    return most_common, sum(answer(ex) == most_common for ex in val_examples), len(val_examples)
-
+from evals.exact_match import exact_match, majority_baseline, tokenizer_of
+from loaders.sft import read_examples
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -83,7 +23,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="only the first N val examples (0 = all)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    from checkpoint import load_model
+    from training.checkpoint import load_model
     header, val = read_examples(args.data, "val")
     _, train = read_examples(args.data, "train")
     val = val[:args.limit or None]

@@ -103,8 +103,8 @@ dpo_label_smoothing = 0.0  # dpo, sigmoid: the chance that a label is flipped (c
 dpo_reference = "auto"  # dpo: 'adapter_off' | 'precompute' | 'copy'; 'auto' = adapter_off for LoRA, else precompute
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
-from errors import report_user_errors  # noqa: E402
-from validate import loaded_model_config, resume_config, validate_config  # noqa: E402
+from tools.errors import report_user_errors  # noqa: E402
+from training.validate import loaded_model_config, resume_config, validate_config  # noqa: E402
 
 argv = report_user_errors(sys.argv[1:])  # user errors end the run with one line (--debug: with the traceback)
 config_keys = [k for k, v in globals().items()
@@ -114,7 +114,7 @@ globals().update(given)
 config = {k: globals()[k] for k in config_keys}  # what this run used: logged and checkpointed
 checkpoint, resume_notes = None, []
 if init_from == "resume":  # the run's settings come back from its checkpoint; only some may change (validate.py)
-    from checkpoint import read_checkpoint
+    from training.checkpoint import read_checkpoint
     checkpoint = read_checkpoint(out_dir)
     config, resume_notes = resume_config(checkpoint["config"], config, given, out_dir)
     globals().update(config)
@@ -127,16 +127,17 @@ if objective == "dpo" and dpo_reference == "auto":
 # -----------------------------------------------------------------------------------------------
 
 import adapters  # noqa: E402
-from checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
+from training.checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
-from parallel import (all_ranks_true, gather_state, load_optimizer_state, local, plain_copy,  # noqa: E402
+from training.optim import configure_adamw  # noqa: E402
+from training.parallel import (all_ranks_true, gather_state, load_optimizer_state, local, plain_copy,  # noqa: E402
                       set_grad_sync, wrap)
-from dataloader import DataLoaderLite  # noqa: E402
+from loaders.tokens import DataLoaderLite  # noqa: E402
 from model import model_class  # noqa: E402
-from model.flops import flops_per_token, peak_for_name  # noqa: E402
-from run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
-from model.memory import estimate_peak_bytes, peak_memory_bytes, set_cpu_mmap_threshold  # noqa: E402
-from tokenizer import tokenizer_for  # noqa: E402
+from training.flops import flops_per_token, peak_for_name  # noqa: E402
+from training.run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
+from training.memory import estimate_peak_bytes, peak_memory_bytes, set_cpu_mmap_threshold  # noqa: E402
+from tokenization.tokenizer import tokenizer_for  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -196,11 +197,11 @@ if master_process:
     os.makedirs(out_dir, exist_ok=True)
 
 if objective == "dpo":  # preference pairs: (x, y, stored reference log-probs) with 2B rows (dpo_data.py)
-    from dpo_data import DPOLoader
+    from loaders.dpo import DPOLoader
     train_loader = DPOLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "train", seed)
     val_loader = DPOLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "val", seed)
 elif objective == "sft":  # task examples: (x, y, position_ids) with y = -1 off the answers (sft_data.py)
-    from sft_data import SFTLoader
+    from loaders.sft import SFTLoader
     train_loader = SFTLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "train", packing, seed)
     val_loader = SFTLoader(data_dir, batch_size, block_size, ddp_rank, world_size, "val", packing, seed)
 else:
@@ -280,7 +281,7 @@ if ddp and not sharded:
 
 ref_model = None  # dpo_reference='copy': the frozen starting model
 if objective == "dpo":
-    import dpo
+    import objectives.dpo as dpo
     if dpo_reference == "copy":  # the starting model: this one before any step, or reloaded from `base` on resume
         if init_from == "resume":
             if base is None:
@@ -298,7 +299,7 @@ if objective == "dpo":
             copy_mib = sum(p.numel() * p.element_size() for p in ref_model.parameters()) / 2**20
             print(f"dpo reference: a frozen copy of the model, {copy_mib:,.1f} MiB more memory")
     elif dpo_reference == "precompute":
-        from dpo_data import precompute_reference, reference_path
+        from loaders.dpo import precompute_reference, reference_path
 
         def starting_logps(x, y):  # the starting model: LoRA switched off (B = 0 at a fresh start anyway)
             with autocast:
@@ -314,7 +315,7 @@ if objective == "dpo":
     elif master_process:
         print("dpo reference: the model with its LoRA adapter switched off (no second model in memory)")
 
-optimizer = raw_model.configure_optimizers(weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
+optimizer = configure_adamw(raw_model, weight_decay, max_lr, (beta1, beta2), device_type, verbose=master_process)
 # from here on each rank draws its own dropout masks (nanoGPT's seed_offset): with one seed everywhere, every rank
 # would drop the same positions of its micro-batch
 torch.manual_seed(seed + ddp_rank)
@@ -419,7 +420,7 @@ def sft_val_loss():
 
 
 def val_exact_match():
-    from sft_eval import exact_match, tokenizer_of
+    from evals.exact_match import exact_match, tokenizer_of
     with autocast:
         correct, n = exact_match(raw_model, val_loader.examples, tokenizer_of(val_loader.header), device, ddp_rank,
                                  world_size, eval_generate_limit)
@@ -442,7 +443,7 @@ def print_samples(step):
 
 
 def hellaswag_accuracy():
-    import eval_hellaswag
+    import evals.hellaswag as eval_hellaswag
     if master_process:
         eval_hellaswag.download("val", "data/hellaswag")  # once, before any rank reads it
     if ddp:
@@ -626,7 +627,7 @@ if peft_method != "none":  # every rank: under fsdp the adapter's tensors (and f
         whole = plain_copy(raw_model)  # rank 0: the model unsharded (itself without fsdp)
         if master_process:
             from lora import merge_and_unload
-            from model.quant import dequantize
+            from quant import dequantize
             whole.eval()
             x = val_loader.next_batch()[0].to(device)
             with torch.no_grad(), autocast:

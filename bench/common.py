@@ -11,10 +11,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from atomic import atomic_path  # noqa: E402
+from tools.atomic import atomic_path  # noqa: E402
 
 # GPT-2 family shapes: (n_layer, n_head, n_embd)
 PRESETS = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),

@@ -8,10 +8,7 @@ process's RSS above an idle child's (CPU) or the peak allocated bytes (CUDA). DP
 whose logits are freed before the policy's forward, so its peak should be the SFT step's plus a little.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -22,7 +19,7 @@ SHAPES = [(2, 2, 128), (4, 4, 256), (6, 6, 384)]  # (n_layer, n_head, n_embd): t
 
 
 def step(cfg, objective):
-    import dpo
+    import objectives.dpo as dpo
     from lora import LoRAConfig, apply_lora
     model = make_gpt(cfg)
     apply_lora(model, LoRAConfig(r=16, alpha=32, targets=cfg["targets"]))

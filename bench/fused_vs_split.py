@@ -38,11 +38,9 @@ Backward (training) is a different story: both need dx = dy W' (or dy W plus a t
 thin dA, dB; fused recomputes W' and x A^T rather than saving them (see lora/layer.py). Timed here too.
 """
 import argparse
-import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402

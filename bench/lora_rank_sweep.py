@@ -27,11 +27,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
+from training.optim import configure_adamw
 
 MODES = ("full", "split", "fused", "merged", "dora", "dora_fused")  # dora*: DoRA (lora/dora.py) in split/fused
 
@@ -49,7 +49,7 @@ def build(cfg, row):
         merge_lora(model)
         model.eval()
     else:
-        optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95),
+        optimizer = configure_adamw(model, weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95),
                                                device_type=cfg["device"].split(":")[0], verbose=False)
     run = torch.compile(model) if cfg["compile"] else model
     return run, model, optimizer
@@ -169,7 +169,7 @@ def chart(rows, path):
     ax.legend()
     plt.xticks(rotation=45, ha="right")
     fig.tight_layout()
-    from atomic import atomic_path
+    from tools.atomic import atomic_path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return path

@@ -23,12 +23,12 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
-from model.memory import CPU_MMAP_THRESHOLD, GLIBC_MMAP_CEILING, set_cpu_mmap_threshold  # noqa: E402
+from training.memory import CPU_MMAP_THRESHOLD, GLIBC_MMAP_CEILING, set_cpu_mmap_threshold  # noqa: E402
+from training.optim import configure_adamw
 
 MODES = {  # name: (LoRA?, activation checkpointing?, loss: "chunked" | "fwdgrad" | "plain")
     "full": (False, False, "chunked"), "lora": (True, False, "chunked"), "lora-ckpt": (True, True, "chunked"),
@@ -43,7 +43,7 @@ def build(cfg, mode, B, T):
     if lora:
         apply_lora(model, LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], targets=cfg["targets"]))
     set_mode(model, mode, cfg)
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95),
+    optimizer = configure_adamw(model, weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95),
                                            device_type=cfg["device"].split(":")[0], verbose=False)
     return model, optimizer, common.random_batch(dict(cfg, B=B, T=T))
 
@@ -65,7 +65,7 @@ def set_allocator(cfg, threshold):
 
 def run_row(cfg, row):
     """One row in a fresh process: predicted peak, then warmup + timed steps; the parent adds the measured peak."""
-    from model.memory import estimate_peak_bytes
+    from training.memory import estimate_peak_bytes
     set_allocator(cfg, cfg["mmap_threshold"])
     timing.NOISE_LIMIT = cfg["noise_limit"]
     device, dtype = cfg["device"], common.parse_dtype(cfg["dtype"], cfg["device"])
@@ -126,7 +126,7 @@ def chart(rows, path):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    from atomic import atomic_path
+    from tools.atomic import atomic_path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     return path

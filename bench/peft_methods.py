@@ -26,9 +26,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, cpu_threads, environment, markdown_table, save_results  # noqa: E402
-from timing import idle_baseline_bytes, run_isolated  # noqa: E402
+from bench.common import ROOT, cpu_threads, environment, markdown_table, save_results  # noqa: E402
+from bench.timing import idle_baseline_bytes, run_isolated  # noqa: E402
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear of the blocks, as config/finetune_shakespeare_lora.py
 PROMPT = dict(num_virtual_tokens=16)
@@ -67,7 +66,7 @@ def make_base(cfg):
         from model import GPT, GPTConfig
         torch.manual_seed(0)
         return GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
-    from checkpoint import load_model
+    from training.checkpoint import load_model
     return load_model(cfg["base"])
 
 
@@ -107,7 +106,7 @@ def run(cfg, row, seed):
     train, val = task_data(cfg)
     model = make_base(cfg)
     if quantize:
-        from model.quant import quantize as quantize_model
+        from quant import quantize as quantize_model
         quantize_model(model, quantize)
     torch.manual_seed(seed)  # the adapter's init
     steps = cfg["steps"]

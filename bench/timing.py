@@ -19,18 +19,15 @@ reported on CUDA with a 16-bit dtype and a GPU in model/flops.py's table.
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
-from model.flops import flops_per_token, peak_for_name  # noqa: E402
-from model.memory import peak_memory_bytes  # noqa: E402
+from training.flops import flops_per_token, peak_for_name  # noqa: E402
+from training.memory import peak_memory_bytes  # noqa: E402
 
 # ---- device and precision ---------------------------------------------------------------------------------------
 

@@ -14,16 +14,15 @@ default foreach path, interleaved the same way.
 """
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
+from training.optim import configure_adamw
 
 ROWS = {  # name: (n_layer, n_head, n_embd, B, T, lora_r)
     "small-full": (4, 4, 128, 8, 64, 0),
@@ -48,7 +47,7 @@ def compile_row(name, cfg):
     idx, targets = common.random_batch(shape)
     steps = []
     for model, raw in ((eager, eager), (compiled, compiled_raw)):
-        optimizer = raw.configure_optimizers(0.1, 1e-4, (0.9, 0.95), cfg["device"].split(":")[0], verbose=False)
+        optimizer = configure_adamw(raw, 0.1, 1e-4, (0.9, 0.95), cfg["device"].split(":")[0], verbose=False)
 
         def step(model=model, optimizer=optimizer):
             _, loss = model(idx, targets)

@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -60,7 +59,7 @@ def hf_gpt2(cfg):
 
 
 def ours_pretrained(cfg):
-    from checkpoint import load_model
+    from training.checkpoint import load_model
     return load_model(cfg["model"]).to(cfg["device"])
 
 

@@ -1,11 +1,11 @@
 # LoRA DPO of SmolLM2-135M-Instruct on preference pairs from the Shakespeare corpus: the true continuation of a
 # speech over another's (shakespeare_pairs.py; `make dpo` runs all of it)
 #   make smollm2                                       -> models/smollm2-135m-instruct
-#   python shakespeare_pairs.py                        -> data/shakespeare_pairs/{train,val}.jsonl
+#   python -m tasks.shakespeare_pairs                        -> data/shakespeare_pairs/{train,val}.jsonl
 #   python prepare_sft.py --input data/shakespeare_pairs/train.jsonl --val data/shakespeare_pairs/val.jsonl \
 #       --out data/shakespeare_pairs/dpo --block_size 64 --tokenizer models/smollm2-135m-instruct
 #   python train.py config/dpo_shakespeare.py
-#   python dpo.py out-dpo-shakespeare                  (held-out reward accuracy before and after)
+#   python dpo_eval.py out-dpo-shakespeare                  (held-out reward accuracy before and after)
 # The reference is the base itself: the LoRA adapter switched off (dpo_reference='adapter_off', the LoRA default).
 # Another base is one setting: init_from (prepare the pairs with its tokenizer, or none for GPT-2's).
 init_from = "models/smollm2-135m-instruct"

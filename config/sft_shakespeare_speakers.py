@@ -1,6 +1,6 @@
 # LoRA fine-tuning of SmolLM2-135M-Instruct on a task: who speaks these lines? (`make sft` runs all of it)
 #   make smollm2                                         -> models/smollm2-135m-instruct
-#   python shakespeare_speakers.py                       -> data/shakespeare_speakers/{train,val}.jsonl
+#   python -m tasks.shakespeare_speakers                       -> data/shakespeare_speakers/{train,val}.jsonl
 #   python prepare_sft.py --input data/shakespeare_speakers/train.jsonl --val data/shakespeare_speakers/val.jsonl \
 #       --out data/shakespeare_speakers/sft --block_size 64 --tokenizer models/smollm2-135m-instruct
 #   python train.py config/sft_shakespeare_speakers.py

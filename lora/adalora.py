@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from lora.inject import _find_targets, collapse_names, lora_layers
+from lora.inject import _find_targets, lora_layers
+from model.modules import collapse_names
 from lora.layer import LoRALinear
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from atomic import atomic_path
+from tools.atomic import atomic_path
 from model.hf import read_json, read_safetensors, read_torch_weights
 from lora.inject import (LORA_KEYS, LoRAConfig, _modules_to_save, apply_lora, collapse_names, lora_layers,
                          lora_state_dict, remove_lora)

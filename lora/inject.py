@@ -36,9 +36,10 @@ import torch
 import torch.nn as nn
 
 from lora.dora import add_magnitude
+from model.modules import collapse_names, name_matches, tied_owners
 from lora.layer import MODES, LoRALinear
 from lora.pissa import check_init, is_pissa, pissa_init_
-from model.quant import QuantLinear
+from quant import QuantLinear
 
 
 @dataclass
@@ -98,37 +99,6 @@ def lora_config_from(settings, prefix="lora_"):
     return LoRAConfig(**{f.name: settings[prefix + f.name] for f in fields(LoRAConfig) if prefix + f.name in settings})
 
 
-def name_matches(name: str, targets) -> bool:
-    """PEFT's rule: a regex string must match the whole name; a list matches a full name or a '.'-suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def collapse_names(names) -> list[str]:
-    """['h.0.attn.c_attn', 'h.1.attn.c_attn', ...] -> ['h.[0-11].attn.c_attn'] (first numeric part only)."""
-    groups = {}  # pattern -> sorted layer indices, in order of first appearance
-    for name in names:
-        parts = name.split(".")
-        i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
-        if i is None:
-            groups.setdefault(name, [])
-            continue
-        key = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
-        groups.setdefault(key, []).append(int(parts[i]))
-    out = []
-    for key, idx in groups.items():
-        if not idx:
-            out.append(key)
-            continue
-        idx = sorted(set(idx))
-        contiguous = idx == list(range(idx[0], idx[-1] + 1))
-        label = (f"{idx[0]}" if len(idx) == 1 else f"[{idx[0]}-{idx[-1]}]" if contiguous
-                 else "[" + ",".join(map(str, idx)) + "]")
-        out.append(key.replace("{}", label, 1))
-    return out
-
-
 LORA_KEYS = (".lora_A", ".lora_B", ".lora_magnitude_vector", ".lora_A_init", ".lora_B_init")  # a layer's own tensors
 
 
@@ -157,15 +127,6 @@ def _find_targets(model, targets):
     return linears
 
 
-def _tied_owners(model):
-    """id(parameter) -> names of the modules holding it directly; more than one name means a tied weight."""
-    owners = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p_name, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    return owners
-
-
 def _modules_to_save(model, patterns):
     names = [n for n, _ in model.named_modules() if n and name_matches(n, tuple(patterns))]
     missing = [p for p in patterns if not any(name_matches(n, (p,)) for n in names)]
@@ -182,7 +143,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, pissa_factors: dict | None 
     if lora_layers(model):
         raise ValueError(f"{type(model).__name__} already has {len(lora_layers(model))} LoRA layers; apply_lora "
                          f"once (or merge_and_unload(model) first to stack a new adapter on merged weights)")
-    owners = _tied_owners(model)
+    owners = tied_owners(model)
     for name in _find_targets(model, config.targets):
         parent_name, _, child_name = name.rpartition(".")
         linear = model.get_submodule(name)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import dora
-from model.quant import QuantLinear, dequant_linear
+from quant import QuantLinear, dequant_linear
 
 MODES = ("split", "fused")
 

@@ -31,7 +31,8 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from lora.inject import apply_lora, collapse_names, lora_layers, mark_only_lora_trainable
+from lora.inject import apply_lora, lora_layers, mark_only_lora_trainable
+from model.modules import collapse_names
 from lora.pissa import is_pissa
 
 DEFAULT = "default"

@@ -29,7 +29,7 @@ those modules' size; ours train in place and are counted once.
 import torch.nn as nn
 
 from lora.layer import LoRALinear
-from model.quant import quantized_bytes
+from quant import quantized_bytes
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

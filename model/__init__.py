@@ -7,7 +7,6 @@ new file with a CausalLM subclass (model/lm.py says what it provides) and one en
 from .gpt import GPT, GPTConfig
 from .hf import load_hf_config, resolve_model_dir
 from .llama import LLaMA, LLaMAConfig
-from .llama_tokenizer import load_llama_tokenizer
 
 MODELS = {cls.model_type: cls for cls in (GPT, LLaMA)}
 

@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked_loss import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from .generate import generate
-from .optim import configure_adamw
 
 
 def next_token_loss(logits, targets):
@@ -74,11 +73,6 @@ class CausalLM(nn.Module):
                  generator=None):
         """idx (B, T) -> (B, T + new). Several samples of one prompt: repeat the prompt along B."""
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
-        """AdamW (model/optim.py): decay on matrices and embeddings, not on norm gains or biases. Only parameters
-        with requires_grad are handed over, so a LoRA model's frozen base stays out."""
-        return configure_adamw(self, weight_decay, learning_rate, betas, device_type, verbose)
 
     def config_dict(self):
         """The config as a plain dict (checkpoints store it; config_class(**it) rebuilds the model)."""

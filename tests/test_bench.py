@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from model.flops import peak_for_name
+from training.flops import peak_for_name
 
 from bench import common, timing
 from model import GPT, GPTConfig

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import checkpoint
+import training.checkpoint as checkpoint
 from lora import LoRAConfig, apply_lora, lora_layers
 from model import GPT, GPTConfig, LLaMA, LLaMAConfig
 from test_train import read_log, run_torchrun, run_train, tiny_flags, write_shards
+from training.optim import configure_adamw
 
 VOCAB = 96
 
@@ -43,7 +44,7 @@ def batches(n, B=2, T=16):
 
 
 def train_losses(model, raw, steps):
-    optimizer = raw.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
+    optimizer = configure_adamw(raw, 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
     losses = []
     for seq in steps:
         _, loss = model(seq[:, :-1], seq[:, 1:])
@@ -69,7 +70,7 @@ def test_compiled_training_gives_the_eager_losses_for_full_split_and_fused_layer
 @pytest.mark.slow
 def test_compiled_run_checkpoints_plain_keys_and_evaluates_samples_and_scores_without_recompiling(tmp_path,
                                                                                                   monkeypatch):
-    import eval_hellaswag
+    import evals.hellaswag as eval_hellaswag
     from test_hellaswag import EXAMPLES, write_jsonl
     write_shards(tmp_path / "data")
     jsonl = write_jsonl(tmp_path / "hellaswag_val.jsonl", EXAMPLES)
@@ -114,7 +115,7 @@ def test_bf16_autocast_keeps_fp32_weights_and_grads_and_a_loss_close_to_fp32(fam
         with torch.no_grad():
             logits, _ = bf16(seq[:, :-1])  # with targets the model returns no logits
     loss16.backward()
-    bf16.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False).step()
+    configure_adamw(bf16, 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False).step()
     assert logits.dtype == torch.bfloat16  # autocast did run the matmuls in bf16
     assert loss16.dtype == torch.float32 and loss16.item() == pytest.approx(loss32.item(), rel=1e-2)
     grads32 = {n: p.grad for n, p in fp32.named_parameters() if p.requires_grad}

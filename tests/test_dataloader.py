@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fineweb
-from dataloader import DataLoaderLite
+from loaders.tokens import DataLoaderLite
 
 # every token is unique, so a batch's first token says where in the stream it was read
 SHARDS = {

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import dpo
-from dpo_data import DPOLoader, precompute_reference, reference_path
+import objectives.dpo as dpo
+from loaders.dpo import DPOLoader, precompute_reference, reference_path
 from lora import LoRAConfig, apply_lora, lora_disabled, remove_lora, save_adapter
 from model import GPT
 from prepare_sft import HEADER, write_split

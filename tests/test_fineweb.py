@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fineweb
-from tokenizer import EOT, gpt2_encoding
+from tokenization.tokenizer import EOT, gpt2_encoding
 
 DOCS = [
     "First document.\nIt has two lines,\r\nthe second one written on Windows.",

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_model
-from model import load_llama_tokenizer
-from model.gguf import SMOLLM2_FILE, convert_gguf, main, smollm2_gguf, unpermute_qk
-from tokenizer import tokenizer_for
+from training.checkpoint import load_model
+from tokenization.llama_tokenizer import load_llama_tokenizer
+from formats.gguf import SMOLLM2_FILE, convert_gguf, main, smollm2_gguf, unpermute_qk
+from tokenization.tokenizer import tokenizer_for
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")

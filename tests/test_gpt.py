@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, load_pretrained
+from training.optim import configure_adamw
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,7 +100,7 @@ def test_gpt2_124m_parameter_count():
 def test_optimizer_groups_for_gpt2_124m(capsys):
     with torch.device("meta"):
         model = GPT(GPTConfig())
-    model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+    configure_adamw(model, 0.1, 6e-4, (0.9, 0.95), "cpu")
     out = capsys.readouterr().out
     assert "num decayed parameter tensors: 50, with 124,354,560 parameters" in out
     assert "num non-decayed parameter tensors: 98, with 121,344 parameters" in out

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-import eval_hellaswag
+import evals.hellaswag as eval_hellaswag
 from conftest import subprocess_env
-from eval_hellaswag import download, evaluate, load_examples, render_example, score_examples
+from evals.hellaswag import download, evaluate, load_examples, render_example, score_examples
 from model import GPT, GPTConfig
-from tokenizer import gpt2_encoding
+from tokenization.tokenizer import gpt2_encoding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import GPT, GPTConfig, LLaMA, LLaMAConfig, load_llama_tokenizer, load_pretrained
+from model import GPT, GPTConfig, LLaMA, LLaMAConfig, load_pretrained
+from tokenization.llama_tokenizer import load_llama_tokenizer
+from training.optim import configure_adamw
 
 transformers = pytest.importorskip("transformers")
 
@@ -214,7 +216,7 @@ def test_llama_3_2_1b_parameter_count():
 def test_optimizer_decays_matrices_but_not_rmsnorm_gains(capsys):
     with torch.device("meta"):
         model = LLaMA(LLAMA_3_2_1B)
-    model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), "cpu")
+    configure_adamw(model, 0.1, 3e-4, (0.9, 0.95), "cpu")
     out = capsys.readouterr().out
     # 16 layers x 7 matrices + the (tied) embedding; 16 x 2 RMSNorms + the final one, 2048 each
     assert "num decayed parameter tensors: 113, with 1,235,746,816 parameters" in out

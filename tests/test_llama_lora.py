@@ -5,6 +5,7 @@ import torch
 
 from lora import LoRAConfig, apply_lora, lora_layers, load_adapter, save_adapter
 from model import LLaMA, LLaMAConfig
+from training.optim import configure_adamw
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -70,7 +71,7 @@ def test_lora_fine_tuning_lowers_the_loss_and_leaves_base_weights_bit_identical(
     base = {k: v.clone() for k, v in model.state_dict().items()}
     apply_lora(model, LoRAConfig(r=4, alpha=8, targets=SEVEN))
     # weight decay 0.1: were a frozen base weight handed to AdamW, decay alone would change it
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
+    optimizer = configure_adamw(model, 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
     idx = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(2))
     losses = []

@@ -12,6 +12,7 @@ from lora import merge_lora, unmerge_lora
 from lora.dora import DoRAFunction
 from lora.pissa import saved_factors
 from model import load_pretrained
+from training.optim import configure_adamw
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -241,7 +242,7 @@ def test_loraplus_groups_and_training_equal_peft_create_loraplus_optimizer(base)
     ours.train()
     ref_opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0,
                                         loraplus_weight_decay=0.1, betas=(0.9, 0.95))
-    our_opt = ours.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
+    our_opt = configure_adamw(ours, 0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
     ours_lr = {id(p): (g["lr"], g["weight_decay"]) for g in our_opt.param_groups for p in g["params"]}
     ref_lr = {id(p): (g["lr"], g["weight_decay"]) for g in ref_opt.param_groups for p in g["params"]}
     trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora import LoRAConfig, apply_lora
 from model import GPT, LLaMA, GPTConfig, LLaMAConfig
 from model.chunked_loss import linear_cross_entropy
-from model.memory import estimate_peak_bytes, glibc
+from training.memory import estimate_peak_bytes, glibc
 
 N, C, V = 45, 16, 97  # 45 tokens: chunk sizes 1, 15 and 45 divide it, 7 and 64 do not
 
@@ -216,7 +216,7 @@ def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_the_head_gradient_stays
 ALLOCATOR_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from model.memory import set_cpu_mmap_threshold
+from training.memory import set_cpu_mmap_threshold
 def rss():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 if {fixed}:

@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import parallel
+import training.parallel as parallel
 from lora import LoRAConfig, apply_lora
 from model import GPT, GPTConfig, LLaMA, LLaMAConfig
+from training.optim import configure_adamw
 
 WORLD = 2
 
@@ -76,7 +77,7 @@ def word_ids(text):
 
 
 def _forward_only_work_on_every_rank(rank):
-    from eval_hellaswag import evaluate
+    from evals.hellaswag import evaluate
     from test_hellaswag import EXAMPLES
     torch.manual_seed(0)
     plain = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
@@ -98,12 +99,12 @@ def test_an_fsdp_model_samples_and_scores_hellaswag_like_the_plain_model_on_ever
 
 def test_an_optimizer_state_keyed_by_position_loads_by_parameter_name():
     model = tiny("gpt2", lora=False)
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
+    optimizer = configure_adamw(model, 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
     model(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8)))[1].backward()
     optimizer.step()
     by_position = optimizer.state_dict()  # what checkpoints held before they were keyed by name
     fresh = tiny("gpt2", lora=False)
-    fresh_optimizer = fresh.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
+    fresh_optimizer = configure_adamw(fresh, 0.1, 1e-2, (0.9, 0.95), "cpu", verbose=False)
     parallel.load_optimizer_state(fresh, fresh_optimizer, by_position)
     for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
         for key in ("exp_avg", "exp_avg_sq", "step"):

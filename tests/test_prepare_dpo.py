@@ -2,9 +2,9 @@
 import pytest
 
 import prepare_sft
-from sft_data import read_examples
+from loaders.sft import read_examples
 from test_prepare_sft import write_jsonl
-from tokenizer import EOT, gpt2_encoding
+from tokenization.tokenizer import EOT, gpt2_encoding
 
 PAIR = {"prompt": "To be, or not", "chosen": " to be", "rejected": " at all, my lord"}
 CHAT_PAIR = {"prompt": [{"role": "user", "content": "who wrote hamlet"}, {"role": "assistant", "content": "who?"},

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import prepare_sft
-from chat import chat_ids, load_text_tokenizer, render_chat
-from sft_data import read_examples
-from tokenizer import EOT, gpt2_encoding
+from tokenization.chat import chat_ids, load_text_tokenizer, render_chat
+from loaders.sft import read_examples
+from tokenization.tokenizer import EOT, gpt2_encoding
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

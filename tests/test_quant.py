@@ -8,7 +8,7 @@ from lora import (FusedLoRALinear, LoRAConfig, LoRALinear, apply_lora, lora_laye
                   remove_lora)
 from model import GPT, GPTConfig, LLaMA, LLaMAConfig
 from test_train_lora import hf_gpt2_base  # noqa: F401 (a fixture: a GPT-2 trained briefly, as an HF folder)
-from model.quant import (DYNAMIC, NF4, Int8Weight, NF4Weight, QuantLinear, dequantize, load_quantized, quantize,
+from quant import (DYNAMIC, NF4, Int8Weight, NF4Weight, QuantLinear, dequantize, load_quantized, quantize,
                          quantized_bytes)
 
 try:
@@ -251,7 +251,7 @@ def qlora_run(tmp_path_factory, hf_gpt2_base):
 @pytest.mark.slow
 def test_qlora_run_lowers_the_loss_and_checkpoints_only_the_adapter(qlora_run):
     import numpy as np
-    import checkpoint
+    import training.checkpoint as checkpoint
     from test_train import read_log
     losses = [r["train_loss"] for r in read_log(qlora_run / "out")]
     assert np.mean(losses[-5:]) < losses[0] - 0.3
@@ -261,7 +261,7 @@ def test_qlora_run_lowers_the_loss_and_checkpoints_only_the_adapter(qlora_run):
 
 @pytest.mark.slow
 def test_qlora_adapter_in_peft_on_the_dequantized_base_gives_our_logits(qlora_run, hf_gpt2_base, tmp_path):
-    import checkpoint
+    import training.checkpoint as checkpoint
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     dequantize(load_quantized(hf_gpt2_base, "nf4", verbose=False)).save_pretrained(tmp_path / "deq")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from atomic import remove_stale_temps
+import training.checkpoint as checkpoint
+from tools.atomic import remove_stale_temps
 from conftest import subprocess_env
 from model import GPT, GPTConfig, LLaMA, LLaMAConfig
 from test_train import ROOT, VOCAB, read_log, run_train, tiny_flags, write_shards
@@ -245,7 +245,7 @@ def test_adapter_config_without_r_is_refused_by_name(tmp_path):
 
 
 def test_binary_file_given_as_a_config_file_or_hellaswag_file_is_refused_by_name(tmp_path):
-    import eval_hellaswag
+    import evals.hellaswag as eval_hellaswag
     from configurator import configure
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)) * 4)

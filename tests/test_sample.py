@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import sample
-from checkpoint import save_checkpoint
+from training.checkpoint import save_checkpoint
 from lora import LoRAConfig, apply_lora, save_adapter
 from model import GPT, GPTConfig
-from tokenizer import EOT, gpt2_encoding
+from tokenization.tokenizer import EOT, gpt2_encoding
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+import training.checkpoint as checkpoint
 from model import GPT, LLaMA
 from prepare_sft import HEADER, write_split
-from sft_data import SFTLoader
+from loaders.sft import SFTLoader
 from test_train import read_log, run_torchrun, run_train, tiny_flags
 
 transformers = pytest.importorskip("transformers")
@@ -158,7 +158,7 @@ def test_exact_match_counts_the_answers_transformers_greedy_decoding_reproduces(
     continuation (one prompt at a time), half are random."""
     from types import SimpleNamespace
 
-    from sft_eval import exact_match
+    from evals.exact_match import exact_match
     hf, ours = tiny_models(tmp_path, "gpt2")
     eos = 0
     tok = SimpleNamespace(eos_id=eos, decode=lambda ids: " ".join(map(str, ids)))

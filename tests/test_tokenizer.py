@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from tokenizer import EOT, GPT2Tokenizer, build_gpt2_encoding, gpt2_data_dir, gpt2_encoding, tokenizer_for
+from tokenization.tokenizer import EOT, GPT2Tokenizer, build_gpt2_encoding, gpt2_data_dir, gpt2_encoding, tokenizer_for
 
 TRICKY_TEXTS = [
     "Hello world",

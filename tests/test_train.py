@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+import training.checkpoint as checkpoint
 from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_pat
 CRASH_AFTER_FIRST_CHECKPOINT = """
 import runpy, sys
 sys.path.insert(0, {root!r})
-import checkpoint
+import training.checkpoint as checkpoint
 real_save = checkpoint.save_checkpoint
 def save_then_crash(*args, **kwargs):
     real_save(*args, **kwargs)
@@ -205,7 +205,7 @@ def test_resuming_with_another_number_of_processes_continues_and_says_dropout_wi
 
 
 def test_hellaswag_runs_in_training_and_logs_the_score_of_the_model_at_that_step(tmp_path, monkeypatch):
-    import eval_hellaswag
+    import evals.hellaswag as eval_hellaswag
     from model import GPT, GPTConfig
     from test_hellaswag import EXAMPLES, write_jsonl
     write_shards(tmp_path / "data")

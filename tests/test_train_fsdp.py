@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-import checkpoint
+import training.checkpoint as checkpoint
 from test_train import CRASH_AFTER_FIRST_CHECKPOINT, ROOT, read_log, run_torchrun, run_train, tiny_flags, write_shards
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
+import training.checkpoint as checkpoint
 from model import GPT, LLaMA
 from test_train import VOCAB, read_log, run_train, tiny_flags, write_shards
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-import checkpoint
+import training.checkpoint as checkpoint
 from model import GPT
 from test_train import read_log, run_train, tiny_flags, write_shards
 from test_train_lora import hf_gpt2_base  # noqa: F401  (the trained base fixture)

@@ -12,8 +12,8 @@ import math
 import re
 
 from model import MODELS
-from model.memory import GLIBC_MMAP_CEILING
-from parallel import PARALLEL
+from training.memory import GLIBC_MMAP_CEILING
+from training.parallel import PARALLEL
 
 FIXED, FREE, LAUNCH = "fixed", "free", "launch"
 

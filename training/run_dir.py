@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from atomic import atomic_path, remove_stale_temps
+from tools.atomic import atomic_path, remove_stale_temps
 
 RUN_FILES = ("ckpt.pt", "log.jsonl", "adapter", "merged")  # what train.py writes into out_dir
 

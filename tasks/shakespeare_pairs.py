@@ -1,6 +1,6 @@
 """Preference pairs made offline from the Shakespeare corpus: which continuation belongs to this speech?
 
-    python shakespeare_pairs.py --out data/shakespeare_pairs     # -> train.jsonl, val.jsonl
+    python -m tasks.shakespeare_pairs --out data/shakespeare_pairs     # -> train.jsonl, val.jsonl
 
 Each record is a DPO pair. The prompt is the speaker and the opening words of a speech; the chosen answer is the
 speech's true continuation; the rejected answer is the same stretch of another speech of the same play, drawn at
@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from fineweb import shakespeare_play_paths
-from shakespeare_speakers import PLAYS, speeches, write_splits
+from tasks.shakespeare_speakers import PLAYS, speeches, write_splits
 
 PROMPT_WORDS, ANSWER_WORDS = 12, 10
 VAL_EVERY = 5

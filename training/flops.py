@@ -24,7 +24,7 @@ def flops_per_token(model, seq_len, n_layer, n_embd):
             trainable += p.numel()
         else:
             frozen += p.numel()
-    from .quant import quantized_bytes  # a quantized base's weights are buffers: frozen matmuls all the same
+    from quant import quantized_bytes  # a quantized base's weights are buffers: frozen matmuls all the same
     frozen += quantized_bytes(model)[1]
     return 6 * trainable + 4 * frozen + 12 * n_layer * n_embd * seq_len
 

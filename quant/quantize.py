@@ -226,14 +226,14 @@ def check_method(method):
 def quantizable(model, skip=DEFAULT_SKIP):
     """Names of the nn.Linear layers quantize() replaces: all but `skip` (names or '.'-suffixes, as LoRA targets)
     and any whose weight is shared with another module (a tied head stays tied to its embedding)."""
-    from lora.inject import name_matches, _tied_owners
+    from model.modules import name_matches, tied_owners
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is already quantized; quantize a full-precision model once")
     adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
     if adapted:
         raise ValueError(f"{type(model).__name__} has LoRA layers ({adapted[0]}, ...): quantize the base first, "
                          f"then apply_lora (QLoRA trains full-precision adapters on a quantized base)")
-    owners = _tied_owners(model)
+    owners = tied_owners(model)
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and not name_matches(n, tuple(skip))
             and len(owners[id(m.weight)]) == 1]
 
@@ -281,7 +281,7 @@ def load_quantized(spec, method, skip=DEFAULT_SKIP, dtype=None, verbose=True, **
     unquantized tensors (embeddings, norms, biases, skipped layers) and one layer's weight with its temporaries.
     `overrides` may set dropout, as for from_pretrained.
     """
-    from model.stream import meta_model_and_hf_tensors
+    from formats.stream import meta_model_and_hf_tensors
     model, tensors, describe = meta_model_and_hf_tensors(spec, **overrides)
     return fill_quantized(model, tensors, method, skip, dtype, describe, verbose)
 

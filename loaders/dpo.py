@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from atomic import atomic_path
-from sft_data import SFTLoader, example_xy, read_examples
+from tools.atomic import atomic_path
+from loaders.sft import SFTLoader, example_xy, read_examples
 
 
 class DPOLoader(SFTLoader):

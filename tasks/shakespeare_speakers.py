@@ -1,6 +1,6 @@
 """A small fine-tuning task made offline from the Shakespeare corpus: who speaks these lines?
 
-    python shakespeare_speakers.py --out data/shakespeare_speakers     # -> train.jsonl, val.jsonl
+    python -m tasks.shakespeare_speakers --out data/shakespeare_speakers     # -> train.jsonl, val.jsonl
 
 Each record is a prompt/completion pair. The prompt names the previous speaker and gives the first words of a
 speech; the completion is the speaker, one of the four characters with the most speeches in each of six plays
@@ -23,7 +23,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from atomic import atomic_path
+from tools.atomic import atomic_path
 from fineweb import clean_play_markdown, shakespeare_play_paths
 
 PLAYS = ("hamlet", "romeo-and-juliet", "othello", "macbeth", "king-lear", "the-merchant-of-venice")

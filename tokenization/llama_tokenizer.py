@@ -10,9 +10,8 @@ a complete description (normalizer, pre-tokenizer, BPE merges, special tokens, t
     print(tok.decode(out[0].tolist()))
 """
 import json
-from pathlib import Path
 
-from .hf import resolve_model_dir
+from model.hf import resolve_model_dir
 
 
 class LLaMATokenizer:
@@ -67,7 +66,7 @@ def tokenizer_class():
 
 def gguf_tokenizer(path):
     """The tokenizer a .gguf file describes in its metadata (model/gguf.py builds its tokenizer.json)."""
-    from .gguf import hf_config, open_gguf, tokenizer_json
+    from formats.gguf import hf_config, open_gguf, tokenizer_json
     reader = open_gguf(path)
     config = hf_config(reader)
     tokenizer = tokenizer_class().from_str(json.dumps(tokenizer_json(reader)))

@@ -25,7 +25,6 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -54,7 +53,7 @@ def targets(cfg, family):
 
 
 def with_base(model, base):
-    from model.quant import quantize
+    from quant import quantize
     return model if base == "fp32" else quantize(model, base)
 
 
@@ -72,7 +71,7 @@ def batch(cfg, family):
 @torch.no_grad()
 def storage_rows(model, label):
     """Bytes per weight and relative error for each method, over the Linear layers quantize() replaces."""
-    from model.quant import QUANTIZERS, quantizable
+    from quant import QUANTIZERS, quantizable
     names = quantizable(model)
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     n_model = sum(p.numel() for p in model.parameters())
@@ -105,10 +104,10 @@ def val_loss(model, loader, n_batches):
 @torch.no_grad()
 def quality(cfg):
     """Val loss of the trained base per method; merged vs unmerged logits of LoRA on its NF4 version."""
-    from checkpoint import load_model
-    from dataloader import DataLoaderLite
+    from training.checkpoint import load_model
+    from loaders.tokens import DataLoaderLite
     from lora import lora_layers, merge_and_unload
-    from model.quant import dequantize, quantize
+    from quant import dequantize, quantize
     loader = DataLoaderLite(cfg["data_dir"], 8, cfg["val_T"], 0, 1, split="val")
     losses = {base: val_loss(load_model(cfg["base"], quantize="" if base == "fp32" else base), loader,
                              cfg["val_batches"]) for base in BASES}
@@ -173,8 +172,8 @@ def memory_child(cfg, family, base, folder):
     RSS this process had before loading: peak while loading, resident after, peak during the steps."""
     import gc
     import lora  # noqa: F401 (imported before the first reading, like everything the measured code needs)
-    from checkpoint import load_model
-    from model.memory import set_cpu_mmap_threshold
+    from training.checkpoint import load_model
+    from training.memory import set_cpu_mmap_threshold
     set_cpu_mmap_threshold()  # as train.py on CPU: freed tensors (each dequantized W) leave the process
     start = vm_kib("VmRSS")
     model = load_model(folder, quantize="" if base == "fp32" else base)

@@ -17,9 +17,6 @@ no second model sits in memory. At step 0, B = 0 makes pi = pi_ref: h = 0 and th
     copy         a frozen copy of the starting model (full fine-tuning; costs a second model's memory)
 A micro-batch of B pairs is 2B rows, chosen [0, B) then rejected [B, 2B), run through the model together (as TRL).
 """
-import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -85,21 +82,3 @@ def reference_logps(x, y, reference, model=None, ref_model=None, stored=None):
     from lora import lora_disabled
     with lora_disabled(model):
         return sequence_logps(model(x)[0], y)
-
-
-def reward_accuracy_summary(out_dir):
-    """'held-out reward accuracy: 0.500 before, 0.870 after (step N)' from a run's log.jsonl."""
-    with open(Path(out_dir) / "log.jsonl") as f:
-        evals = [r for r in map(json.loads, f) if "eval_rewards/accuracies" in r]
-    if not evals:
-        raise ValueError(f"{out_dir}/log.jsonl has no val metrics: run with eval_interval > 0")
-    first, last = evals[0], evals[-1]
-    return (f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} at step {first['step']}, "
-            f"{last['eval_rewards/accuracies']:.3f} at step {last['step']} (margin {last['eval_rewards/margins']:.3f})")
-
-
-if __name__ == "__main__":  # python dpo.py OUT_DIR: the held-out reward accuracy of a DPO run, first and last eval
-    try:
-        print(reward_accuracy_summary(sys.argv[1] if len(sys.argv) > 1 else "out-dpo-shakespeare"))
-    except (OSError, ValueError) as e:
-        sys.exit(f"dpo.py: {e}")
