@@ -9,7 +9,7 @@ Reference acc_norm on the 10,042 val examples: GPT-2 124M 0.2955, GPT-3 Small 0.
 
     python eval_hellaswag.py --model gpt2                     # HF folder or cached hub name
     python eval_hellaswag.py --model out-shakespeare          # our training out_dir (ckpt.pt)
-    python eval_hellaswag.py --model gpt2 --quantize nf4      # the base in NF4 (model/quant.py)
+    python eval_hellaswag.py --model gpt2 --quantize nf4      # the base in NF4 (quant/)
     torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --model gpt2   # examples split over 8 GPUs
 
 train.py calls `evaluate(model, examples, device, rank=..., world_size=...)` every `hellaswag_every` steps.
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from evals.hellaswag import SPLITS, download, evaluate, load_examples
 from quant import METHODS
-from tokenization.tokenizer import tokenizer_for
+from tokenization import load_tokenizer
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_examples", type=int, default=4, help="examples (4 sequences each) per forward")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--quantize", default=None, choices=("", *METHODS),
-                   help="quantize the base's Linear layers while loading (model/quant.py); default: full precision, "
+                   help="quantize the base's Linear layers while loading (quant/); default: full precision, "
                         "or for a LoRA out_dir the way it trained")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="bfloat16 = bf16 autocast, CUDA only; auto = bfloat16 on CUDA, else float32")
@@ -78,10 +78,7 @@ def main(argv=None):
 
     from training.checkpoint import load_model  # our out_dir, an HF folder, or an adapter on its base
     model = load_model(args.model, base=args.base, quantize=args.quantize).to(device)
-    try:
-        tokenizer = tokenizer_for(args.base or args.model, model.config.vocab_size)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise SystemExit(f"{args.model}: {e}") from None
+    tokenizer = load_tokenizer(args.base or args.model, model.config.vocab_size)  # a ValueError names what is missing
     # no special tokens: context and endings are encoded separately and concatenated, so a BOS would land mid-sequence
     encode = partial(tokenizer.encode, add_special_tokens=False)
 

@@ -5,6 +5,7 @@
     python fineweb.py --source fineweb-edu --num_proc 16         # 10B tokens, hours     -> data/edu_fineweb10B
     python fineweb.py --source files a.txt b.jsonl --out_dir data/mine
     python fineweb.py --source shakespeare --tokenizer path/to/llama --out_dir data/shakespeare_llama
+    python fineweb.py --source shakespeare --tokenizer SmolLM2-135M-Instruct.Q4_1.gguf   # a .gguf file's tokenizer
 
 A shard is a .npy file of uint16 token ids (GPT-2 ids are < 2**16, so half the disk of int32), named
 `{prefix}_{split}_{index:06d}.npy` as in build-nanogpt. Shard 0 is the validation split, the others train.
@@ -37,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tools.atomic import atomic_path, remove_stale_temps
-from tokenization.tokenizer import tokenizer_for
+from tokenization import load_tokenizer
 
 # held out for validation: one comedy, one roman play, one romance (~8% of the tokens)
 VAL_PLAYS = ("twelfth-night", "julius-caesar", "the-tempest")
@@ -154,24 +155,26 @@ def iter_fineweb_edu_docs(streaming=False):
 # documents -> tokens -> shards
 
 
-_tokenizer = None  # set by use_tokenizer(): GPT-2's, or a checkpoint's own (tokenizer.tokenizer_for)
+_tokenizer = None  # set by use_tokenizer(): GPT-2's, or a checkpoint's own (tokenization.load_tokenizer)
 
 
-def use_tokenizer(model_dir):
-    """Tokenize with the tokenizer of a Hugging Face checkpoint (e.g. LLaMA's tokenizer.json); None: GPT-2's.
+def use_tokenizer(spec):
+    """Tokenize with the tokenizer of the model `spec` names (a Hugging Face folder, a .gguf file, ...; see
+    tokenization.load_tokenizer); None: GPT-2's.
 
     Also the process-pool initializer, so every worker loads the same tokenizer."""
     global _tokenizer
-    _tokenizer = tokenizer_for(model_dir)
+    _tokenizer = load_tokenizer(spec)
 
 
 def tokenize(text):
     """One document as token ids, starting with the tokenizer's document boundary (its template: GPT-2's
-    <|endoftext|>, LLaMA's BOS). A literal "<|endoftext|>" in a web page is tokenized as text, so EOT in a GPT-2
-    shard always means a real document boundary. uint16 holds GPT-2's and LLaMA 2's vocabularies (< 2**16, half
-    the disk of int32); larger ones (LLaMA 3: 128,256) need uint32."""
-    tokenizer = _tokenizer or tokenizer_for()
-    tokens = np.array(tokenizer.encode(text), dtype=np.int64)
+    <|endoftext|>, LLaMA's BOS). A special token's text in a web page ("<|endoftext|>", "<|begin_of_text|>") is
+    spelled as ordinary text, so EOT in a GPT-2 shard (BOS in a LLaMA one) always means a real document boundary.
+    uint16 holds GPT-2's and LLaMA 2's vocabularies (< 2**16, half the disk of int32); larger ones (LLaMA 3: 128,256)
+    need uint32."""
+    tokenizer = _tokenizer or load_tokenizer()
+    tokens = np.array(tokenizer.encode(text, split_special_tokens=True), dtype=np.int64)
     assert (0 <= tokens).all() and (tokens < tokenizer.vocab_size).all(), "token id out of the vocabulary"
     return tokens.astype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
 
@@ -181,8 +184,8 @@ def tokenize_all(docs, num_proc=1):
     if num_proc <= 1:
         yield from map(tokenize, docs)
         return
-    model_dir = (_tokenizer or tokenizer_for()).model_dir
-    with multiprocessing.Pool(num_proc, initializer=use_tokenizer, initargs=(model_dir,)) as pool:
+    spec = (_tokenizer or load_tokenizer()).name  # load_tokenizer(name) gives the same tokenizer back
+    with multiprocessing.Pool(num_proc, initializer=use_tokenizer, initargs=(spec,)) as pool:
         # imap keeps the input order (deterministic shards); chunksize amortizes the pickling per task
         yield from pool.imap(tokenize, docs, chunksize=16)
 
@@ -315,8 +318,9 @@ def main(argv=None):
     parser.add_argument("--prefix", help="shard file names start with this (default: the source's name)")
     parser.add_argument("--shard_size", type=int, help="tokens per shard (default 1M for shakespeare, else 100M)")
     parser.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores for fineweb-edu)")
-    parser.add_argument("--tokenizer", help="a Hugging Face model folder whose tokenizer.json to use (e.g. LLaMA); "
-                        "default: GPT-2's. Give such shards their own --out_dir")
+    parser.add_argument("--tokenizer", help="the model whose tokenizer to use: a Hugging Face folder with "
+                        "tokenizer.json (e.g. LLaMA), a .gguf file, a training out_dir or an adapter folder; default: "
+                        "GPT-2's. Give such shards their own --out_dir")
     parser.add_argument("--streaming", action="store_true", help="fineweb-edu: stream instead of caching the download")
     args = parser.parse_args(argv)
     t0 = time.time()

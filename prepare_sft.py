@@ -8,7 +8,9 @@ One record a line, in either of the two formats Hugging Face TRL uses:
 or preference pairs for `objective = 'dpo'`, as TRL takes them (a file holds one kind):
     {"prompt": "...", "chosen": "...", "rejected": "..."}        two examples with the same prompt tokens
     {"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}   conversational
-Chats are rendered with the checkpoint's own chat template (chat.py), else with the plain one. The mask is 1 on
+--tokenizer names the model whose tokenizer to use (tokenization.load_tokenizer: a Hugging Face folder, a training
+out_dir, an adapter folder or a .gguf file; default GPT-2's); sft.json records its name. Chats are rendered with the
+checkpoint's own chat template (chat.py), else with the plain one. The mask is 1 on
 the tokens the model learns to produce (completion / assistant replies and the EOS that ends them), 0 on prompt,
 system, user and template tokens (in a pair, 1 on the final answer only). An example is at most --block_size
 tokens; a longer one is cut (--truncation=truncate: the start of the prompt's budget and the whole answer where it
@@ -31,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from tools.atomic import current_umask
-from tokenization.chat import ROLES, chat_ids, load_text_tokenizer
+from tokenization import load_tokenizer
+from tokenization.chat import ROLES, chat_ids
 from loaders.sft import HEADER
 
 FORMAT = "nanolora-sft-1"
@@ -119,8 +122,8 @@ def example_ids(tok, record):
     if record[0] == "messages":
         return chat_ids(tok, record[1])
     _, prompt, completion = record
-    prompt_ids = tok.start_ids + tok.encode(prompt)
-    answer_ids = tok.encode(completion) + [tok.eos_id]
+    prompt_ids = tok.encode(prompt)  # opened as a document is in pretraining (GPT-2: <|endoftext|>, LLaMA: BOS)
+    answer_ids = tok.encode(completion, add_special_tokens=False) + [tok.eos_id]
     return prompt_ids + answer_ids, [0] * len(prompt_ids) + [1] * len(answer_ids)
 
 
@@ -237,7 +240,11 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
         raise FileExistsError(f"{out} exists; pass --overwrite to replace a folder prepare_sft.py made, or choose "
                               f"another --out" if (out / HEADER).is_file() else
                               f"{out} exists and is not a folder prepare_sft.py made; choose another --out")
-    tok = load_text_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise ValueError(f"--tokenizer={tokenizer}: {tok.name} has no end-of-sequence token (no eos_token in "
+                         f"tokenizer_config.json, no eos_token_id in config.json); fine-tuning needs one to end "
+                         f"every answer: add it there")
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     header = {"format": FORMAT, "tokenizer": tok.name, "chat_template": "checkpoint" if tok.chat_template else "plain",
               "eos_id": tok.eos_id, "pad_id": tok.eos_id, "vocab_size": tok.vocab_size, "block_size": block_size,
@@ -273,8 +280,9 @@ def main(argv=None):
     p.add_argument("--input", required=True, help="training records, JSONL")
     p.add_argument("--val", required=True, help="validation records, JSONL (val loss and exact-match in training)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, unless --overwrite)")
-    p.add_argument("--tokenizer", help="a Hugging Face folder with tokenizer.json (+ tokenizer_config.json for its "
-                   "chat template); default: GPT-2's tokenizer and the plain template")
+    p.add_argument("--tokenizer", help="the model whose tokenizer to use: a Hugging Face folder with tokenizer.json "
+                   "(+ tokenizer_config.json for its chat template), a training out_dir, an adapter folder or a .gguf "
+                   "file; default: GPT-2's tokenizer and the plain template")
     p.add_argument("--block_size", type=int, default=1024, help="the most tokens an example may have")
     p.add_argument("--truncation", choices=("truncate", "drop"), default="truncate")
     p.add_argument("--shard_size", type=int, default=10_000_000, help="tokens per shard file (whole examples)")

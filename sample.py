@@ -3,13 +3,16 @@
     python sample.py --init_from=out-shakespeare --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=out-sft-speakers/adapter --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=models/smollm2-135m-instruct --chat --start="What is LoRA?" --num_samples=1
+    python sample.py --init_from=SmolLM2-135M-Instruct.Q4_1.gguf --chat --start="What is LoRA?"
 
-init_from is one of three folders:
+init_from is one of:
     a training out_dir (ckpt.pt)           the model it trained (a LoRA run: its base with the adapter)
     a LoRA adapter folder (adapter_config.json, PEFT format): its base from base_model_name_or_path (or --base)
     a Hugging Face folder (config.json)    GPT-2 or LLaMA
-The text goes through the model's own tokenizer (GPT-2's, or the tokenizer.json of the Hugging Face folder the
-model came from). --chat wraps the prompt as one user message in the chat template training used (chat.py).
+    a .gguf file (llama.cpp)               LLaMA, dequantized (formats/gguf.py)
+The text goes through the model's own tokenizer (tokenization.load_tokenizer: GPT-2's, or the tokenizer.json of the
+folder or the tokenizer of the .gguf file the model came from). --chat wraps the prompt as one user message in the
+model's chat template (chat.py).
 A sample ends at EOS or after max_new_tokens; with num_samples=1 the tokens stream to stdout as they come.
 """
 import sys
@@ -20,7 +23,7 @@ from types import SimpleNamespace
 import torch
 
 # -----------------------------------------------------------------------------------------------
-init_from = "out"  # out_dir | adapter folder | Hugging Face folder
+init_from = "out"  # out_dir | adapter folder | Hugging Face folder | .gguf file
 base = ""  # an adapter's base, when its adapter_config.json names none (or another copy of it)
 start = "\n"  # the prompt, or FILE:path to read it from a file
 num_samples = 3
@@ -37,8 +40,10 @@ chat = False  # wrap the prompt in the chat template (the model's own, else the 
 
 
 def model_kind(path):
-    """'out_dir' | 'adapter' | 'hf' for a folder, or a one-line error naming what it lacks."""
+    """'gguf' | 'out_dir' | 'adapter' | 'hf', or a one-line error naming what it lacks."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return "gguf"
     if (path / "ckpt.pt").is_file():
         return "out_dir"
     if (path / "adapter_config.json").is_file():
@@ -47,15 +52,15 @@ def model_kind(path):
         return "hf"
     what = "a folder" if path.is_dir() else "not a folder" if path.exists() else "does not exist"
     raise ValueError(f"--init_from={path}: {what}, and none of a training out_dir (ckpt.pt), a LoRA adapter folder "
-                     f"(adapter_config.json) or a Hugging Face model folder (config.json)")
+                     f"(adapter_config.json), a Hugging Face model folder (config.json) or a .gguf file")
 
 
 def main(argv):
-    from tokenization.chat import generation_prompt_ids, load_text_tokenizer
-    from training.checkpoint import load_model
     from configurator import configure
     from model.generate import generate
-    from tokenization.tokenizer import tokenizer_for
+    from tokenization import load_tokenizer
+    from tokenization.chat import generation_prompt_ids
+    from training.checkpoint import load_model
     argv = ["--chat=True" if a == "--chat" else a for a in argv]  # a bare --chat switches it on
     s = SimpleNamespace(**{**DEFAULTS, **configure(DEFAULTS, argv)})
     dev = s.device if s.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,11 +71,9 @@ def main(argv):
         raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
     model_kind(s.init_from)
     model = load_model(s.init_from, base=s.base or None).to(dev).eval()
-    tok = load_text_tokenizer(tokenizer_for(s.base or s.init_from).model_dir)  # None: GPT-2's tokenizer
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer of {s.init_from} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    tok = load_tokenizer(s.base or s.init_from, model.config.vocab_size)
     text = Path(s.start[5:]).read_text(encoding="utf-8") if s.start.startswith("FILE:") else s.start
-    ids = generation_prompt_ids(tok, [{"role": "user", "content": text}]) if s.chat else tok.start_ids + tok.encode(text)
+    ids = generation_prompt_ids(tok, [{"role": "user", "content": text}]) if s.chat else tok.encode(text)
     n_new = min(s.max_new_tokens, model.max_seq_len - len(ids))
     if n_new < 1:
         raise ValueError(f"the prompt has {len(ids)} tokens: no room left in the model's {model.max_seq_len} positions")

@@ -7,19 +7,21 @@ example counts as right when the decoded completion equals the reference, both s
     python sft_eval.py --data data/shakespeare_speakers/sft --model models/smollm2-135m-instruct \
         --model out-sft-speakers
 
-prints the exact match of each model (an out_dir, an adapter folder, or a Hugging Face folder) and of the trivial
-baseline that always answers the most frequent training answer. train.py calls exact_match() every
+prints the exact match of each model (an out_dir, an adapter folder, a Hugging Face folder or a .gguf file) and of
+the trivial baseline that always answers the most frequent training answer. train.py calls exact_match() every
 `eval_generate_every` steps, each rank on its share of the prompts, the counts all-reduced.
 """
 import argparse
 
-from evals.exact_match import exact_match, majority_baseline, tokenizer_of
+from evals.exact_match import exact_match, majority_baseline
 from loaders.sft import read_examples
+from tokenization import load_tokenizer
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="a folder prepare_sft.py wrote")
-    p.add_argument("--model", action="append", default=[], help="out_dir, adapter folder or HF folder (repeatable)")
+    p.add_argument("--model", action="append", default=[], help="out_dir, adapter folder, HF folder or .gguf file "
+                   "(repeatable)")
     p.add_argument("--limit", type=int, default=0, help="only the first N val examples (0 = all)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -27,7 +29,7 @@ def main(argv=None):
     header, val = read_examples(args.data, "val")
     _, train = read_examples(args.data, "train")
     val = val[:args.limit or None]
-    tok = tokenizer_of(header)
+    tok = load_tokenizer(header["tokenizer"])  # the tokenizer prepare_sft.py used
     answer, correct, n = majority_baseline(train, val, tok)
     print(f"exact match on {n} val examples of {args.data}:")
     print(f"  always {answer!r} (most frequent training answer): {correct / n:.3f} ({correct}/{n})")

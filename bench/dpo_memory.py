@@ -20,7 +20,7 @@ SHAPES = [(2, 2, 128), (4, 4, 256), (6, 6, 384)]  # (n_layer, n_head, n_embd): t
 
 def step(cfg, objective):
     import objectives.dpo as dpo
-    from lora import LoRAConfig, apply_lora
+    from lora import LoRAConfig, apply_lora, lora_disabled
     model = make_gpt(cfg)
     apply_lora(model, LoRAConfig(r=16, alpha=32, targets=cfg["targets"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -34,7 +34,8 @@ def step(cfg, objective):
         if objective == "sft":
             _, loss = model(x, y)
         else:
-            ref = dpo.reference_logps(x, y, "adapter_off", model)
+            with torch.no_grad(), lora_disabled(model):  # the reference: the adapter switched off
+                ref = dpo.sequence_logps(model(x)[0], y)
             losses, _, _ = dpo.dpo_loss(dpo.sequence_logps(model(x)[0], y), ref)
             loss = losses.mean()
         loss.backward()

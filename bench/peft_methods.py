@@ -33,7 +33,7 @@ TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear of the blocks, as config/
 PROMPT = dict(num_virtual_tokens=16)
 ROWS = {  # name -> (peft_method, train.py settings, learning rate); AdaLoRA prunes from 10% to 80% of the steps;
     # quantize: the frozen base's Linear layers in NF4 first (model/quant.py), as train.py's quantize setting
-    "full": ("none", {}, 1e-3),
+    "full": ("full", {}, 1e-3),
     "lora r=1": ("lora", dict(lora_r=1, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
     "lora r=4": ("lora", dict(lora_r=4, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
     "lora r=16": ("lora", dict(lora_r=16, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
@@ -111,13 +111,10 @@ def run(cfg, row, seed):
     torch.manual_seed(seed)  # the adapter's init
     steps = cfg["steps"]
     schedule = dict(max_steps=steps, adalora_tinit=steps // 10, adalora_tfinal=steps // 5)
-    adapters.apply(model, method, adapters.config_from_settings(method, {**schedule, **settings}))
+    adapters.apply(model, method, {**schedule, **settings})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    allocator = None
-    if method == "adalora":
-        from lora.adalora import RankAllocator, orth_regularization
-        allocator = RankAllocator(model, model.adalora_config)
+    hooks = adapters.method(method).training_hooks(model)  # AdaLoRA's, as train.py runs them
     gen = torch.Generator().manual_seed(seed)  # the batches: the same for every row
     B, T, every = cfg["B"], cfg["T"], cfg["eval_every"]
     curve, step_ms = {"step": [], "train": [], "val_step": [], "val": []}, []
@@ -134,15 +131,13 @@ def run(cfg, row, seed):
                                 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
         t0 = time.perf_counter()
         _, loss = model(x, y)
-        objective = loss
-        if allocator is not None:  # AdaLoRA's orthogonality regulariser, as train.py adds it
-            objective = loss + model.adalora_config.orth_reg_weight * orth_regularization(model)
+        objective = loss if hooks is None else loss + hooks.loss(model)  # AdaLoRA's orthogonality term
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if allocator is not None:
-            allocator.update_and_allocate(model, step)
+        if hooks is not None:
+            hooks.after_step(model, step)
         step_ms.append(1000 * (time.perf_counter() - t0))
         curve["step"].append(step)
         curve["train"].append(loss.item())

@@ -12,6 +12,7 @@ dpo_beta = 0.1
 dpo_loss = "sigmoid"
 dpo_reference = "adapter_off"
 
+peft_method = "lora"
 lora_r = 128
 lora_alpha = 256.0
 lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # all linear layers

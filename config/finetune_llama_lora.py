@@ -8,6 +8,7 @@ out_dir = "out-llama-lora"
 init_from = "meta-llama/Llama-3.2-1B"  # a local Hugging Face folder, or a hub name in the HF cache
 data_dir = "data/shakespeare_romances_Llama-3.2-1B"
 
+peft_method = "lora"
 lora_r = 16
 lora_alpha = 16.0
 lora_dropout = 0.05

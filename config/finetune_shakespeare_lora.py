@@ -12,6 +12,7 @@ compile = False
 block_size = 64
 
 # LoRA on every projection of the blocks; the base (and the tied embedding) stays frozen
+peft_method = "lora"
 lora_r = 8
 lora_alpha = 16.0
 lora_dropout = 0.0

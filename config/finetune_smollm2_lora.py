@@ -13,6 +13,7 @@ dtype = "float32"
 compile = False
 
 # r=8 on every linear layer of the 30 blocks: 2.4M trainable parameters (1.8% of 135M); the base stays frozen
+peft_method = "lora"
 lora_r = 8
 lora_alpha = 16.0
 lora_dropout = 0.0

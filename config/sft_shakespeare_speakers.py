@@ -18,6 +18,7 @@ dtype = "float32"
 compile = False
 block_size = 64
 
+peft_method = "lora"
 lora_r = 16
 lora_alpha = 32.0
 lora_targets = ("c_attn", "c_proj", "c_fc",  # GPT-2 names; LLaMA names below (a base has one set)

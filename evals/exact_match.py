@@ -11,7 +11,6 @@ from collections import Counter, defaultdict
 import torch
 import torch.distributed as dist
 
-from tokenization.chat import load_text_tokenizer
 
 
 def prompt_and_reference(ids, mask, eos_id):
@@ -24,11 +23,6 @@ def prompt_and_reference(ids, mask, eos_id):
     if reference and reference[-1] == eos_id:
         reference = reference[:-1]
     return ids[:start].tolist(), reference
-
-
-def tokenizer_of(header):
-    """The tokenizer prepare_sft.py used, named in the data's header."""
-    return load_text_tokenizer(None if header["tokenizer"] == "gpt2" else header["tokenizer"])
 
 
 @torch.no_grad()

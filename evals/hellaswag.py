@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tools.atomic import atomic_path
-from tokenization.tokenizer import tokenizer_for
+from tokenization import load_tokenizer
 
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("train", "val", "test")
@@ -168,7 +168,7 @@ def score_examples(model, examples, device, encode=None, batch_examples=4, progr
     """
     if batch_examples < 1:
         raise ValueError(f"batch_examples must be >= 1, got {batch_examples}")
-    encode = encode or partial(tokenizer_for().encode, add_special_tokens=False)  # default: GPT-2's
+    encode = encode or partial(load_tokenizer().encode, add_special_tokens=False)  # default: GPT-2's
     max_len = getattr(model, "max_seq_len", None)
     device = torch.device(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()

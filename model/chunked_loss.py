@@ -111,7 +111,8 @@ def linear_cross_entropy(x, weight, targets, chunk_size=DEFAULT_CHUNK_SIZE, igno
                          recompute=True):
     """Cross-entropy of the logits x W^T against targets, computed chunk_size tokens at a time.
 
-    x (..., C) hidden states, weight (V, C) the head (lm_head.weight), targets (...) token ids or ignore_index.
+    x (..., C) hidden states, weight (V, C) the head's weight (lm_head.weight; for a LoRA head W + s B A, a tensor
+    with a graph: its gradient flows on to what made it), targets (...) token ids or ignore_index.
     Equals F.cross_entropy((x @ weight.T).view(-1, V).float(), targets.view(-1), ignore_index=ignore_index,
     reduction=reduction), with gradients for x and (when it requires grad) weight. Under autocast the matmuls
     run in the autocast dtype, as lm_head would, and the softmax in float32. recompute=False computes the gradients

@@ -10,7 +10,8 @@ A family (model/gpt.py, model/llama.py) subclasses CausalLM and provides:
     max_seq_len, make_kv_cache(batch_size, max_len)
     from_pretrained(folder, dtype=None, dropout=...), save_pretrained(folder)
 and its forward runs each block through run_block and ends with head_and_loss, which own three memory settings:
-    loss_chunk_size             tokens per chunk of the training loss (model/chunked_loss.py); 0: full logits
+    loss_chunk_size             tokens per chunk of the training loss (model/chunked_loss.py); 0: full logits;
+                                a head that is not one weight (head_weight below) takes the full-logits path
     loss_recompute              the loss's logits recomputed in backward (True) or its gradients made in forward
     activation_checkpointing    recompute each block in backward instead of keeping its activations
 """
@@ -23,6 +24,23 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked_loss import DEFAULT_CHUNK_SIZE, linear_cross_entropy
 from .generate import generate
+
+
+def head_weight(head):
+    """The (V, C) weight W that `head` computes x W^T with, for the chunked loss; None when its output is not that
+    (a bias, an unknown module, or its own answer None): then head_and_loss runs the head itself (full logits).
+
+    The protocol, so that model/ knows nothing of what wraps the head: a module with `effective_weight()` returns
+    the weight it multiplies by, differentiable in whatever trains, or None when no single weight gives its output.
+    A LoRA head (lora/layer.py) returns W + s B A (DoRA: g (W + s B A)): the chunked loss forms its gradient
+    dW' (V, C), one weight-sized tensor as for a head that trains fully, and autograd takes it on to
+    dA = s B^T dW' and dB = s dW' A^T; with LoRA dropout in training it returns None (dropout(x) reaches the
+    adapter, x the base: no one W'). A quantized head returns its dequantized weight; an nn.Linear its weight."""
+    if getattr(head, "bias", None) is not None:
+        return None
+    if hasattr(head, "effective_weight"):
+        return head.effective_weight()
+    return head.weight if isinstance(head, nn.Linear) else None
 
 
 def next_token_loss(logits, targets):
@@ -51,13 +69,14 @@ class CausalLM(nn.Module):
 
     def head_and_loss(self, x, targets):
         """(logits, loss) from the final hidden states x (B, T, C). Without targets: (lm_head(x), None). With
-        targets: (None, mean loss over targets != -1) from the chunked linear + cross-entropy, which never forms the
-        (B, T, V) logits; loss_chunk_size = 0 takes the plain path instead (full logits, then F.cross_entropy)."""
-        if targets is None or self.loss_chunk_size == 0:
+        targets: (None, mean loss over targets != -1) from the chunked linear + cross-entropy on the head's weight
+        (head_weight: a LoRA head's W + s B A), which never forms the (B, T, V) logits; loss_chunk_size = 0, or a
+        head that is not one weight, takes the plain path instead (full logits, then F.cross_entropy)."""
+        weight = head_weight(self.lm_head) if targets is not None and self.loss_chunk_size > 0 else None
+        if weight is None:
             logits = self.lm_head(x)  # (B, T, V)
             return logits, next_token_loss(logits, targets)
-        return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk_size,
-                                          recompute=self.loss_recompute)
+        return None, linear_cross_entropy(x, weight, targets, self.loss_chunk_size, recompute=self.loss_recompute)
 
     def num_params(self):
         """Parameters counted once (a tied lm_head/embedding matrix is one tensor)."""

@@ -188,6 +188,17 @@ def dequant_linear(x, qweight, bias=None):
     return DequantLinear.apply(x, qweight, bias)
 
 
+def dense(weight):
+    """A frozen weight as an (out, in) tensor: the tensor itself, or a quantized weight dequantized (fp32 compute)."""
+    return weight if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+
+def frozen_linear(x, weight, bias=None):
+    """x W^T + b for a frozen W: F.linear, or for a quantized W the linear above, which dequantizes in forward and
+    backward rather than keeping a full-precision copy of W for the backward."""
+    return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else dequant_linear(x, weight, bias)
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer whose weight is quantized (NF4Weight or Int8Weight); the bias stays as it was.
 
@@ -207,6 +218,11 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.dequantize()  # (out, in)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight this layer multiplies by, dequantized: what model/lm.py's chunked loss asks a head
+        for (an nn.Linear's is its `weight`; here `weight` is packed)."""
+        return self.dequantize()
 
     def forward(self, x):
         return dequant_linear(x, self.weight, self.bias)
@@ -274,15 +290,21 @@ def peak_rss_bytes():
 
 
 def load_quantized(spec, method, skip=DEFAULT_SKIP, dtype=None, verbose=True, **overrides):
-    """A Hugging Face GPT-2 or LLaMA folder (or cached hub name), its Linear layers quantized as they are read.
+    """A Hugging Face GPT-2 or LLaMA folder (or cached hub name), or a .gguf file, its Linear layers quantized as
+    they are read.
 
-    The model is built on the meta device (no memory), then filled one tensor at a time (model/stream.py): a weight
-    to quantize exists in full precision only until its packed copy is made. Peak memory is the packed model, the
-    unquantized tensors (embeddings, norms, biases, skipped layers) and one layer's weight with its temporaries.
-    `overrides` may set dropout, as for from_pretrained.
+    The model is built on the meta device (no memory), then filled one tensor at a time (formats/stream.py; for a
+    .gguf, formats/gguf.py dequantizes llama.cpp's blocks one tensor at a time first, so its weights are rounded
+    twice: to the file's type, then to `method`): a weight to quantize exists in full precision only until its
+    packed copy is made. Peak memory is the packed model, the unquantized tensors (embeddings, norms, biases,
+    skipped layers) and one layer's weight with its temporaries. `overrides` may set dropout, as for from_pretrained.
     """
-    from formats.stream import meta_model_and_hf_tensors
-    model, tensors, describe = meta_model_and_hf_tensors(spec, **overrides)
+    if str(spec).endswith(".gguf"):
+        from formats.gguf import meta_model_and_gguf_tensors
+        model, tensors, describe = meta_model_and_gguf_tensors(spec, **overrides)
+    else:
+        from formats.stream import meta_model_and_hf_tensors
+        model, tensors, describe = meta_model_and_hf_tensors(spec, **overrides)
     return fill_quantized(model, tensors, method, skip, dtype, describe, verbose)
 
 

@@ -66,9 +66,9 @@ def test_missing_config_file_is_a_clear_error():
 def train_defaults():
     """train.py's config globals, read from its config section (without running the training)."""
     source = (ROOT / "train.py").read_text()
-    section = source[source.index("# config:"):source.index("from configurator import")]
+    section = source[source.index("# settings:"):source.index("from configurator import")]
     namespace = {}
-    exec(section, namespace)  # one dict: the section's globals().update(lora_settings()) lands in it too
+    exec(section, namespace)
     return {k: v for k, v in namespace.items() if not k.startswith("_")}
 
 
@@ -84,6 +84,8 @@ def test_every_lora_config_field_is_a_train_key_that_reaches_lora_config():
     from lora import LoRAConfig, lora_config_from
     defaults = train_defaults()
     assert {f"lora_{f.name}" for f in fields(LoRAConfig)} <= set(defaults)
+    for f in fields(LoRAConfig):  # train.py writes each one out: its default is LoRAConfig's
+        assert defaults[f"lora_{f.name}"] == f.default, f.name
     settings = {**defaults, **configure(defaults, ["--lora_r=4", "--lora_rslora=True", "--lora_alpha=8",
                                                    """--lora_modules_to_save=("ln_f",)"""])}
     config = lora_config_from(settings)

@@ -157,10 +157,13 @@ def test_a_pair_stays_together_in_a_micro_batch_chosen_rows_first(tmp_path):
             assert x[row + 2 * half, :len(ids) - 1].tolist() == ids[:-1]
 
 
-def dpo_flags(tmp_path, **overrides):
+LORA = dict(peft_method="lora", lora_r=4, lora_alpha=8.0, lora_targets=("c_attn", "c_fc", "q_proj", "v_proj", "up_proj"))
+
+
+def dpo_flags(tmp_path, peft_method="lora", **overrides):
     flags = dict(objective="dpo", block_size=32, batch_size=2, total_batch_size=2 * 32 * 2, max_steps=4,
-                 eval_interval=2, eval_iters=0, max_lr=3e-2, warmup_steps=0, lora_r=4, lora_alpha=8.0,
-                 lora_targets=("c_attn", "c_fc", "q_proj", "v_proj", "up_proj"), dpo_beta=0.5)
+                 eval_interval=2, eval_iters=0, max_lr=3e-2, warmup_steps=0, dpo_beta=0.5,
+                 **(LORA if peft_method == "lora" else dict(peft_method=peft_method)))
     flags.update(overrides)
     return tiny_flags(tmp_path, **flags)
 
@@ -181,7 +184,7 @@ def test_a_lora_run_logs_trl_metrics_starts_at_ln_2_and_learns_the_preference(tm
 
 def test_a_full_fine_tune_with_precomputed_reference_resumes_without_recomputing_it(tmp_path, monkeypatch):
     write_dpo_dir(tmp_path / "data", make_pairs(16, 4), make_pairs(4, 5))
-    flags = dict(lora_r=0, dpo_reference="precompute", max_steps=6, eval_interval=0, max_lr=1e-3)
+    flags = dict(peft_method="full", dpo_reference="precompute", max_steps=6, eval_interval=0, max_lr=1e-3)
     run_train(dpo_flags(tmp_path, out_dir=tmp_path / "whole", **flags), monkeypatch)
     run_until_the_first_checkpoint(dpo_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **flags),
                                    monkeypatch)
@@ -211,7 +214,7 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_pat
 def test_full_fine_tunes_with_a_frozen_copy_and_with_precomputed_log_probs_take_the_same_steps(tmp_path, monkeypatch):
     write_dpo_dir(tmp_path / "data", make_pairs(16, 8), make_pairs(4, 9))
     for reference in ("copy", "precompute"):
-        run_train(dpo_flags(tmp_path, out_dir=tmp_path / reference, lora_r=0, dpo_reference=reference, max_lr=1e-3),
+        run_train(dpo_flags(tmp_path, out_dir=tmp_path / reference, peft_method="full", dpo_reference=reference, max_lr=1e-3),
                   monkeypatch)
     copy_log, precompute_log = read_log(tmp_path / "copy"), read_log(tmp_path / "precompute")
     for key in ("train_loss", "grad_norm", "rewards/margins", "eval_rewards/margins"):
@@ -222,5 +225,6 @@ def test_full_fine_tunes_with_a_frozen_copy_and_with_precomputed_log_probs_take_
 
 def test_adapter_off_without_lora_is_refused_in_one_line(tmp_path, monkeypatch):
     write_dpo_dir(tmp_path / "data", make_pairs(4, 10), make_pairs(2, 11))
-    with pytest.raises(ValueError, match="dpo_reference='adapter_off' needs a LoRA run"):
-        run_train(dpo_flags(tmp_path, lora_r=0, dpo_reference="adapter_off"), monkeypatch)
+    with pytest.raises(ValueError, match="dpo_reference='adapter_off' needs a method that, switched off, is the "
+                                         "starting model, and peft_method='full' is not one"):
+        run_train(dpo_flags(tmp_path, peft_method="full", dpo_reference="adapter_off"), monkeypatch)

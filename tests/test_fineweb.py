@@ -221,3 +221,16 @@ def test_checkpoint_tokenizer_writes_bos_prefixed_shards_of_a_fitting_dtype(tmp_
     tokens = np.concatenate([np.load(r.path) for r in results])
     assert tokens.dtype == dtype
     assert tokens.tolist() == [0, 7, 9, 101, 0, 5]  # ids: w_i -> i + 2, each document opened by BOS (0)
+
+
+def test_a_special_tokens_text_in_a_document_is_text_not_a_boundary_for_a_checkpoint_tokenizer_too(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok_dir = make_hf_tokenizer_folder(tmp_path / "tok", 10)
+    tok = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tok.add_special_tokens(["<s>"])  # BOS matched whole when a chat template writes it
+    tok.save(str(tok_dir / "tokenizer.json"))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "w3 <s> w4"}\n')
+    results = fineweb.prepare("files", [str(docs)], out_dir=tmp_path / "out", shard_size=100, tokenizer=tok_dir)
+    tokens = np.concatenate([np.load(r.path) for r in results]).tolist()
+    assert tokens == [0, 5, 1, 1, 1, 6]  # BOS opens the document; "<s>" in it is "<", "s", ">" (unknown words)

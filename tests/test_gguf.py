@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from training.checkpoint import load_model
-from tokenization.llama_tokenizer import load_llama_tokenizer
 from formats.gguf import SMOLLM2_FILE, convert_gguf, main, smollm2_gguf, unpermute_qk
-from tokenization.tokenizer import tokenizer_for
+from tokenization import load_tokenizer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -159,7 +158,7 @@ def test_unpermute_undoes_llama_cpp_rope_layout_so_attention_scores_match():
 
 def test_tokenizer_round_trips_and_gives_transformers_ids(gguf_file):
     path, hf, _ = gguf_file
-    ours = tokenizer_for(path, hf.config.vocab_size)  # what train.py, fineweb.py and eval_hellaswag.py use
+    ours = load_tokenizer(path, hf.config.vocab_size)  # what train.py, fineweb.py and eval_hellaswag.py use
     theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for text in TEXTS:
         ids = ours.encode(text)
@@ -177,7 +176,7 @@ def test_converted_folder_loads_in_transformers_with_tokenizer_and_chat_template
     tok = transformers.AutoTokenizer.from_pretrained(out)
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.eos_token == "<|im_end|>" and tok(TEXTS[1]).input_ids == load_llama_tokenizer(out).encode(TEXTS[1])
+    assert tok.eos_token == "<|im_end|>" and tok(TEXTS[1]).input_ids == load_tokenizer(out).encode(TEXTS[1])
     with pytest.raises(FileExistsError, match="already exists"):
         convert_gguf(path, out)  # never written over
 
@@ -236,7 +235,7 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_matches_transformers_and_answers_a_chat_prompt_in_english(smollm2):
     ours = load_model(smollm2).eval()
-    tok = load_llama_tokenizer(smollm2)
+    tok = load_tokenizer(smollm2)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name).eval()
     sentence = "The quick brown fox jumps over the lazy dog, and then it rests in the shade."
     ids = torch.tensor([tok.encode(sentence)])

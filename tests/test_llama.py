@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import GPT, GPTConfig, LLaMA, LLaMAConfig, load_pretrained
-from tokenization.llama_tokenizer import load_llama_tokenizer
+from tokenization import load_tokenizer
 from training.optim import configure_adamw
 
 transformers = pytest.importorskip("transformers")
@@ -240,7 +240,7 @@ def test_tokenizer_json_encodes_and_decodes(tmp_path):
     tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 2]}))
-    ours = load_llama_tokenizer(tmp_path)
+    ours = load_tokenizer(tmp_path)
     assert ours.encode("hello world hi") == [0, 3, 4, 2]  # BOS prepended, unknown word -> [UNK]
     assert ours.encode("hello", add_special_tokens=False) == [3]
     assert ours.decode([3, 4]) == "hello world"
@@ -248,12 +248,12 @@ def test_tokenizer_json_encodes_and_decodes(tmp_path):
 
 
 def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        load_llama_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
 
 
 def test_missing_tokenizers_package_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "tokenizer.json").write_text("{}")
     monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # makes `import tokenizers` fail
     with pytest.raises(ImportError, match="pip install tokenizers"):
-        load_llama_tokenizer(tmp_path)
+        load_tokenizer(tmp_path)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import prepare_sft
-from tokenization.chat import chat_ids, load_text_tokenizer, render_chat
+from tokenization import load_tokenizer
+from tokenization.chat import chat_ids, render_chat
 from loaders.sft import read_examples
 from tokenization.tokenizer import EOT, gpt2_encoding
 
@@ -46,7 +47,7 @@ def write_llama3_folder(folder):
 def test_chat_template_renders_the_string_and_ids_of_transformers_apply_chat_template(tmp_path, add_generation_prompt):
     folder = write_llama3_folder(tmp_path / "llama3")
     hf = transformers.AutoTokenizer.from_pretrained(folder)
-    ours = load_text_tokenizer(folder)
+    ours = load_tokenizer(folder)
     messages = CHAT if not add_generation_prompt else CHAT[:-1]
     expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert render_chat(ours, messages, add_generation_prompt) == expected
@@ -148,3 +149,28 @@ def test_an_existing_folder_is_replaced_only_when_asked_and_only_if_prepare_made
         prepare_sft.prepare(data, data, tmp_path / "out")
     prepare_sft.prepare(data, data, tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "mine", "out"]
+
+
+def test_a_gguf_files_tokenizer_and_template_tokenize_the_data_and_sft_json_names_the_file(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from formats.gguf import convert_gguf
+    from test_gguf import make_hf_llama, write_gguf
+    from tokenization import load_tokenizer
+    path = write_gguf(tmp_path / "tiny.gguf", make_hf_llama(tied=True), gguf.GGMLQuantizationType.F32)
+    hf = transformers.AutoTokenizer.from_pretrained(convert_gguf(path, tmp_path / "converted"))
+    chat = [{"role": "user", "content": "the romeo"}, {"role": "assistant", "content": "and the rest"}]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat}])
+    header = prepare_sft.prepare(data, data, tmp_path / "out", tokenizer=path)
+    assert header["tokenizer"] == str(path) and header["chat_template"] == "checkpoint"
+    assert load_tokenizer(header["tokenizer"]).name == str(path)  # what sft_eval.py and train.py load back
+    _, [(ids, mask)] = read_examples(tmp_path / "out", "train")
+    assert ids.tolist() == list(hf.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    assert hf.decode(ids[mask.astype(bool)].tolist()) == "and the rest<|im_end|>"
+
+
+def test_a_tokenizer_without_an_end_of_sequence_token_is_refused(tmp_path):
+    folder = write_llama3_folder(tmp_path / "llama3")
+    (folder / "tokenizer_config.json").unlink()  # no eos_token, and no config.json with an eos_token_id
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}])
+    with pytest.raises(ValueError, match=f"--tokenizer={folder}: .* has no end-of-sequence token"):
+        prepare_sft.prepare(data, data, tmp_path / "out", tokenizer=folder)

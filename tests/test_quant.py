@@ -285,5 +285,5 @@ def test_qlora_run_resumes_with_the_same_losses(tmp_path, monkeypatch, hf_gpt2_b
 def test_train_refuses_quantize_without_a_lora_base(tmp_path, monkeypatch):
     from test_train import run_train, tiny_flags, write_shards
     write_shards(tmp_path / "data")
-    with pytest.raises(ValueError, match="quantize='nf4' freezes a loaded base"):
+    with pytest.raises(ValueError, match="quantize='nf4' with init_from='scratch': quantization freezes a loaded base"):
         run_train(tiny_flags(tmp_path, quantize="nf4"), monkeypatch)

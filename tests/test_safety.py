@@ -72,7 +72,7 @@ def test_overwrite_replaces_the_previous_run_in_out_dir(run_copy, monkeypatch):
 def test_run_refuses_the_out_dir_it_loads_its_base_from_even_with_overwrite(run_copy, monkeypatch):
     before = snapshot(run_copy / "out")
     with pytest.raises(ValueError, match="holds the model this run loads"):
-        run_train(flags(run_copy, init_from=run_copy / "out", lora_r=4, overwrite=True), monkeypatch)
+        run_train(flags(run_copy, init_from=run_copy / "out", peft_method="lora", lora_r=4, overwrite=True), monkeypatch)
     assert snapshot(run_copy / "out") == before
 
 
@@ -83,7 +83,7 @@ def test_fine_tune_refuses_an_architecture_flag_its_loaded_model_does_not_have(r
 
 
 # --- resume ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("changed", [{"n_layer": 3}, {"lora_r": 4, "lora_targets": "c_proj"}], ids=["model", "lora"])
+@pytest.mark.parametrize("changed", [{"n_layer": 3}, {"peft_method": "lora", "lora_r": 4, "lora_targets": "c_proj"}], ids=["model", "lora"])
 def test_resume_refuses_a_changed_model_or_lora_flag_by_name(run_copy, monkeypatch, changed):
     before = snapshot(run_copy / "out")
     name = next(iter(changed))
@@ -115,17 +115,17 @@ def test_resume_of_a_finished_run_without_more_steps_is_refused(run_copy, monkey
 
 
 def test_lora_resume_refuses_a_base_replaced_by_another_of_the_same_shape(run_copy, monkeypatch):
-    lora = dict(init_from=run_copy / "out", lora_r=4, out_dir=run_copy / "lora")
+    lora = dict(init_from=run_copy / "out", peft_method="lora", lora_r=4, out_dir=run_copy / "lora")
     run_train(flags(run_copy, max_steps=2, **lora), monkeypatch)
     run_train(flags(run_copy, overwrite=True, seed=7), monkeypatch)  # another base, same shape, same out_dir
     before = snapshot(run_copy / "lora")
-    with pytest.raises(ValueError, match="has changed since this LoRA run started"):
+    with pytest.raises(ValueError, match="has changed since this peft_method='lora' run started"):
         run_train(flags(run_copy, init_from="resume", out_dir=run_copy / "lora", max_steps=4), monkeypatch)
     assert snapshot(run_copy / "lora") == before
 
 
 def test_init_from_a_lora_out_dir_fine_tunes_its_merged_weights(run_copy, monkeypatch):
-    run_train(flags(run_copy, max_steps=2, init_from=run_copy / "out", lora_r=4, out_dir=run_copy / "lora"),
+    run_train(flags(run_copy, max_steps=2, init_from=run_copy / "out", peft_method="lora", lora_r=4, out_dir=run_copy / "lora"),
               monkeypatch)
     # one full fine-tuning step at a negligible lr: the new checkpoint is the LoRA model with its B A merged in
     run_train(flags(run_copy, max_steps=1, init_from=run_copy / "lora", out_dir=run_copy / "full", max_lr=1e-12,
@@ -166,14 +166,14 @@ def test_nan_gradient_with_a_finite_loss_is_never_applied_nor_saved(tmp_path, mo
 # --- values validated where they enter ---------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, message", [
     ({"total_batch_size": 0}, "total_batch_size=0 is not valid: it must be a positive int"),
-    ({"lora_r": -2}, r"lora_r=-2 is not valid: it must be >= 0"),
+    ({"peft_method": "lora", "lora_r": -2}, r"lora_r=-2 is not valid: it must be a positive int"),
     ({"max_steps": 0}, "max_steps=0 is not valid"),
     ({"batch_size": -1}, "batch_size=-1 is not valid"),
     ({"eval_iters": 0}, "eval_iters=0 is not valid"),
     ({"sample_interval": 1, "sample_prompt": ""}, "sample_prompt='' is empty"),
     ({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"),
     ({"max_lr": float("nan")}, "max_lr=nan is not valid"),
-    ({"parallel": "zero3"}, "parallel='zero3' is not valid: it must be 'ddp' or 'fsdp'"),
+    ({"parallel": "zero3"}, "parallel='zero3' is not valid: it must be one of 'ddp', 'fsdp'"),
     ({"parallel": "fsdp", "dtype": "float16"}, "dtype='float16' with parallel='fsdp'"),
 ], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
 def test_bad_config_value_is_refused_by_name_before_anything_is_written(tmp_path, monkeypatch, bad, message):
@@ -185,8 +185,8 @@ def test_bad_config_value_is_refused_by_name_before_anything_is_written(tmp_path
 
 def test_bad_regex_in_a_config_files_lora_targets_is_refused_by_name(tmp_path, monkeypatch):
     config_file = tmp_path / "lora.py"
-    config_file.write_text('lora_r = 4\nlora_targets = "c_attn("\n')  # a str in a config file is a regex
-    with pytest.raises(ValueError, match=r"lora_targets='c_attn\(' is not valid: .*valid regular expression"):
+    config_file.write_text('peft_method = "lora"\nlora_targets = "re:c_attn("\n')  # re: marks a regex
+    with pytest.raises(ValueError, match=r"lora_targets='re:c_attn\(' is not valid: .*'re:<valid regex>'"):
         run_train([str(config_file), *flags(tmp_path)], monkeypatch)
 
 
@@ -260,7 +260,7 @@ def test_hellaswag_on_a_llama_without_tokenizer_json_is_refused(tmp_path):
     from test_hellaswag import EXAMPLES, write_jsonl
     LLaMA(LLaMAConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, max_seq_len=64)).save_pretrained(tmp_path / "m")
     jsonl = write_jsonl(tmp_path / "hellaswag.jsonl", EXAMPLES)
-    with pytest.raises(SystemExit, match="no tokenizer.json"):
+    with pytest.raises(ValueError, match="a model folder without tokenizer.json; copy the checkpoint's tokenizer.json"):
         eval_hellaswag.main(["--model", str(tmp_path / "m"), "--file", str(jsonl), "--device", "cpu"])
 
 
@@ -278,7 +278,7 @@ def test_user_error_is_one_line_without_traceback_and_debug_shows_the_traceback(
 def test_checkpoint_adapter_and_merged_files_get_the_permissions_the_umask_gives(run_copy, monkeypatch):
     old = os.umask(0o022)
     try:
-        run_train(flags(run_copy, max_steps=1, init_from=run_copy / "out", out_dir=run_copy / "lora", lora_r=2,
+        run_train(flags(run_copy, max_steps=1, init_from=run_copy / "out", out_dir=run_copy / "lora", peft_method="lora", lora_r=2,
                         merge_on_save=True), monkeypatch)
     finally:
         os.umask(old)

@@ -85,3 +85,45 @@ def test_chat_wraps_the_prompt_in_the_plain_template_and_prints_the_reply_on_its
     reply = gpt2_encoding().decode(new[:new.index(EOT)] if EOT in new else new)
     printed = run_sample(capsys, tmp_path / "hf", "--num_samples=1", "--chat")
     assert samples_of(printed) == [f"{PROMPT}\n{reply}".strip("\n")]
+
+
+# ---- .gguf files (llama.cpp) --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory):
+    """A tiny Q8_0 .gguf file as llama.cpp writes it (tests/test_gguf.py), and the Hugging Face folder made from it."""
+    gguf = pytest.importorskip("gguf")
+    from formats.gguf import convert_gguf
+    from test_gguf import make_hf_llama, write_gguf
+    tmp = tmp_path_factory.mktemp("gguf")
+    path = write_gguf(tmp / "tiny.gguf", make_hf_llama(tied=False), gguf.GGMLQuantizationType.Q8_0)
+    return path, convert_gguf(path, tmp / "converted")
+
+
+def transformers_sample(folder, messages=None):
+    """transformers' greedy continuation of PROMPT (or of the chat, by the model's template) from `folder`."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = (tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"] if messages
+           else tok(PROMPT).input_ids)
+    ids = torch.tensor([list(ids)])
+    with torch.no_grad():
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.eos_token_id)
+    new = out[0, ids.size(1):].tolist()
+    new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+    return tok.decode(new, clean_up_tokenization_spaces=False)
+
+
+def test_a_gguf_file_and_an_out_dir_trained_from_one_sample_what_transformers_generates(gguf_model, tmp_path, capsys):
+    from training.checkpoint import load_model
+    path, folder = gguf_model
+    model = load_model(path)
+    save_checkpoint(tmp_path / "out", model, torch.optim.AdamW(model.parameters()), 1, {}, {"shard": 0, "position": 0},
+                    base=str(path))  # a run whose base is the .gguf file: its tokenizer is the file's
+    expected = (PROMPT + transformers_sample(folder)).strip("\n")
+    for spec in (path, tmp_path / "out", folder):
+        assert samples_of(run_sample(capsys, spec, "--num_samples=2")) == [expected, expected], spec
+    reply = transformers_sample(folder, [{"role": "user", "content": PROMPT}])
+    for spec in (path, tmp_path / "out"):  # --chat: the template inside the .gguf file
+        printed = run_sample(capsys, spec, "--num_samples=2", "--chat")
+        assert samples_of(printed) == [f"{PROMPT}\n{reply}".strip("\n")] * 2

@@ -1,13 +1,12 @@
 """tokenizer.gpt2_encoding must be GPT-2's tokenizer (checked against Hugging Face's independent BPE), and
-tokenizer_for must find each model's own tokenizer."""
-import json
+GPT2Tokenizer must offer it through the Tokenizer interface (tests/test_tokenization.py: load_tokenizer)."""
 import os
 import shutil
 
 import pytest
-import torch
 
-from tokenization.tokenizer import EOT, GPT2Tokenizer, build_gpt2_encoding, gpt2_data_dir, gpt2_encoding, tokenizer_for
+from tokenization import load_tokenizer
+from tokenization.tokenizer import EOT, GPT2Tokenizer, build_gpt2_encoding, gpt2_data_dir, gpt2_encoding
 
 TRICKY_TEXTS = [
     "Hello world",
@@ -72,35 +71,18 @@ def test_corrupted_vocab_file_is_rejected_with_a_clear_error(tmp_path):
 
 
 def test_gpt2_tokenizer_opens_a_document_with_endoftext_and_decodes_no_padding_ids(hf_tokenizer):
-    tok = tokenizer_for()
+    tok = load_tokenizer()
     ids = hf_tokenizer.encode("Hello world")
     assert tok.encode("Hello world") == [EOT] + ids  # GPT-2's bos_token_id is <|endoftext|>
     assert tok.encode("Hello world", add_special_tokens=False) == ids
     assert tok.decode([EOT, *ids, 50300]) == "<|endoftext|>Hello world"  # 50257..50303 pad the model's vocabulary
+    assert tok.decode([EOT, *ids], skip_special_tokens=True) == "Hello world"
+    assert (tok.name, tok.vocab_size, tok.bos_id, tok.eos_id, tok.chat_template) == ("gpt2", 50257, EOT, EOT, None)
 
 
-def test_tokenizer_for_follows_runs_and_adapters_back_to_the_folder_with_the_tokenizer(tmp_path):
-    from test_fineweb import make_hf_tokenizer_folder
-    llama = make_hf_tokenizer_folder(tmp_path / "llama", n_words=10)  # ids: <s> 0, <unk> 1, w_i -> i + 2
-    for name, base in (("lora_run", str(llama)), ("scratch_run", None)):
-        (tmp_path / name).mkdir()
-        torch.save({"base": base}, tmp_path / name / "ckpt.pt")
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "adapter_config.json").write_text(
-        json.dumps({"base_model_name_or_path": str(tmp_path / "lora_run")}))
-    (tmp_path / "gpt2").mkdir()
-    (tmp_path / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
-    for spec in (llama, tmp_path / "lora_run", tmp_path / "adapter"):
-        assert tokenizer_for(spec).encode("w3 w4") == [0, 5, 6]
-    assert isinstance(tokenizer_for(tmp_path / "scratch_run"), GPT2Tokenizer)
-    assert isinstance(tokenizer_for(tmp_path / "gpt2"), GPT2Tokenizer)
-
-
-def test_a_tokenizer_with_ids_beyond_the_models_vocabulary_is_refused_by_name(tmp_path):
-    from test_fineweb import make_hf_tokenizer_folder
-    with pytest.raises(ValueError, match="GPT-2's tokenizer has 50,257 tokens but the model has vocab_size 1,000"):
-        tokenizer_for(None, vocab_size=1000)
-    llama = make_hf_tokenizer_folder(tmp_path / "llama", n_words=10)  # 12 tokens
-    with pytest.raises(ValueError, match=f"the tokenizer.json of {llama} has 12 tokens"):
-        tokenizer_for(llama, vocab_size=8)
-    assert tokenizer_for(llama, vocab_size=12).vocab_size == 12
+def test_gpt2_tokenizer_matches_endoftext_in_text_as_hugging_face_does_unless_told_to_split_it(hf_tokenizer):
+    tok = GPT2Tokenizer()
+    text = "a<|endoftext|>b"
+    assert tok.encode(text, add_special_tokens=False) == hf_tokenizer.encode(text) == [64, EOT, 65]
+    ordinary = gpt2_encoding().encode_ordinary(text)  # "<|endoftext|>" spelled as text, in 7 tokens
+    assert tok.encode(text, add_special_tokens=False, split_special_tokens=True) == ordinary

@@ -141,7 +141,7 @@ def run_torchrun(argv, script="train.py"):
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("extra", [{}, {"lora_r": 4, "lora_targets": ("c_attn", "c_fc")}], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [{}, {"peft_method": "lora", "lora_r": 4, "lora_targets": ("c_attn", "c_fc")}], ids=["full", "lora"])
 def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_path, monkeypatch, extra):
     write_shards(tmp_path / "data")
     # one process: 4 micro-steps of 4 x 16 tokens per step

@@ -53,7 +53,7 @@ def test_fsdp_matches_one_process_and_resumes_after_a_kill_with_the_losses_of_an
 
 def test_fsdp_lora_llama_matches_one_process_and_writes_the_same_adapter_and_merged_model(tmp_path, monkeypatch):
     write_shards(tmp_path / "data")
-    lora = dict(model_type="llama", lora_r=4, lora_targets=("q_proj", "v_proj", "down_proj"), merge_on_save=True,
+    lora = dict(model_type="llama", peft_method="lora", lora_r=4, lora_targets=("q_proj", "v_proj", "down_proj"), merge_on_save=True,
                 **{**STEP, "eval_interval": 3})  # val loss at steps 0, 3, 5: every rank runs the eval forwards
     # val loss: each of 2 ranks reads every other batch, so 2 batches a rank are the single process's first 4
     run_train(tiny_flags(tmp_path, out_dir=tmp_path / "single", eval_iters=4, **lora), monkeypatch)

@@ -28,7 +28,7 @@ def hf_gpt2_base(tmp_path_factory):
 
 
 def lora_flags(tmp_path, base, **overrides):
-    flags = dict(init_from=str(base), lora_r=4, lora_alpha=8.0, lora_targets=("c_attn", "c_proj", "c_fc"),
+    flags = dict(init_from=str(base), peft_method="lora", lora_r=4, lora_alpha=8.0, lora_targets=("c_attn", "c_proj", "c_fc"),
                  max_steps=20, eval_interval=0, max_lr=1e-2, min_lr=1e-3, merge_on_save=True)
     flags.update(overrides)
     return tiny_flags(tmp_path, **flags)

@@ -1,73 +1,95 @@
-"""The tokenizer that ships with a Hugging Face LLaMA checkpoint (tokenizer.json), for generation.
+"""A tokenizer.json, run by Hugging Face's `tokenizers`: the Tokenizer (tokenizer.py) of LLaMA, SmolLM2 and the other
+Hugging Face checkpoints, and of .gguf files.
 
-GPT-2 models use tiktoken (tokenizer.py). LLaMA checkpoints each bring their own tokenizer in `tokenizer.json`,
-a complete description (normalizer, pre-tokenizer, BPE merges, special tokens, the BOS template) that the Rust
-`tokenizers` package executes. It is an optional dependency: only this file needs it.
+tokenizer.json is a complete description of the text -> ids pipeline (normalizer, pre-tokenizer, BPE merges, special
+tokens, the template that puts BOS in front) that the Rust `tokenizers` package executes exactly as transformers
+does. What it leaves out comes from beside it, where transformers takes it from:
+    tokenizer_config.json   bos_token and eos_token (the special tokens' text) and chat_template (a list of named
+                            templates: the 'default' one; a chat_template.jinja file beside it wins)
+    config.json             bos_token_id / eos_token_id, when tokenizer_config.json names no such token
+A .gguf file holds all of it in its metadata; formats/gguf.py writes it out as the same two dicts.
 
-    tok = load_llama_tokenizer("path/to/Llama-3.2-1B")
-    ids = tok.encode("The capital of France is")      # starts with BOS, as the model was trained
+    tok = HFTokenizer.from_folder("models/smollm2-135m-instruct")   # or HFTokenizer.from_gguf("model.gguf")
+    ids = tok.encode("The capital of France is")                    # with BOS in front if the model was trained so
     out = model.generate(torch.tensor([ids]), 20, eos_id=tok.eos_id)
     print(tok.decode(out[0].tolist()))
+
+Scripts call tokenizer.load_tokenizer(spec), which also follows out_dirs and adapters back to these files.
+`tokenizers` is an optional dependency: only this file needs it.
 """
 import json
+from pathlib import Path
 
-from model.hf import resolve_model_dir
 
+class HFTokenizer:
+    """The Tokenizer interface over a `tokenizers.Tokenizer`; name is the folder or .gguf file it was read from."""
 
-class LLaMATokenizer:
-    """encode/decode over a `tokenizers.Tokenizer`; eos_id/bos_id from the folder's config.json when present."""
-
-    def __init__(self, tokenizer, bos_id=None, eos_id=None, model_dir=None):
-        self.tokenizer, self.bos_id, self.eos_id, self.model_dir = tokenizer, bos_id, eos_id, model_dir
-        self.name = f"the tokenizer.json of {model_dir}"
+    def __init__(self, tokenizer, name, bos_id=None, eos_id=None, chat_template=None):
+        self.tokenizer, self.name, self.bos_id, self.eos_id = tokenizer, name, bos_id, eos_id
+        self.chat_template = chat_template
 
     @property
     def vocab_size(self):
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text, add_special_tokens=True):
-        """text -> token ids; add_special_tokens applies the checkpoint's template (for LLaMA: a leading BOS)."""
+    def encode(self, text, add_special_tokens=True, split_special_tokens=False):
+        """text -> ids; add_special_tokens applies the checkpoint's template (LLaMA: a leading BOS);
+        split_special_tokens: a special token's text in `text` is spelled as ordinary text, not matched whole."""
+        self.tokenizer.encode_special_tokens = split_special_tokens
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens=False):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @classmethod
+    def from_folder(cls, folder):
+        """The tokenizer.json of a Hugging Face folder, with tokenizer_config.json and config.json beside it."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{folder}: no tokenizer.json. Hugging Face checkpoints ship one; copy it into "
+                                    f"this folder (older checkpoints with only tokenizer.model need converting with "
+                                    f"transformers first)")
+        tokenizer = tokenizer_class().from_file(str(folder / "tokenizer.json"))
+        config, model_config = (_read_json(folder / name) for name in ("tokenizer_config.json", "config.json"))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # several named templates: the default one
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        return cls(tokenizer, str(folder), *_bos_eos(tokenizer, config, model_config), template)
 
-def load_llama_tokenizer(model_dir):
-    """The tokenizer.json in `model_dir` (or the tokenizer inside a .gguf file) as an LLaMATokenizer.
-    Needs `pip install tokenizers`."""
-    if str(model_dir).endswith(".gguf"):
-        return gguf_tokenizer(model_dir)
-    model_dir = resolve_model_dir(model_dir)
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json. LLaMA checkpoints ship one; copy it into this "
-                                f"folder (older checkpoints with only tokenizer.model need converting with "
-                                f"transformers first)")
-    Tokenizer = tokenizer_class()
-    bos_id = eos_id = None
-    config = model_dir / "config.json"
-    if config.is_file():
-        with open(config) as f:
-            hf = json.load(f)
-        bos_id, eos_id = hf.get("bos_token_id"), hf.get("eos_token_id")
-        if isinstance(eos_id, list):  # Llama 3 instruct lists several; generate() stops on one
-            eos_id = eos_id[0] if eos_id else None
-    return LLaMATokenizer(Tokenizer.from_file(str(path)), bos_id, eos_id, str(model_dir))
+    @classmethod
+    def from_gguf(cls, path):
+        """The tokenizer a .gguf file describes in its metadata (formats/gguf.py turns it into a tokenizer.json)."""
+        from formats.gguf import open_gguf, tokenizer_config, tokenizer_json
+        reader = open_gguf(path)
+        tokenizer = tokenizer_class().from_str(json.dumps(tokenizer_json(reader)))
+        config = tokenizer_config(reader)
+        return cls(tokenizer, str(path), *_bos_eos(tokenizer, config, {}), config.get("chat_template"))
+
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _bos_eos(tokenizer, config, model_config):
+    """(bos_id, eos_id): the ids of tokenizer_config's bos_token / eos_token (as transformers' tokenizer has them),
+    else config.json's bos_token_id / eos_token_id (the first of a list: Llama 3 Instruct lists several)."""
+    def special(kind):
+        text = config.get(f"{kind}_token")
+        text = text.get("content") if isinstance(text, dict) else text  # an AddedToken written as a dict
+        token_id = tokenizer.token_to_id(text) if text else None
+        if token_id is None:
+            token_id = model_config.get(f"{kind}_token_id")
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        return token_id
+    return special("bos"), special("eos")
 
 
 def tokenizer_class():
     try:
         from tokenizers import Tokenizer
     except ImportError as e:
-        raise ImportError("LLaMA tokenizers need the `tokenizers` package: pip install tokenizers") from e
+        raise ImportError("Hugging Face tokenizers need the `tokenizers` package: pip install tokenizers") from e
     return Tokenizer
-
-
-def gguf_tokenizer(path):
-    """The tokenizer a .gguf file describes in its metadata (model/gguf.py builds its tokenizer.json)."""
-    from formats.gguf import hf_config, open_gguf, tokenizer_json
-    reader = open_gguf(path)
-    config = hf_config(reader)
-    tokenizer = tokenizer_class().from_str(json.dumps(tokenizer_json(reader)))
-    return LLaMATokenizer(tokenizer, config["bos_token_id"], config["eos_token_id"], str(path))

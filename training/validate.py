@@ -6,12 +6,27 @@ one line per key: what a valid value is, and what resuming may do with it:
     FREE    may change on resume (max_steps, learning rates, intervals): a value given is applied, and said
     LAUNCH  describes this launch, not the run (out_dir, device ...): never taken from the checkpoint
 A key without a line is FREE and unchecked beyond its type. A new setting adds one line; a rule that involves
-two keys goes into RELATIONS.
+two keys goes into RELATIONS. The choices are the owners' own lists (the model families, the objectives, the PEFT
+methods, the DPO losses, the LoRA modes ...), never copied here.
+
+Beyond single values and RELATIONS, two rules come from the tables:
+- a setting that belongs to a PEFT method (adapters/) or an objective (objectives/) other than the run's is
+  refused when given, naming both: `--lora_r=8` with peft_method='full' would otherwise do nothing;
+- what the settings ask of the PEFT method (its capabilities: a quantized base, DPO's adapter-off reference,
+  packed rows, fsdp, merging; adapters/method.py) must be what its row can do, or the two settings are named.
 """
 import math
 import re
 
+from adapters import CAPABILITIES, METHODS, method
+from lora.layer import MODES
+from lora.pissa import check_init
 from model import MODELS
+from objectives import OBJECTIVES
+from objectives.dpo import LOSSES, REFERENCES
+from prompts import INITS as PROMPT_INITS
+from prompts.p_tuning import ENCODER_TYPES
+from quant import METHODS as QUANT_METHODS
 from training.memory import GLIBC_MMAP_CEILING
 from training.parallel import PARALLEL
 
@@ -35,14 +50,28 @@ def nonempty(v):
 
 
 def lora_targets(v):
-    """A tuple of module names, or one regex string (re.fullmatch against module names)."""
-    if isinstance(v, str):
+    """Module names (a tuple, or one str of comma-separated names), 'all-linear', or 're:<regex>'
+    (adapters/lora.py targets_from_setting)."""
+    if isinstance(v, str) and v.startswith("re:"):
         try:
-            re.compile(v)
+            re.compile(v[3:])
         except re.error:
             return False
-        return len(v) > 0
-    return len(v) > 0 and all(isinstance(t, str) and t for t in v)
+        return len(v) > 3
+    names = v.split(",") if isinstance(v, str) else v
+    return len(names) > 0 and all(isinstance(t, str) and t.strip() and re.fullmatch(r"[\w.\-]+", t.strip())
+                                  for t in names)
+
+
+def lora_init(v):
+    try:
+        return check_init(v) == v
+    except ValueError:
+        return False
+
+
+def choices(values):
+    return ", ".join(map(repr, values))
 
 
 def device_name(v):
@@ -89,32 +118,29 @@ CHECKS = {
                                                              "'auto', 'float32', 'bfloat16' or 'float16'",   LAUNCH),
     "device":              (device_name,                     "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'",     LAUNCH),
     "seed":                (at_least(0),                     ">= 0",                                         FIXED),
-    "parallel":            (one_of(*PARALLEL),               "'ddp' or 'fsdp'",                              LAUNCH),
+    "parallel":            (one_of(*PARALLEL),               f"one of {choices(PARALLEL)}",                  LAUNCH),
     "overwrite":           (one_of(True, False),             "True or False",                                LAUNCH),
-    "objective":           (one_of("lm", "sft", "dpo"),      "'lm' (a token stream, fineweb.py), 'sft' or 'dpo' (prepare_sft.py)",
-                                                                                                             FIXED),
+    "objective":           (one_of(*OBJECTIVES),             f"one of {choices(OBJECTIVES)}",                FIXED),
     "dpo_beta":            (at_least(1e-300),                "a positive number",                            FIXED),
-    "dpo_loss":            (one_of("sigmoid", "ipo", "hinge"), "'sigmoid', 'ipo' or 'hinge'",                FIXED),
+    "dpo_loss":            (one_of(*LOSSES),                 f"one of {choices(LOSSES)}",                    FIXED),
     "dpo_label_smoothing": (in_range(0.0, 0.5),              "in [0, 0.5) (the chance a label is flipped)",  FIXED),
-    "dpo_reference":       (one_of("auto", "adapter_off", "precompute", "copy"),
-                                                             "'auto', 'adapter_off', 'precompute' or 'copy'", FIXED),
+    "dpo_reference":       (one_of("auto", *REFERENCES),     f"one of {choices(('auto', *REFERENCES))}",     FIXED),
     "packing":             (one_of(True, False),             "True or False",                                FIXED),
     "eval_generate_every": (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "eval_generate_limit": (at_least(0),                     ">= 0 (0 = all val prompts)",                   FREE),
-    "lora_r":              (at_least(0),                     ">= 0 (0 = no LoRA: train every weight)",       FIXED),
+    "lora_r":              (at_least(1),                     "a positive int (full fine-tuning is peft_method='full')", FIXED),
     "lora_alpha":          (at_least(1e-300),                "a positive number",                            FIXED),
     "lora_dropout":        (in_range(0.0, 1.0),              "in [0, 1)",                                    FIXED),
-    "lora_targets":        (lora_targets,                    "module names, or one valid regular expression", FIXED),
-    "lora_mode":           (one_of("split", "fused"),        "'split' or 'fused'",                           FIXED),
+    "lora_targets":        (lora_targets,                    "module names (a tuple or 'a,b'), 'all-linear' or 're:<valid regex>'",
+                                                                                                             FIXED),
+    "lora_mode":           (one_of(*MODES),                  f"one of {choices(MODES)}",                     FIXED),
     "lora_rslora":         (one_of(True, False),             "True or False",                                FIXED),
     "lora_modules_to_save": (lambda v: all(isinstance(m, str) and m for m in v),
                                                              "a tuple of module names",                      FIXED),
-    "lora_init":           (lambda v: v in ("kaiming", "gaussian", "pissa") or re.fullmatch(r"pissa_niter_\d+", v) is not None,
-                                                             "'kaiming', 'gaussian', 'pissa' or 'pissa_niter_K'", FIXED),
+    "lora_init":           (lora_init,                       "'kaiming', 'gaussian', 'pissa' or 'pissa_niter_K'", FIXED),
     "lora_use_dora":       (one_of(True, False),             "True or False",                                FIXED),
     "lora_loraplus_lr_ratio": (at_least(1e-300),             "a positive number (lora_B's lr / lora_A's)",   FIXED),
-    "peft_method":         (one_of("lora", "adalora", "prompt", "ptuning", "prefix", "none"),
-                                                             "'lora', 'adalora', 'prompt', 'ptuning', 'prefix' or 'none'", FIXED),
+    "peft_method":         (one_of(*METHODS),                f"one of {choices(METHODS)}",                   FIXED),
     "adalora_init_r":      (at_least(1),                     "a positive int",                               FIXED),
     "adalora_target_r":    (at_least(1),                     "a positive int",                               FIXED),
     "adalora_tinit":       (at_least(0),                     ">= 0",                                         FIXED),
@@ -122,12 +148,13 @@ CHECKS = {
     "adalora_deltaT":      (at_least(1),                     "a positive int",                               FIXED),
     "adalora_orth_reg_weight": (at_least(0.0),               ">= 0",                                         FIXED),
     "num_virtual_tokens":  (at_least(1),                     "a positive int",                               FIXED),
-    "prompt_init":         (one_of("random", "sample_vocab", "text", "zero"),
-                                                             "'random', 'sample_vocab', 'text' or 'zero'",   FIXED),
-    "encoder_type":        (one_of("MLP", "LSTM"),           "'MLP' or 'LSTM'",                              FIXED),
+    "prompt_init":         (one_of(*{i for inits in PROMPT_INITS.values() for i in inits}),
+                                                             "one of " + "; ".join(f"{m}: {choices(i)}" for m, i in PROMPT_INITS.items()),
+                                                                                                             FIXED),
+    "encoder_type":        (one_of(*ENCODER_TYPES),          f"one of {choices(ENCODER_TYPES)}",             FIXED),
     "encoder_hidden_size": (at_least(0),                     ">= 0 (0 = the model's width)",                 FIXED),
     "prefix_projection":   (one_of(True, False),             "True or False",                                FIXED),
-    "quantize":            (one_of("", "nf4", "int8"),       "'', 'nf4' or 'int8'",                          FIXED),
+    "quantize":            (one_of("", *QUANT_METHODS),      f"one of {choices(('', *QUANT_METHODS))}",      FIXED),
     "loss_chunk_size":     (at_least(0),                     ">= 0 (tokens per loss chunk; 0 = full logits)", FREE),
     "activation_checkpointing": (one_of(True, False),        "True or False",                                FREE),
     "cpu_mmap_threshold":  (in_range(0, GLIBC_MMAP_CEILING + 1),        "0 to 33554432 bytes (0 = glibc's own threshold)", FREE),
@@ -146,48 +173,95 @@ RELATIONS = [
     (lambda c: c["sample_interval"] == 0 or len(c["sample_prompt"]) > 0,
      lambda c: "sample_prompt='' is empty: samples continue a prompt; give one (e.g. --sample_prompt='\\n') or "
                "--sample_interval=0"),
-    (lambda c: not c["quantize"] or c["init_from"] == "resume" or (c["init_from"] != "scratch" and
-                                                                   c["peft_method"] == "lora" and c["lora_r"] > 0),
-     lambda c: f"quantize={c['quantize']!r} freezes a loaded base: set init_from to a model and lora_r > 0 "
-               f"(peft_method='lora')"),
+    (lambda c: not c["quantize"] or c["init_from"] != "scratch",
+     lambda c: f"quantize={c['quantize']!r} with init_from='scratch': quantization freezes a loaded base; set "
+               f"init_from to a model"),
     (lambda c: c["adalora_target_r"] <= c["adalora_init_r"],
      lambda c: f"adalora_target_r={c['adalora_target_r']} is above adalora_init_r={c['adalora_init_r']}: AdaLoRA "
                f"prunes ranks down to the target"),
-    (lambda c: c["objective"] != "lm" or c["eval_iters"] > 0,
-     lambda c: "eval_iters=0 is not valid for objective='lm': 0 means the whole val split, which a token stream "
-               "does not have; give a number of batches, e.g. --eval_iters=20"),
-    (lambda c: c["objective"] == "sft" or c["eval_generate_every"] == 0,
-     lambda c: f"eval_generate_every={c['eval_generate_every']} scores answers: it needs objective='sft'"),
-    (lambda c: not (c["dpo_reference"] == "adapter_off" and (c["lora_r"] == 0 or c["peft_method"] != "lora")),
-     lambda c: "dpo_reference='adapter_off' needs a LoRA run (lora_r > 0): without an adapter there is nothing to "
-               "switch off; use dpo_reference='precompute' or 'copy'"),
-    (lambda c: not (c["dpo_reference"] == "copy" and c["lora_r"] > 0),
-     lambda c: "dpo_reference='copy' is for full fine-tuning: a LoRA run's reference is the model with its adapter "
-               "off; use dpo_reference='adapter_off' (no second model in memory)"),
-    (lambda c: c["dpo_loss"] == "sigmoid" or c["dpo_label_smoothing"] == 0,
-     lambda c: f"dpo_label_smoothing={c['dpo_label_smoothing']} smooths the sigmoid loss only; use "
-               f"dpo_loss='sigmoid' or dpo_label_smoothing=0"),
     (lambda c: not (c.get("parallel") == "fsdp" and c["dtype"] == "float16"),
      lambda c: "dtype='float16' with parallel='fsdp': float16's loss scaling would skip steps on some ranks only; "
                "use --dtype=bfloat16 (FSDP's mixed precision) or --dtype=float32"),
-    (lambda c: c.get("parallel") != "fsdp" or (c["peft_method"] == "lora" and not c["quantize"]
-                                               and not c["lora_init"].startswith("pissa") and c["objective"] != "dpo"),
-     lambda c: f"parallel='fsdp' shards full and LoRA training (peft_method='lora', no PiSSA init, no quantize); "
-               f"got peft_method={c['peft_method']!r}, lora_init={c['lora_init']!r}, quantize={c['quantize']!r}: "
-               f"use parallel='ddp' for these (and for objective='dpo')"),
     (lambda c: not (c["lora_mode"] == "fused" and c["lora_dropout"] > 0),
      lambda c: f"lora_mode='fused' needs lora_dropout=0 (got {c['lora_dropout']}): use lora_mode='split'"),
 ]
 
+# what the settings may ask of the PEFT method: (capability, the setting that asks for it, or None), the objectives'
+# own needs (DPO's reference, SFT's packing) come from their rows
+NEEDS = [
+    lambda c: ("quantized_base", f"quantize={c['quantize']!r}") if c["quantize"] else None,
+    lambda c: ("fsdp", "parallel='fsdp'") if c.get("parallel") == "fsdp" else None,
+    lambda c: ("merge", "merge_on_save=True") if c.get("merge_on_save") else None,
+]
+CAPABILITY_TEXT = {  # what each capability means, for the message
+    "adapter_off": "a method that, switched off, is the starting model",
+    "quantized_base": "a method that trains on a quantized base",
+    "packing": "a method that works on packed rows (set packing=False for prompt-based methods)",
+    "fsdp": "a method that parallel='fsdp' can shard (use parallel='ddp')",
+    "merge": "a method that folds into the weights",
+}
+assert set(CAPABILITY_TEXT) == set(CAPABILITIES)
 
-def validate_config(config):
-    """Raise ValueError naming the first bad key, its value and what it must be."""
+
+def owner_of(key):
+    """('peft_method', names) or ('objective', names) for a setting that belongs to some methods or objectives."""
+    methods = [name for name, row in METHODS.items() if key in row.settings]
+    if methods:
+        return "peft_method", methods
+    objectives = [name for name, row in OBJECTIVES.items() if key in row.settings]
+    return ("objective", objectives) if objectives else (None, [])
+
+
+def check_ownership(config, given):
+    """A given setting of another method or objective than the run's does nothing: refuse it, naming both."""
+    for key in given:
+        kind, owners = owner_of(key)
+        if kind is not None and config[kind] not in owners:
+            raise ValueError(f"{key}={config[key]!r} is a setting of {kind}={' or '.join(map(repr, owners))}, and "
+                             f"this run has {kind}={config[kind]!r}: drop --{key}, or set --{kind}={owners[0]}")
+
+
+def check_capabilities(config):
+    """Each thing the settings ask of the PEFT method must be something its row can do, with these settings."""
+    row = method(config["peft_method"])
+    for need in [f(config) for f in NEEDS] + OBJECTIVES[config["objective"]].needs(config):
+        if need is None:
+            continue
+        capability, asker = need
+        reason = row.lacks(capability, config)
+        if reason is not None:
+            raise ValueError(f"{asker} needs {CAPABILITY_TEXT[capability]}, and {reason} is not one: change one "
+                             f"of the two")
+
+
+def resolve_defaults(config):
+    """The values of 'auto' settings (DPO's reference), resolved once, before the settings are checked."""
+    row = OBJECTIVES.get(config["objective"])
+    return {**config, **row.defaults(config)} if row is not None else config
+
+
+def upgrade(saved):
+    """A checkpoint's settings as today's train.py names them: full fine-tuning was peft_method='lora' with
+    lora_r=0 (or 'none') before it was peft_method='full'."""
+    if saved.get("peft_method") in ("lora", "none") and saved.get("lora_r") == 0:
+        saved = {**saved, "peft_method": "full", "lora_r": 16}
+    return saved
+
+
+def validate_config(config, given=()):
+    """Raise ValueError naming the first bad key, its value and what it must be; or the settings that cannot go
+    together. `given`: the keys the user set (config files and flags), for the ownership rule."""
     for key, (valid, must_be, _) in CHECKS.items():
         if key in config and not valid(config[key]):
             raise ValueError(f"{key}={config[key]!r} is not valid: it must be {must_be}")
     for holds, message in RELATIONS:
         if not holds(config):
             raise ValueError(message(config))
+    refusal = OBJECTIVES[config["objective"]].refuse(config)
+    if refusal:
+        raise ValueError(refusal)
+    check_ownership(config, given)
+    check_capabilities(config)
 
 
 ARCHITECTURE = ("model_type", "n_layer", "n_head", "n_embd", "vocab_size", "bias", "n_kv_head", "intermediate_size",
@@ -218,7 +292,7 @@ def resume_config(saved, config, given, out_dir):
     A given FIXED key must equal the checkpoint's (else ValueError naming them); a given FREE key is applied and
     listed in the returned notes; every other key comes back from the checkpoint, so that a resume without the
     config file still continues the same run. LAUNCH keys are always this launch's."""
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # ckpt.pt stores tuples as lists
+    saved = upgrade({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})  # lists: ckpt.pt's tuples
     changed = [k for k in given if on_resume(k) == FIXED and k in saved and saved[k] != config[k]]
     if changed:
         what = ", ".join(f"{k}={config[k]!r} (the checkpoint has {saved[k]!r})" for k in changed)
