@@ -11,6 +11,7 @@ anything; a default of 'auto' also accepts True or False). Typos fail loudly ins
 """
 import ast
 import difflib
+from tools.errors import UserError
 
 CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
 
@@ -19,7 +20,7 @@ def _check(key, value, defaults, source):
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=3)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise ValueError(f"unknown config key {key!r} (from {source}).{hint}")
+        raise UserError(f"unknown config key {key!r} (from {source}).{hint}")
     default = defaults[key]
     if default is None or value is None:
         return value
@@ -53,7 +54,7 @@ def configure(defaults, argv):
     for arg in argv:
         if not arg.startswith("--"):
             if "=" in arg:
-                raise ValueError(f"argument {arg!r}: flags look like --key=value; a bare argument is a config file")
+                raise UserError(f"argument {arg!r}: flags look like --key=value; a bare argument is a config file")
             try:
                 with open(arg, encoding="utf-8") as f:
                     source = f.read()
@@ -61,13 +62,13 @@ def configure(defaults, argv):
             except FileNotFoundError:
                 raise FileNotFoundError(f"config file {arg!r} not found (config files live in config/)") from None
             except IsADirectoryError:
-                raise ValueError(f"config file {arg!r} is a folder; a config file is a .py file of assignments "
+                raise UserError(f"config file {arg!r} is a folder; a config file is a .py file of assignments "
                                  f"(flags look like --key=value)") from None
             except (UnicodeDecodeError, ValueError):  # ValueError: null bytes
-                raise ValueError(f"config file {arg!r} is not a text file; a config file is a .py file of "
+                raise UserError(f"config file {arg!r} is not a text file; a config file is a .py file of "
                                  f"assignments like those in config/") from None
             except SyntaxError as e:
-                raise ValueError(f"config file {arg}, line {e.lineno}: {e.msg}; a config file is Python "
+                raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}; a config file is Python "
                                  f"assignments like those in config/") from None
             print(f"overriding config with {arg}")
             namespace = {}
@@ -79,7 +80,7 @@ def configure(defaults, argv):
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:
-                raise ValueError(f"flag {arg!r}: expected --{key}=VALUE")
+                raise UserError(f"flag {arg!r}: expected --{key}=VALUE")
             value = _parse_value(text)
             if isinstance(defaults.get(key), float) and text.lower() in ("nan", "inf", "-inf"):
                 value = float(text)  # a float all the same: validate.py says why it is not a valid one

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from evals.hellaswag import SPLITS, download, evaluate, load_examples
 from quant import METHODS
 from tokenization import load_tokenizer
+from tools.errors import UserError
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype == "bfloat16" and not device.startswith("cuda"):
-        raise ValueError(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
+        raise UserError(f"--dtype bfloat16 is autocast on CUDA; on {device} use --dtype float32")
 
     if args.file is not None:
         path = args.file

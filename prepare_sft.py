@@ -36,6 +36,7 @@ from tools.atomic import current_umask
 from tokenization import load_tokenizer
 from tokenization.chat import ROLES, chat_ids
 from loaders.sft import HEADER
+from tools.errors import UserError
 
 FORMAT = "nanolora-sft-1"
 
@@ -44,24 +45,24 @@ FORMAT = "nanolora-sft-1"
 def _text_field(record, key, where):
     value = record.get(key)
     if key not in record:
-        raise ValueError(f"{where}: field {key!r} is missing")
+        raise UserError(f"{where}: field {key!r} is missing")
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+        raise UserError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
     return value
 
 
 def check_messages(messages, where, field="messages"):
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} objects")
+        raise UserError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} objects")
     for i, message in enumerate(messages):
         name = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise ValueError(f"{where}: field {name!r} must be an object with role and content")
+            raise UserError(f"{where}: field {name!r} must be an object with role and content")
         if message.get("role") not in ROLES:
-            raise ValueError(f"{where}: field {name}.role is {message.get('role')!r}: use one of {', '.join(ROLES)}")
+            raise UserError(f"{where}: field {name}.role is {message.get('role')!r}: use one of {', '.join(ROLES)}")
         _text_field(message, "content", f"{where}: {name}")
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: field {field!r} must end with an assistant message (the answer to learn)")
+        raise UserError(f"{where}: field {field!r} must end with an assistant message (the answer to learn)")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -76,9 +77,9 @@ def read_records(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+                raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
             if "chosen" in record or "rejected" in record:
                 yield where, preference_record(record, where)
             elif "messages" in record:
@@ -92,7 +93,7 @@ def read_records(path):
                     yield where, ("prompt_completion", _text_field(record, "prompt", where),
                                   _text_field(record, "completion", where))
             else:
-                raise ValueError(f"{where}: a record needs the fields \"prompt\" and \"completion\", or \"messages\" "
+                raise UserError(f"{where}: a record needs the fields \"prompt\" and \"completion\", or \"messages\" "
                                  f"(found {', '.join(map(repr, record)) or 'none'})")
 
 
@@ -100,16 +101,16 @@ def preference_record(record, where):
     """('preference', prompt, chosen, rejected) of a DPO pair, as TRL takes it: three strings, or the conversational
     form where prompt is a list of messages and chosen / rejected are lists of assistant messages (the answers)."""
     if "prompt" not in record:
-        raise ValueError(f"{where}: field 'prompt' is missing (a preference pair needs prompt, chosen and rejected)")
+        raise UserError(f"{where}: field 'prompt' is missing (a preference pair needs prompt, chosen and rejected)")
     if isinstance(record["prompt"], list):
         prompt = check_messages(record["prompt"] + [{"role": "assistant", "content": "-"}], where, "prompt")[:-1]
         answers = []
         for key in ("chosen", "rejected"):
             if key not in record:
-                raise ValueError(f"{where}: field {key!r} is missing")
+                raise UserError(f"{where}: field {key!r} is missing")
             answer = check_messages(record[key], where, key)
             if any(m["role"] != "assistant" for m in answer):
-                raise ValueError(f"{where}: field {key!r} must hold assistant messages only (the answer)")
+                raise UserError(f"{where}: field {key!r} must hold assistant messages only (the answer)")
             answers.append(prompt + answer)
         return ("preference_messages", *answers)
     return ("preference", _text_field(record, "prompt", where), _text_field(record, "chosen", where),
@@ -183,14 +184,14 @@ def tokenize_split(path, tok, block_size, truncation):
     for where, record in read_records(path):
         record_kind = "preference" if record[0].startswith("preference") else "sft"
         if kind not in (None, record_kind):
-            raise ValueError(f"{where}: a {record_kind} record in a file of {kind} records; a file holds "
+            raise UserError(f"{where}: a {record_kind} record in a file of {kind} records; a file holds "
                              f"prompt/completion or messages records, or preference pairs, not both")
         kind = record_kind
         counts[record[0]] += 1
         try:
             unit = pair_ids(tok, record) if kind == "preference" else [example_ids(tok, record)]
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise UserError(f"{where}: {e}") from None
         fitted = fit_pair(unit, block_size, truncation)
         if fitted is None:
             counts["dropped"] += 1
@@ -199,7 +200,7 @@ def tokenize_split(path, tok, block_size, truncation):
         counts["truncated"] += was_cut
         examples += unit  # a pair: chosen then rejected, next to each other
     if not examples:
-        raise ValueError(f"{path}: no examples left (empty file, or every example dropped as longer than "
+        raise UserError(f"{path}: no examples left (empty file, or every example dropped as longer than "
                          f"--block_size={block_size})")
     counts["kind"] = kind
     counts["examples"] = len(examples) if kind == "sft" else len(examples) // 2  # pairs
@@ -232,9 +233,9 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
             overwrite=False):
     """Write the shards and sft.json of both splits into `out`; returns the header dict."""
     if truncation not in ("truncate", "drop"):
-        raise ValueError(f"--truncation={truncation!r}: use 'truncate' or 'drop'")
+        raise UserError(f"--truncation={truncation!r}: use 'truncate' or 'drop'")
     if block_size < 2:
-        raise ValueError(f"--block_size={block_size}: an example needs at least 2 tokens")
+        raise UserError(f"--block_size={block_size}: an example needs at least 2 tokens")
     out = Path(out)
     if out.exists() and not (overwrite and (out / HEADER).is_file()):
         raise FileExistsError(f"{out} exists; pass --overwrite to replace a folder prepare_sft.py made, or choose "
@@ -242,7 +243,7 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
                               f"{out} exists and is not a folder prepare_sft.py made; choose another --out")
     tok = load_tokenizer(tokenizer)
     if tok.eos_id is None:
-        raise ValueError(f"--tokenizer={tokenizer}: {tok.name} has no end-of-sequence token (no eos_token in "
+        raise UserError(f"--tokenizer={tokenizer}: {tok.name} has no end-of-sequence token (no eos_token in "
                          f"tokenizer_config.json, no eos_token_id in config.json); fine-tuning needs one to end "
                          f"every answer: add it there")
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
@@ -256,7 +257,7 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
             examples, counts = tokenize_split(path, tok, block_size, truncation)
             header.setdefault("kind", counts["kind"])
             if counts.pop("kind") != header["kind"]:
-                raise ValueError(f"{path} holds {'preference pairs' if header['kind'] == 'sft' else 'sft records'}"
+                raise UserError(f"{path} holds {'preference pairs' if header['kind'] == 'sft' else 'sft records'}"
                                  f", {train_path} the other kind: give both splits in one format")
             counts["shards"] = write_split(tmp, split, examples, dtype, shard_size, 2 if header["kind"] == "preference" else 1)
             header["splits"][split] = {"source": str(path), **counts}

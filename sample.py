@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from tools.errors import UserError
 
 # -----------------------------------------------------------------------------------------------
 init_from = "out"  # out_dir | adapter folder | Hugging Face folder | .gguf file
@@ -51,7 +52,7 @@ def model_kind(path):
     if (path / "config.json").is_file():
         return "hf"
     what = "a folder" if path.is_dir() else "not a folder" if path.exists() else "does not exist"
-    raise ValueError(f"--init_from={path}: {what}, and none of a training out_dir (ckpt.pt), a LoRA adapter folder "
+    raise UserError(f"--init_from={path}: {what}, and none of a training out_dir (ckpt.pt), a LoRA adapter folder "
                      f"(adapter_config.json), a Hugging Face model folder (config.json) or a .gguf file")
 
 
@@ -66,9 +67,9 @@ def main(argv):
     dev = s.device if s.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     dt = s.dtype if s.dtype != "auto" else "bfloat16" if dev.startswith("cuda") else "float32"
     if not dev.startswith("cuda") and dt != "float32":
-        raise ValueError(f"--dtype={dt} on {dev}: low precision is for CUDA; use --dtype=float32")
+        raise UserError(f"--dtype={dt} on {dev}: low precision is for CUDA; use --dtype=float32")
     if s.num_samples < 1 or s.max_new_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
-        raise ValueError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        raise UserError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
     model_kind(s.init_from)
     model = load_model(s.init_from, base=s.base or None).to(dev).eval()
     tok = load_tokenizer(s.base or s.init_from, model.config.vocab_size)
@@ -76,7 +77,7 @@ def main(argv):
     ids = generation_prompt_ids(tok, [{"role": "user", "content": text}]) if s.chat else tok.encode(text)
     n_new = min(s.max_new_tokens, model.max_seq_len - len(ids))
     if n_new < 1:
-        raise ValueError(f"the prompt has {len(ids)} tokens: no room left in the model's {model.max_seq_len} positions")
+        raise UserError(f"the prompt has {len(ids)} tokens: no room left in the model's {model.max_seq_len} positions")
     if s.compile:
         model = torch.compile(model)  # generate() reads max_seq_len and make_kv_cache through it
     autocast = torch.autocast("cuda", dtype=getattr(torch, dt)) if dt != "float32" else nullcontext()

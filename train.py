@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tools.errors import UserError
+
 # -----------------------------------------------------------------------------------------------
 # settings: every global below can be overridden by config/*.py files and --key=value flags
 out_dir = "out"
@@ -121,7 +123,7 @@ if config["init_from"] == "resume":  # the run's settings come back from its che
     checkpoint = read_checkpoint(config["out_dir"])
     config, resume_notes = resume_config(checkpoint["config"], config, given, config["out_dir"])
     if checkpoint["step"] >= config["max_steps"]:
-        raise ValueError(f"{config['out_dir']} is already trained to step {checkpoint['step']} and max_steps="
+        raise UserError(f"{config['out_dir']} is already trained to step {checkpoint['step']} and max_steps="
                          f"{config['max_steps']}: pass a larger --max_steps to train on")
 config = resolve_defaults(config)  # 'auto' values (dpo_reference) become what they mean, then
 validate_config(config, given)  # every value by range and meaning, and every combination, once, here
@@ -167,7 +169,7 @@ if wandb_log and master_process:
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 if device_type != "cuda" and dtype != "float32":
-    raise ValueError(f"dtype={dtype!r} on {device_type}: low-precision autocast is for CUDA (bf16 is ~400x "
+    raise UserError(f"dtype={dtype!r} on {device_type}: low-precision autocast is for CUDA (bf16 is ~400x "
                      f"slower on CPU); use --dtype=float32")
 if device_type == "cpu" and cpu_mmap_threshold > 0:  # resident memory then follows the live tensors (training/memory.py)
     set_cpu_mmap_threshold(cpu_mmap_threshold)
@@ -185,7 +187,7 @@ if device_type == "cuda":
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP broadcasts rank 0's; FSDP shards them)
 tokens_per_micro_step = batch_size * block_size * world_size
 if total_batch_size % tokens_per_micro_step != 0:
-    raise ValueError(f"total_batch_size={total_batch_size} must be divisible by batch_size*block_size*world_size "
+    raise UserError(f"total_batch_size={total_batch_size} must be divisible by batch_size*block_size*world_size "
                      f"= {batch_size}*{block_size}*{world_size} = {tokens_per_micro_step}; e.g. "
                      f"--total_batch_size={max(1, total_batch_size // tokens_per_micro_step) * tokens_per_micro_step}")
 grad_accum_steps = total_batch_size // tokens_per_micro_step
@@ -235,7 +237,7 @@ else:
     adapters.apply(model, peft_method, config, encode)
 method = adapters.method_of(model)  # the row of what this run trains (adapters/)
 if block_size > model.max_seq_len:
-    raise ValueError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions"
+    raise UserError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions"
                      + (f" (after {model.num_virtual_tokens} virtual tokens)" if model.num_virtual_tokens else ""))
 task.check(model, (train_loader, val_loader))  # token ids the model has no embedding for are refused
 hooks = method.training_hooks(model, checkpoint)  # AdaLoRA: a loss term, and ranks pruned after each step

@@ -20,13 +20,14 @@ from adapters.full import FULL
 from adapters.lora import LORA
 from adapters.method import CAPABILITIES, Method
 from adapters.prompt import PREFIX, PROMPT, PTUNING
+from tools.errors import UserError
 
 METHODS = {m.name: m for m in (FULL, LORA, ADALORA, PROMPT, PTUNING, PREFIX)}
 
 
 def method(name):
     if name not in METHODS:
-        raise ValueError(f"peft_method={name!r}: use one of {', '.join(map(repr, METHODS))}")
+        raise UserError(f"peft_method={name!r}: use one of {', '.join(map(repr, METHODS))}")
     return METHODS[name]
 
 
@@ -75,7 +76,7 @@ def load_adapter(model, path):
     peft_type = json.loads(config_path.read_text()).get("peft_type")
     rows = {m.peft_type: m for m in METHODS.values() if m.peft_type}
     if peft_type not in rows:
-        raise ValueError(f"{path}: peft_type={peft_type!r} is not supported ({', '.join(rows)})")
+        raise UserError(f"{path}: peft_type={peft_type!r} is not supported ({', '.join(rows)})")
     return rows[peft_type].load(model, path)
 
 

@@ -13,6 +13,7 @@ None (it can) or the short reason it cannot, naming the setting responsible:
     fsdp            parallel='fsdp' can shard it
     merge           merge_on_save can fold it into the weights
 """
+from tools.errors import UserError
 CAPABILITIES = ("adapter_off", "quantized_base", "packing", "fsdp", "merge")
 
 
@@ -57,7 +58,7 @@ class Method:
 
     def disabled(self, model):
         """A context in which `model` computes without the method: the starting model, for a reference."""
-        raise ValueError(f"peft_method={self.name!r} has nothing to switch off")
+        raise UserError(f"peft_method={self.name!r} has nothing to switch off")
 
     def state_dict(self, model, state):
         """What a checkpoint keeps of `state` (the model's state dict, maybe FSDP-sharded): by default the
@@ -72,10 +73,10 @@ class Method:
 
     # ---- the adapter folder (PEFT format) ------------------------------------------------------------------
     def save(self, model, path, base_model_name_or_path=None, state=None):
-        raise ValueError(f"peft_method={self.name!r} has no adapter folder: out_dir/ckpt.pt holds every weight")
+        raise UserError(f"peft_method={self.name!r} has no adapter folder: out_dir/ckpt.pt holds every weight")
 
     def load(self, model, path):
-        raise ValueError(f"{path}: peft_type {self.peft_type!r} has no loader")
+        raise UserError(f"{path}: peft_type {self.peft_type!r} has no loader")
 
     # ---- what it supports ----------------------------------------------------------------------------------
     def lacks(self, capability, settings):

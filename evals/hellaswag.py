@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from tools.atomic import atomic_path
 from tokenization import load_tokenizer
+from tools.errors import UserError
 
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("train", "val", "test")
@@ -40,7 +41,7 @@ def download(split, data_dir="data/hellaswag", base_url=BASE_URL, progress=True)
     base_url is anything urllib opens (https://..., or file:///some/folder in the tests).
     """
     if split not in SPLITS:
-        raise ValueError(f"HellaSwag split {split!r} does not exist: use one of {SPLITS}")
+        raise UserError(f"HellaSwag split {split!r} does not exist: use one of {SPLITS}")
     path = Path(data_dir) / f"hellaswag_{split}.jsonl"
     if path.is_file():
         return path
@@ -63,20 +64,20 @@ def download(split, data_dir="data/hellaswag", base_url=BASE_URL, progress=True)
 def check_example(example, where):
     """The example if it has what scoring needs; else a ValueError naming `where` (file:line) and the problem."""
     if not isinstance(example, dict):
-        raise ValueError(f"{where}: expected a JSON object with ctx/endings/label, got {type(example).__name__}")
+        raise UserError(f"{where}: expected a JSON object with ctx/endings/label, got {type(example).__name__}")
     for key in ("ctx", "endings", "label"):
         if key not in example:
             hint = " (the test split's labels are not public: evaluate on val)" if key == "label" else ""
-            raise ValueError(f"{where}: missing key {key!r}{hint}")
+            raise UserError(f"{where}: missing key {key!r}{hint}")
     if not isinstance(example["ctx"], str) or not example["ctx"]:
         # an empty context would leave the first ending token with nothing to be predicted from
-        raise ValueError(f"{where}: ctx must be a non-empty string, got {example['ctx']!r}")
+        raise UserError(f"{where}: ctx must be a non-empty string, got {example['ctx']!r}")
     endings = example["endings"]
     if not isinstance(endings, list) or len(endings) != NUM_ENDINGS or not all(isinstance(e, str) for e in endings):
-        raise ValueError(f"{where}: endings must be a list of {NUM_ENDINGS} strings, got {endings!r}")
+        raise UserError(f"{where}: endings must be a list of {NUM_ENDINGS} strings, got {endings!r}")
     label = example["label"]
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
-        raise ValueError(f"{where}: label must be an integer 0..{NUM_ENDINGS - 1}, got {label!r}")
+        raise UserError(f"{where}: label must be an integer 0..{NUM_ENDINGS - 1}, got {label!r}")
     return example
 
 
@@ -87,7 +88,7 @@ def load_examples(path, limit=None):
         try:
             lines = list(enumerate(f, start=1))
         except UnicodeDecodeError:
-            raise ValueError(f"{path} is not a text file (HellaSwag files are UTF-8 jsonl): pass the .jsonl "
+            raise UserError(f"{path} is not a text file (HellaSwag files are UTF-8 jsonl): pass the .jsonl "
                              f"file") from None
         for line_number, line in lines:
             if limit is not None and len(examples) >= limit:
@@ -98,7 +99,7 @@ def load_examples(path, limit=None):
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             examples.append(check_example(example, where))
     return examples
 
@@ -119,7 +120,7 @@ def render_example(example, encode, max_len=None):
     if max_len is not None and len(context) + longest > max_len:
         keep = max_len - longest
         if keep < 1:
-            raise ValueError(f"an ending of {longest} tokens leaves no room for context in a block of {max_len} "
+            raise UserError(f"an ending of {longest} tokens leaves no room for context in a block of {max_len} "
                              f"tokens; use a model with a longer block_size")
         context = context[-keep:]
     T = len(context) + longest
@@ -167,7 +168,7 @@ def score_examples(model, examples, device, encode=None, batch_examples=4, progr
     (ignored elsewhere: never bf16 on the CPU).
     """
     if batch_examples < 1:
-        raise ValueError(f"batch_examples must be >= 1, got {batch_examples}")
+        raise UserError(f"batch_examples must be >= 1, got {batch_examples}")
     encode = encode or partial(load_tokenizer().encode, add_special_tokens=False)  # default: GPT-2's
     max_len = getattr(model, "max_seq_len", None)
     device = torch.device(device)
@@ -196,7 +197,7 @@ def evaluate(model, examples, device, encode=None, batch_examples=4, rank=0, wor
     Returns dict(acc, acc_norm, n, correct, correct_norm).
     """
     if not examples:
-        raise ValueError("evaluate: no examples to score")
+        raise UserError("evaluate: no examples to score")
     shard = examples[rank::world_size]
     # every rank runs the same number of forwards (an FSDP model needs all ranks in each): a shorter shard scores
     # extra copies of examples[0] that are then dropped

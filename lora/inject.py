@@ -47,6 +47,7 @@ from model.modules import collapse_names, name_matches, tied_owners
 from lora.layer import MODES, LoRALinear
 from lora.pissa import check_init, is_pissa, pissa_init_
 from quant import QuantLinear
+from tools.errors import UserError
 
 
 @dataclass
@@ -64,35 +65,35 @@ class LoRAConfig:
 
     def __post_init__(self):
         if not (isinstance(self.r, int) and self.r > 0):
-            raise ValueError(f"LoRAConfig.r must be a positive int, got {self.r!r}")
+            raise UserError(f"LoRAConfig.r must be a positive int, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.mode not in MODES:
-            raise ValueError(f"LoRAConfig.mode must be one of {MODES}, got {self.mode!r}")
+            raise UserError(f"LoRAConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "fused" and self.dropout > 0:
-            raise ValueError("LoRAConfig: mode='fused' needs dropout=0 (see lora/layer.py); use mode='split'")
+            raise UserError("LoRAConfig: mode='fused' needs dropout=0 (see lora/layer.py); use mode='split'")
         if isinstance(self.targets, str):
             if self.targets == ALL_LINEAR:
                 pass
             elif "," in self.targets and "{" not in self.targets:
                 names = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-                raise ValueError(f"LoRA targets {self.targets!r} is a str, which is a regex over whole module names; "
+                raise UserError(f"LoRA targets {self.targets!r} is a str, which is a regex over whole module names; "
                                  f"for names give a list: {names!r} (train.py: --lora_targets='{names!r}'), "
                                  f"or a regex such as '.*\\.({'|'.join(names)})'")
             try:
                 re.compile(self.targets)  # fail now on a bad regex
             except re.error as e:
-                raise ValueError(f"LoRA targets {self.targets!r} is not a valid regular expression ({e}); give "
+                raise UserError(f"LoRA targets {self.targets!r} is not a valid regular expression ({e}); give "
                                  f"module names, e.g. ('c_attn',), or fix the regex") from None
         elif not self.targets:
-            raise ValueError("LoRAConfig.targets is empty: name at least one nn.Linear, e.g. ('c_attn',)")
+            raise UserError("LoRAConfig.targets is empty: name at least one nn.Linear, e.g. ('c_attn',)")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = (self.modules_to_save,)
         check_init(self.init)
         if not isinstance(self.use_dora, bool):
-            raise ValueError(f"LoRAConfig.use_dora must be True or False, got {self.use_dora!r}")
+            raise UserError(f"LoRAConfig.use_dora must be True or False, got {self.use_dora!r}")
         if not (isinstance(self.loraplus_lr_ratio, (int, float)) and self.loraplus_lr_ratio > 0):
-            raise ValueError(f"LoRAConfig.loraplus_lr_ratio must be a positive number (1 = plain LoRA), "
+            raise UserError(f"LoRAConfig.loraplus_lr_ratio must be a positive number (1 = plain LoRA), "
                              f"got {self.loraplus_lr_ratio!r}")
 
 
@@ -132,12 +133,12 @@ def _find_targets(model, targets):
         elif not list(module.children()):
             wrong_type.append(f"{name} ({type(module).__name__})")
     if wrong_type:
-        raise ValueError(f"LoRA targets {targets!r} match modules that are not nn.Linear: {', '.join(wrong_type)}. "
+        raise UserError(f"LoRA targets {targets!r} match modules that are not nn.Linear: {', '.join(wrong_type)}. "
                          f"Only nn.Linear layers can be adapted; train others fully with modules_to_save.")
     if not linears:
         existing = collapse_names(n for n, m in model.named_modules() if type(m) is nn.Linear)
         regex = " (a str is a regex over whole names; names go in a tuple)" if isinstance(targets, str) else ""
-        raise ValueError(f"LoRA targets {targets!r} match no nn.Linear in {type(model).__name__}{regex}. "
+        raise UserError(f"LoRA targets {targets!r} match no nn.Linear in {type(model).__name__}{regex}. "
                          f"Its nn.Linear layers are: {', '.join(existing) or '(none)'}")
     return linears
 
@@ -146,7 +147,7 @@ def _modules_to_save(model, patterns):
     names = [n for n, _ in model.named_modules() if n and name_matches(n, tuple(patterns))]
     missing = [p for p in patterns if not any(name_matches(n, (p,)) for n in names)]
     if missing:
-        raise ValueError(f"modules_to_save {missing} match no module in {type(model).__name__}")
+        raise UserError(f"modules_to_save {missing} match no module in {type(model).__name__}")
     return names
 
 
@@ -155,12 +156,12 @@ def _refuse_on_quantized_base(model, config, targets, saved):
     quantized = [n for n in targets if isinstance(model.get_submodule(n), QuantLinear)]
     if quantized and is_pissa(config.init):
         method = model.get_submodule(quantized[0]).weight.method
-        raise ValueError(f"init={config.init!r} cannot start from a quantized base ({method}: "
+        raise UserError(f"init={config.init!r} cannot start from a quantized base ({method}: "
                          f"{', '.join(collapse_names(quantized))}): PiSSA's SVD and residual need the full-precision "
                          f"weight; use init='kaiming' or 'gaussian', or a full-precision base")
     packed = [n for n in saved if any(isinstance(m, QuantLinear) for m in model.get_submodule(n).modules())]
     if packed:
-        raise ValueError(f"modules_to_save {', '.join(collapse_names(packed))} hold quantized layers, whose packed "
+        raise UserError(f"modules_to_save {', '.join(collapse_names(packed))} hold quantized layers, whose packed "
                          f"weights cannot train; leave them out, or target their Linear layers with LoRA")
 
 
@@ -172,13 +173,13 @@ def apply_lora(model: nn.Module, config: LoRAConfig, pissa_factors: dict | None 
     that cannot work (a typo in modules_to_save, a module both target and saved, an option a quantized base does
     not allow) is refused before any layer is replaced."""
     if lora_layers(model):
-        raise ValueError(f"{type(model).__name__} already has {len(lora_layers(model))} LoRA layers; apply_lora "
+        raise UserError(f"{type(model).__name__} already has {len(lora_layers(model))} LoRA layers; apply_lora "
                          f"once (or merge_and_unload(model) first to stack a new adapter on merged weights)")
     targets = _find_targets(model, config.targets)
     saved = _modules_to_save(model, config.modules_to_save)  # fails early on a typo, too
     clash = [n for n in saved if n in targets]
     if clash:
-        raise ValueError(f"modules {', '.join(collapse_names(clash))} are both LoRA targets and modules_to_save; "
+        raise UserError(f"modules {', '.join(collapse_names(clash))} are both LoRA targets and modules_to_save; "
                          f"choose one (LoRA trains a low-rank update, modules_to_save the whole module)")
     _refuse_on_quantized_base(model, config, targets, saved)
     owners = tied_owners(model)

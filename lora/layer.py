@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from lora import dora
 from quant.quantize import QuantLinear, dense, frozen_linear  # dense(W): (out, in); frozen_linear: x W^T + b
+from tools.errors import UserError
 
 MODES = ("split", "fused")
 
@@ -105,9 +106,9 @@ class LoRALinear(nn.Module):
         if not isinstance(base, (nn.Linear, QuantLinear)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or a QuantLinear, got {type(base).__name__}")
         if not (isinstance(r, int) and r > 0):
-            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+            raise UserError(f"LoRA rank r must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+            raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (out, in), frozen
         self.bias = base.bias  # (out,) or None, frozen
@@ -138,9 +139,9 @@ class LoRALinear(nn.Module):
 
     def set_mode(self, mode: str):
         if mode not in MODES:
-            raise ValueError(f"LoRA mode must be one of {MODES}, got {mode!r}")
+            raise UserError(f"LoRA mode must be one of {MODES}, got {mode!r}")
         if mode == "fused" and self.dropout > 0:
-            raise ValueError(f"LoRA mode 'fused' needs dropout=0 (got {self.dropout}): the LoRA term would see "
+            raise UserError(f"LoRA mode 'fused' needs dropout=0 (got {self.dropout}): the LoRA term would see "
                              f"dropout(x) and the base term x, so W + s*B@A cannot be one GEMM. Use mode='split'.")
         self.mode = mode
 

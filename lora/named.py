@@ -34,6 +34,7 @@ import torch.nn as nn
 from lora.inject import apply_lora, lora_layers, mark_only_lora_trainable
 from model.modules import collapse_names
 from lora.pissa import is_pissa
+from tools.errors import UserError
 
 DEFAULT = "default"
 
@@ -42,7 +43,7 @@ def _registry(model, first_name=DEFAULT):
     """model.lora_adapters, created on first use with the model's current adapter under `first_name`."""
     if "lora_adapters" not in model.__dict__:
         if getattr(model, "lora_config", None) is None:
-            raise ValueError(f"{type(model).__name__} has no LoRA adapter; apply_lora or load_adapter first")
+            raise UserError(f"{type(model).__name__} has no LoRA adapter; apply_lora or load_adapter first")
         model.lora_adapters = {first_name: {"config": model.lora_config, "layers": dict(lora_layers(model))}}
         model.active_adapter = first_name
     return model.lora_adapters
@@ -60,7 +61,7 @@ def name_adapter(model, name):
     """Give the model's only adapter the name `name` (what load_adapter(..., adapter_name=) does first)."""
     registry = _registry(model, name)
     if list(registry) != [name]:
-        raise ValueError(f"the model has adapters {list(registry)}; name_adapter names a model's only adapter")
+        raise UserError(f"the model has adapters {list(registry)}; name_adapter names a model's only adapter")
     return model
 
 
@@ -68,7 +69,7 @@ def adapter_layers(model, name) -> dict:
     """{module name: LoRALinear} of adapter `name` (active or parked)."""
     registry = _registry(model)
     if name not in registry:
-        raise ValueError(f"no adapter named {name!r}; the model has {list(registry)}")
+        raise UserError(f"no adapter named {name!r}; the model has {list(registry)}")
     return registry[name]["layers"]
 
 
@@ -109,10 +110,10 @@ def set_adapter(model, name):
 def _check_combinable(configs):
     for name, config in configs.items():
         if config.modules_to_save:
-            raise ValueError(f"adapter {name!r} has modules_to_save {list(config.modules_to_save)}: several named "
+            raise UserError(f"adapter {name!r} has modules_to_save {list(config.modules_to_save)}: several named "
                              f"adapters need adapters without them (each would need its own copy of the module)")
         if is_pissa(config.init):
-            raise ValueError(f"adapter {name!r} is PiSSA, which rewrote the shared base weights; save_adapter it "
+            raise UserError(f"adapter {name!r} is PiSSA, which rewrote the shared base weights; save_adapter it "
                              f"(that converts it to plain LoRA) and load the saved adapter instead")
 
 
@@ -121,7 +122,7 @@ def add_adapter(model, name, config):
     Returns the new adapter's {module name: LoRALinear}."""
     registry = _registry(model)
     if name in registry:
-        raise ValueError(f"an adapter named {name!r} already exists; pick another name or delete_adapter it first")
+        raise UserError(f"an adapter named {name!r} already exists; pick another name or delete_adapter it first")
     _check_combinable({**{n: a["config"] for n, a in registry.items()}, name: config})
     _check_can_switch(model, "add_adapter")
     active = model.active_adapter
@@ -141,7 +142,7 @@ def delete_adapter(model, name):
     """Forget adapter `name`; the active adapter cannot be deleted (set_adapter to another one first)."""
     adapter_layers(model, name)
     if name == model.active_adapter:
-        raise ValueError(f"{name!r} is the active adapter; set_adapter(model, other) first, or remove_lora(model)")
+        raise UserError(f"{name!r} is the active adapter; set_adapter(model, other) first, or remove_lora(model)")
     del model.lora_adapters[name]
     return model
 
@@ -152,7 +153,7 @@ def _union_targets(targets):
     if all(isinstance(t, str) for t in targets):
         return "|".join(f"({t})" for t in targets)  # regexes: either one
     if any(isinstance(t, str) for t in targets):
-        raise ValueError("add_weighted_adapter: the adapters' targets mix regexes and lists of names; PEFT refuses "
+        raise UserError("add_weighted_adapter: the adapters' targets mix regexes and lists of names; PEFT refuses "
                          "that too. Give them targets of one kind")
     return tuple(dict.fromkeys(t for ts in targets for t in ts))  # names: all of them, in order
 
@@ -162,20 +163,20 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
     """A new adapter `adapter_name` combining `adapters` with `weights` (PEFT's 'linear' or 'cat', see above)."""
     registry = _registry(model)
     if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; give one "
+        raise UserError(f"add_weighted_adapter: {len(adapters)} adapters and {len(weights)} weights; give one "
                          f"weight per adapter")
     for a in adapters:
         adapter_layers(model, a)  # a clear error for an unknown name
     configs = {a: registry[a]["config"] for a in adapters}
     dora = [a for a, c in configs.items() if c.use_dora]
     if dora:
-        raise ValueError(f"add_weighted_adapter: {dora} are DoRA adapters; their magnitude vectors cannot be "
+        raise UserError(f"add_weighted_adapter: {dora} are DoRA adapters; their magnitude vectors cannot be "
                          f"combined. Merge them one at a time instead (set_adapter, merge_and_unload)")
     if combination_type not in ("linear", "cat"):
-        raise ValueError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
+        raise UserError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
     ranks = {c.r for c in configs.values()}
     if combination_type == "linear" and len(adapters) > 1 and len(ranks) > 1:
-        raise ValueError(f"combination_type='linear' needs adapters of one rank, got r={sorted(ranks)}; "
+        raise UserError(f"combination_type='linear' needs adapters of one rank, got r={sorted(ranks)}; "
                          f"use combination_type='cat'")
     new_r = sum(c.r for c in configs.values()) if combination_type == "cat" and len(adapters) > 1 else ranks.pop()
     first = configs[adapters[0]]

@@ -26,6 +26,7 @@ round the base twice, and the model would no longer start as the base model (Q(W
 import re
 
 import torch
+from tools.errors import UserError
 
 INITS = ("kaiming", "gaussian", "pissa")  # and "pissa_niter_K"
 
@@ -33,7 +34,7 @@ INITS = ("kaiming", "gaussian", "pissa")  # and "pissa_niter_K"
 def check_init(init: str) -> str:
     if init in INITS or re.fullmatch(r"pissa_niter_\d+", str(init)):
         return init
-    raise ValueError(f"LoRAConfig.init must be one of {INITS} or 'pissa_niter_K' (K an int), got {init!r}")
+    raise UserError(f"LoRAConfig.init must be one of {INITS} or 'pissa_niter_K' (K an int), got {init!r}")
 
 
 def is_pissa(init) -> bool:
@@ -60,10 +61,10 @@ def pissa_init_(layer, init: str = "pissa", factors=None):
 
     `factors` (A0, B0) restores a saved initialization instead of computing the SVD again."""
     if not isinstance(layer.weight, torch.Tensor):
-        raise ValueError(f"init={init!r} cannot start from a quantized base ({layer.weight.method}): PiSSA's SVD and "
+        raise UserError(f"init={init!r} cannot start from a quantized base ({layer.weight.method}): PiSSA's SVD and "
                          f"residual need the full-precision weight; use init='kaiming' or a full-precision base")
     if layer.weight_is_tied:
-        raise ValueError("PiSSA replaces the base weight by a residual; this layer's weight is tied to another "
+        raise UserError("PiSSA replaces the base weight by a residual; this layer's weight is tied to another "
                          "module, which would change too. Leave the tied layer out of the targets.")
     A0, B0 = factors if factors is not None else pissa_factors(layer.weight, layer.r, layer.scaling, init)
     A0, B0 = A0.float(), B0.float()

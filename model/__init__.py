@@ -7,6 +7,7 @@ new file with a CausalLM subclass (model/lm.py says what it provides) and one en
 from .gpt import GPT, GPTConfig
 from .hf import load_hf_config, resolve_model_dir
 from .llama import LLaMA, LLaMAConfig
+from tools.errors import UserError
 
 MODELS = {cls.model_type: cls for cls in (GPT, LLaMA)}
 
@@ -14,7 +15,7 @@ MODELS = {cls.model_type: cls for cls in (GPT, LLaMA)}
 def model_class(model_type):
     """The class for a model_type ('gpt2', 'llama')."""
     if model_type not in MODELS:
-        raise ValueError(f"model_type {model_type!r} is not supported: use one of {', '.join(map(repr, MODELS))}")
+        raise UserError(f"model_type {model_type!r} is not supported: use one of {', '.join(map(repr, MODELS))}")
     return MODELS[model_type]
 
 
@@ -31,5 +32,5 @@ def load_pretrained(name_or_path, dtype=None, **overrides):
     try:
         cls = model_class(load_hf_config(model_dir).get("model_type"))
     except ValueError as e:
-        raise ValueError(f"{model_dir}: {e}") from None
+        raise UserError(f"{model_dir}: {e}") from None
     return cls.from_pretrained(model_dir, dtype=dtype, **overrides)

@@ -8,6 +8,7 @@ Shapes: B batch, H query heads, H_kv key/value heads, T new positions, S = posit
 """
 import torch
 import torch.nn.functional as F
+from tools.errors import UserError
 
 
 class KVCache:
@@ -28,7 +29,7 @@ class KVCache:
         """Store this layer's new k, v after the filled positions; return all of them: (B, H_kv, pos+T, D)."""
         T = k.size(2)
         if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache is full: {self.pos} + {T} positions > max_len {self.max_len}")
+            raise UserError(f"KV cache is full: {self.pos} + {T} positions > max_len {self.max_len}")
         end = self.pos + T
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -61,7 +62,7 @@ def cached_attention(q, k, v, kv_cache, layer, dropout_p=0.0, attn_mask=None):
     T = q.size(2)
     if attn_mask is not None:
         if kv_cache is not None:
-            raise ValueError("attn_mask (packed examples) is for training; decoding with a KV cache is causal")
+            raise UserError("attn_mask (packed examples) is for training; decoding with a KV cache is causal")
         is_causal, mask = False, attn_mask
     elif kv_cache is None or kv_cache.pos == 0:
         is_causal, mask = True, None  # plain causal attention over these T positions

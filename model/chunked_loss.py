@@ -22,6 +22,7 @@ the remaining tokens, as F.cross_entropy(..., ignore_index=-1) does; reduction="
 caller that normalises by a token count of its own (e.g. across micro-batches).
 """
 import torch
+from tools.errors import UserError
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x 50304 fp32 logits = 206 MB for GPT-2
 
@@ -119,12 +120,12 @@ def linear_cross_entropy(x, weight, targets, chunk_size=DEFAULT_CHUNK_SIZE, igno
     in forward when autograd will ask for them (see the module docstring).
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}: must be >= 1 token")
+        raise UserError(f"chunk_size={chunk_size}: must be >= 1 token")
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r}: use 'mean' or 'sum'")
+        raise UserError(f"reduction={reduction!r}: use 'mean' or 'sum'")
     x2, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)  # (N, C), (N,)
     if x2.size(0) != t.size(0):
-        raise ValueError(f"{x2.size(0)} hidden states but {t.size(0)} targets")
+        raise UserError(f"{x2.size(0)} hidden states but {t.size(0)} targets")
     device_type = x.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     grads_in_forward = not recompute and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)

@@ -7,6 +7,7 @@ A model that supports this provides:
 """
 import torch
 import torch.nn.functional as F
+from tools.errors import UserError
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -37,7 +38,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     B, T = idx.shape
     if use_cache:
         if T + max_new_tokens > model.max_seq_len:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            raise UserError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"{model.max_seq_len} positions; shorten one, or pass use_cache=False to slide the window")
         cache = model.make_kv_cache(B, T + max_new_tokens)
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)

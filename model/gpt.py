@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .attention import KVCache, cached_attention, packed_causal_mask
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .lm import CausalLM
+from tools.errors import UserError
 
 
 @dataclass
@@ -132,7 +133,7 @@ class GPT(CausalLM):
         B, T, _ = inputs_embeds.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
+            raise UserError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=inputs_embeds.device)  # (T,)
         mask = None
         if position_ids is not None:
@@ -157,11 +158,11 @@ class GPT(CausalLM):
         model_dir = resolve_model_dir(name_or_path)
         unknown = set(overrides) - {"dropout"}
         if unknown:
-            raise ValueError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")
+            raise UserError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")
         try:
             config = GPTConfig(**config_from_hf(load_hf_config(model_dir)), **overrides)
         except ValueError as e:
-            raise ValueError(f"{model_dir}: {e}") from None
+            raise UserError(f"{model_dir}: {e}") from None
         model = cls(config)
         sd_hf = dict(t for t in (tensor_from_hf(k, v) for k, v in load_hf_state_dict(model_dir).items()) if t)
         ours = [k for k in model.state_dict() if k != "lm_head.weight"]
@@ -170,7 +171,7 @@ class GPT(CausalLM):
             sd = model.state_dict()
             for k in ours:
                 if sd_hf[k].shape != sd[k].shape:
-                    raise ValueError(f"{model_dir}: tensor {k} has shape {tuple(sd_hf[k].shape)}, "
+                    raise UserError(f"{model_dir}: tensor {k} has shape {tuple(sd_hf[k].shape)}, "
                                      f"config.json implies {tuple(sd[k].shape)}")
                 sd[k].copy_(sd_hf[k])
         if dtype is not None:
@@ -189,7 +190,7 @@ class GPT(CausalLM):
     def save_pretrained(self, model_dir):
         """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that transformers loads."""
         if not self.config.bias:
-            raise ValueError("save_pretrained: Hugging Face GPT-2 has biases; a bias=False model has no HF format")
+            raise UserError("save_pretrained: Hugging Face GPT-2 has biases; a bias=False model has no HF format")
         sd = {}
         for k, v in self.state_dict().items():
             if k == "lm_head.weight" or ".lora_" in k or k.startswith("prompt_encoder."):
@@ -201,14 +202,14 @@ class GPT(CausalLM):
 def config_from_hf(hf):
     """GPTConfig keyword arguments from a Hugging Face GPT-2 config.json dict; refuses what our GPT lacks."""
     if hf.get("model_type") != GPT.model_type:
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not {GPT.model_type!r}; "
+        raise UserError(f"config.json has model_type={hf.get('model_type')!r}, not {GPT.model_type!r}; "
                          f"model.load_pretrained picks the class by model_type")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation_function={hf['activation_function']!r} is not supported "
+        raise UserError(f"activation_function={hf['activation_function']!r} is not supported "
                          f"(our GPT uses GPT-2's tanh GELU)")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
-            raise ValueError(f"config.json sets {flag}=true, which our GPT does not implement")
+            raise UserError(f"config.json sets {flag}=true, which our GPT does not implement")
     return dict(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
                 n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
                 layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))

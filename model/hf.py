@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tools.atomic import atomic_path
+from tools.errors import UserError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -79,9 +80,9 @@ def read_json(path):
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a JSON file ({e}): restore or re-export it") from None
+        raise UserError(f"{path} is not a JSON file ({e}): restore or re-export it") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object {{...}}, found a {type(value).__name__}")
+        raise UserError(f"{path}: expected a JSON object {{...}}, found a {type(value).__name__}")
     return value
 
 
@@ -90,7 +91,7 @@ def read_safetensors(path):
     try:
         return load_file(path)
     except Exception as e:  # safetensors' own error type, or an OSError from a file cut short
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
+        raise UserError(f"{path} is not a readable safetensors file ({e}): it is truncated or corrupt; "
                          f"write or download it again") from None
 
 
@@ -99,7 +100,7 @@ def read_torch_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable weights file ({str(e).split('. ')[0]}): it is truncated, "
+        raise UserError(f"{path} is not a readable weights file ({str(e).split('. ')[0]}): it is truncated, "
                          f"corrupt or holds more than tensors; write or download it again") from None
 
 
@@ -119,7 +120,7 @@ def load_hf_state_dict(model_dir):
     if index.is_file():
         weight_map = read_json(index).get("weight_map")  # tensor name -> shard file name
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no \"weight_map\" object; not a safetensors index")
+            raise UserError(f"{index}: no \"weight_map\" object; not a safetensors index")
         state_dict = {}
         for shard in sorted(set(weight_map.values())):
             if not (model_dir / shard).is_file():
@@ -154,4 +155,4 @@ def check_keys(model_name, expected, found, ignore=()):
         if unexpected:
             lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:6])}"
                          f"{' ...' if len(unexpected) > 6 else ''}")
-        raise ValueError("\n".join(lines))
+        raise UserError("\n".join(lines))

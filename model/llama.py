@@ -27,6 +27,7 @@ from .attention import KVCache, cached_attention, packed_causal_mask
 from .gpt import init_weights
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .lm import CausalLM
+from tools.errors import UserError
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -54,23 +55,23 @@ class LLaMAConfig:
     def __post_init__(self):
         if self.head_dim is None:
             if self.n_embd % self.n_head:
-                raise ValueError(f"LLaMAConfig: n_embd {self.n_embd} is not divisible by n_head {self.n_head}; "
+                raise UserError(f"LLaMAConfig: n_embd {self.n_embd} is not divisible by n_head {self.n_head}; "
                                  f"set head_dim explicitly")
             self.head_dim = self.n_embd // self.n_head
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"LLaMAConfig: n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+            raise UserError(f"LLaMAConfig: n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
         if self.head_dim % 2:
-            raise ValueError(f"LLaMAConfig: head_dim {self.head_dim} must be even (RoPE rotates pairs)")
+            raise UserError(f"LLaMAConfig: head_dim {self.head_dim} must be even (RoPE rotates pairs)")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind != "llama3":
-                raise ValueError(f"rope scaling type {kind!r} is not supported: only Llama 3.1's 'llama3' (or none). "
+                raise UserError(f"rope scaling type {kind!r} is not supported: only Llama 3.1's 'llama3' (or none). "
                                  f"Its positions would be encoded wrongly, so we refuse rather than load it.")
             missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
             if missing:
-                raise ValueError(f"rope_scaling of type 'llama3' lacks {missing}")
+                raise UserError(f"rope_scaling of type 'llama3' lacks {missing}")
             self.rope_scaling = {"rope_type": "llama3", **{k: self.rope_scaling[k] for k in LLAMA3_ROPE_KEYS}}
 
 
@@ -227,7 +228,7 @@ class LLaMA(CausalLM):
         B, T, _ = inputs_embeds.size()
         start = kv_cache.pos if kv_cache is not None else 0  # decoding: the new tokens sit after the cached ones
         if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens > max_seq_len {self.config.max_seq_len}")
+            raise UserError(f"sequence of {start + T} tokens > max_seq_len {self.config.max_seq_len}")
         device = inputs_embeds.device
         positions = torch.arange(start, start + T, device=device)  # (T,)
         mask = None
@@ -264,11 +265,11 @@ class LLaMA(CausalLM):
         converted by model/gguf.py); `source` names where they came from, for error messages."""
         unknown = set(overrides) - {"dropout"}
         if unknown:
-            raise ValueError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")
+            raise UserError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")
         try:
             config = LLaMAConfig(**{**config_from_hf(hf_config), **overrides})
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
+            raise UserError(f"{source}: {e}") from e
         # build on the meta device: no memory and no random init, since every tensor comes from the checkpoint
         with torch.device("meta"):
             model = cls(config)
@@ -281,7 +282,7 @@ class LLaMA(CausalLM):
         with torch.no_grad():
             for k in ours:
                 if sd_hf[k].shape != sd[k].shape:
-                    raise ValueError(f"{source}: tensor {k} has shape {tuple(sd_hf[k].shape)}, "
+                    raise UserError(f"{source}: tensor {k} has shape {tuple(sd_hf[k].shape)}, "
                                      f"the config implies {tuple(sd[k].shape)}")
                 sd[k].copy_(sd_hf[k])  # also converts the dtype
         return model
@@ -309,15 +310,15 @@ class LLaMA(CausalLM):
 def config_from_hf(hf):
     """LLaMAConfig keyword arguments from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
     if hf.get("model_type") != LLaMA.model_type:
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not {LLaMA.model_type!r}; "
+        raise UserError(f"config.json has model_type={hf.get('model_type')!r}, not {LLaMA.model_type!r}; "
                          f"model.load_pretrained picks the class by model_type")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses silu)")
+        raise UserError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses silu)")
     # transformers 4.x: top-level rope_theta + rope_scaling {"rope_type" or "type": ...};
     # transformers 5.x: rope_parameters {"rope_theta": ..., "rope_type": ..., scaling keys}
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported (RoPE on all of D)")
+        raise UserError(f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported (RoPE on all of D)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     return dict(vocab_size=hf["vocab_size"], n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
                 n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],

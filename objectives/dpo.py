@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from objectives.objective import Objective
+from tools.errors import UserError
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 REFERENCES = ("adapter_off", "precompute", "copy")
@@ -52,7 +53,7 @@ def dpo_loss(logps, ref_logps, beta=0.1, loss_type="sigmoid", label_smoothing=0.
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:
-        raise ValueError(f"dpo_loss={loss_type!r}: use one of {', '.join(LOSSES)}")
+        raise UserError(f"dpo_loss={loss_type!r}: use one of {', '.join(LOSSES)}")
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
@@ -140,11 +141,11 @@ class DPO(Objective):
         if resuming:
             from training.checkpoint import fingerprint, load_base
             if base is None:
-                raise ValueError(f"resume of {out_dir}: dpo_reference='copy' needs the starting model, and a run from "
+                raise UserError(f"resume of {out_dir}: dpo_reference='copy' needs the starting model, and a run from "
                                  f"scratch has none to reload; start it again with dpo_reference='precompute'")
             ref_model = load_base(base)
             if fingerprint(ref_model) != base_fingerprint:
-                raise ValueError(f"resume of {out_dir}: its starting model {base} has changed since the run began; "
+                raise UserError(f"resume of {out_dir}: its starting model {base} has changed since the run began; "
                                  f"the reference would differ. Restore it, or start a new run")
         else:
             ref_model = copy.deepcopy(model)
@@ -165,7 +166,7 @@ class DPO(Objective):
 
         path = reference_path(self.c["data_dir"], base_fingerprint)
         if resuming and fresh and not path.exists():
-            raise ValueError(f"resume of {out_dir}: its reference log-probs {path} are gone, and a full fine-tune "
+            raise UserError(f"resume of {out_dir}: its reference log-probs {path} are gone, and a full fine-tune "
                              f"cannot recompute them from trained weights; start the run again")
         model.eval()
         precompute_reference(loaders, starting_logps, path, self.run.device, self.run.master, self.run.distributed)

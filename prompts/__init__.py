@@ -17,6 +17,7 @@ import torch.nn as nn
 from prompts.p_tuning import ENCODER_TYPES, PromptEncoder
 from prompts.prefix_tuning import PrefixEncoder
 from prompts.prompt_tuning import PromptEmbedding
+from tools.errors import UserError
 
 METHODS = ("prompt", "ptuning", "prefix")
 INITS = {"prompt": ("random", "sample_vocab", "text"), "ptuning": ("random",), "prefix": ("random", "zero")}
@@ -36,15 +37,15 @@ class PromptConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"PromptConfig.method {self.method!r}: use one of {METHODS}")
+            raise UserError(f"PromptConfig.method {self.method!r}: use one of {METHODS}")
         if not (isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0):
-            raise ValueError(f"PromptConfig.num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+            raise UserError(f"PromptConfig.num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
         if self.init not in INITS[self.method]:
-            raise ValueError(f"PromptConfig.init {self.init!r} for {self.method}: use one of {INITS[self.method]}")
+            raise UserError(f"PromptConfig.init {self.init!r} for {self.method}: use one of {INITS[self.method]}")
         if self.init == "text" and not self.init_text:
-            raise ValueError("PromptConfig.init='text' needs init_text, the words whose embeddings start the prompt")
+            raise UserError("PromptConfig.init='text' needs init_text, the words whose embeddings start the prompt")
         if self.encoder_type not in ENCODER_TYPES:
-            raise ValueError(f"PromptConfig.encoder_type {self.encoder_type!r}: use one of {ENCODER_TYPES}")
+            raise UserError(f"PromptConfig.encoder_type {self.encoder_type!r}: use one of {ENCODER_TYPES}")
 
 
 def model_dims(model):
@@ -60,7 +61,7 @@ def word_embeddings(model):
             return model.get_submodule(name)
         except AttributeError:
             continue
-    raise ValueError(f"{type(model).__name__} has no token embedding (transformer.wte or model.embed_tokens)")
+    raise UserError(f"{type(model).__name__} has no token embedding (transformer.wte or model.embed_tokens)")
 
 
 def build_encoder(model, config, encode=None, inference_mode=False):
@@ -69,7 +70,7 @@ def build_encoder(model, config, encode=None, inference_mode=False):
     if config.method == "prompt":
         ids = encode(config.init_text) if config.init == "text" else None
         if config.init == "text" and not ids:
-            raise ValueError(f"PromptConfig.init_text {config.init_text!r} encodes to no tokens")
+            raise UserError(f"PromptConfig.init_text {config.init_text!r} encodes to no tokens")
         init = "random" if inference_mode else config.init
         return PromptEmbedding(n, n_embd, init, word_embeddings(model), ids)
     if config.method == "ptuning":
@@ -82,11 +83,11 @@ def apply_prompt(model: nn.Module, config: PromptConfig, encode=None, inference_
     """Attach `model.prompt_encoder` and freeze everything else, in place; returns the model. encode: text -> token
     ids, for init='text'. inference_mode: the encoder is only its output table (a loaded adapter)."""
     if hasattr(model, "prompt_encoder"):
-        raise ValueError(f"{type(model).__name__} already has a prompt encoder; apply_prompt once")
+        raise UserError(f"{type(model).__name__} already has a prompt encoder; apply_prompt once")
     if config.method == "prompt" and config.init == "text" and encode is None:
-        raise ValueError("apply_prompt: init='text' needs encode, the tokenizer's text -> ids function")
+        raise UserError("apply_prompt: init='text' needs encode, the tokenizer's text -> ids function")
     if model.max_seq_len <= config.num_virtual_tokens:
-        raise ValueError(f"num_virtual_tokens {config.num_virtual_tokens} leaves no positions of the model's "
+        raise UserError(f"num_virtual_tokens {config.num_virtual_tokens} leaves no positions of the model's "
                          f"{model.max_seq_len} for tokens")
     for p in model.parameters():
         p.requires_grad_(False)

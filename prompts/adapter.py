@@ -16,6 +16,7 @@ import torch
 
 from lora.adapter import read_adapter_files, write_adapter_files
 from prompts import PromptConfig, apply_prompt, model_dims, remove_prompt
+from tools.errors import UserError
 
 PEFT_TYPES = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING"}
 METHOD_OF = {v: k for k, v in PEFT_TYPES.items()}
@@ -34,7 +35,7 @@ def save_prompt_adapter(model, path, base_model_name_or_path=None):
     """Write adapter_config.json + adapter_model.safetensors (PEFT format) into folder `path`, atomically each."""
     config = getattr(model, "prompt_config", None)
     if config is None:
-        raise ValueError(f"save_prompt_adapter: {type(model).__name__} has no prompt encoder; apply_prompt first")
+        raise UserError(f"save_prompt_adapter: {type(model).__name__} has no prompt encoder; apply_prompt first")
     token_dim, heads, layers = peft_dims(model, config.method)
     peft_config = {"peft_type": PEFT_TYPES[config.method], "task_type": "CAUSAL_LM",
                    "num_virtual_tokens": config.num_virtual_tokens, "token_dim": token_dim,
@@ -62,29 +63,29 @@ def load_prompt_adapter(model, path):
     config, tensors = read_adapter_files(path)
     method = METHOD_OF.get(config.get("peft_type"))
     if method is None:
-        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r} is not a prompt method "
+        raise UserError(f"{path}: peft_type={config.get('peft_type')!r} is not a prompt method "
                          f"({', '.join(METHOD_OF)})")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{path}: task_type={config['task_type']!r}; only CAUSAL_LM adapters fit our models")
+        raise UserError(f"{path}: task_type={config['task_type']!r}; only CAUSAL_LM adapters fit our models")
     if config.get("num_transformer_submodules") not in (None, 1):
-        raise ValueError(f"{path}: num_transformer_submodules={config['num_transformer_submodules']} is an "
+        raise UserError(f"{path}: num_transformer_submodules={config['num_transformer_submodules']} is an "
                          f"encoder-decoder adapter; our models are decoders (1)")
     if config.get("modules_to_save"):
-        raise ValueError(f"{path}: modules_to_save={config['modules_to_save']} is not supported with prompt methods")
+        raise UserError(f"{path}: modules_to_save={config['modules_to_save']} is not supported with prompt methods")
     expected = peft_dims(model, method)
     found = (config.get("token_dim"), config.get("num_attention_heads"), config.get("num_layers"))
     if found != expected:
-        raise ValueError(f"{path}: adapter made for token_dim, num_attention_heads, num_layers = {found}; this "
+        raise UserError(f"{path}: adapter made for token_dim, num_attention_heads, num_layers = {found}; this "
                          f"model has {expected}: a different base model")
     if set(tensors) != {"prompt_embeddings"}:
-        raise ValueError(f"{path}: expected one tensor 'prompt_embeddings', found {sorted(tensors)}")
+        raise UserError(f"{path}: expected one tensor 'prompt_embeddings', found {sorted(tensors)}")
     ours = PromptConfig(method=method, num_virtual_tokens=config["num_virtual_tokens"],
                         encoder_type=config.get("encoder_reparameterization_type") or "MLP")
     apply_prompt(model, ours, inference_mode=True)
     table = model.prompt_encoder.embedding.weight
     if tensors["prompt_embeddings"].shape != table.shape:
         remove_prompt(model)
-        raise ValueError(f"{path}: prompt_embeddings has shape {tuple(tensors['prompt_embeddings'].shape)}, "
+        raise UserError(f"{path}: prompt_embeddings has shape {tuple(tensors['prompt_embeddings'].shape)}, "
                          f"the model expects {tuple(table.shape)}")
     with torch.no_grad():
         table.copy_(tensors["prompt_embeddings"])

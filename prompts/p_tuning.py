@@ -14,6 +14,7 @@ h = encoder_hidden_size (default C). After training only the output matters: PEF
 import torch.nn as nn
 
 from prompts.past import prefill_embeddings
+from tools.errors import UserError
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
@@ -36,7 +37,7 @@ class PromptEncoder(nn.Module):
             self.mlp_head = nn.Sequential(nn.Linear(token_dim, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
                                           nn.Linear(h, token_dim))
         else:
-            raise ValueError(f"P-tuning encoder_type {encoder_type!r}: use one of {ENCODER_TYPES}")
+            raise UserError(f"P-tuning encoder_type {encoder_type!r}: use one of {ENCODER_TYPES}")
 
     def forward(self):
         E = self.embedding.weight  # (n, C)

@@ -36,6 +36,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tools.errors import UserError
 
 BLOCK = 64  # weights per NF4 block
 GROUP = 256  # block absmax values per group of the double quantization
@@ -235,7 +236,7 @@ class QuantLinear(nn.Module):
 # ---- quantizing a model -------------------------------------------------------------------------------------------
 def check_method(method):
     if method not in METHODS:
-        raise ValueError(f"quantize method {method!r} is unknown: use one of {', '.join(METHODS)}")
+        raise UserError(f"quantize method {method!r} is unknown: use one of {', '.join(METHODS)}")
     return method
 
 
@@ -244,10 +245,10 @@ def quantizable(model, skip=DEFAULT_SKIP):
     and any whose weight is shared with another module (a tied head stays tied to its embedding)."""
     from model.modules import name_matches, tied_owners
     if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} is already quantized; quantize a full-precision model once")
+        raise UserError(f"{type(model).__name__} is already quantized; quantize a full-precision model once")
     adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
     if adapted:
-        raise ValueError(f"{type(model).__name__} has LoRA layers ({adapted[0]}, ...): quantize the base first, "
+        raise UserError(f"{type(model).__name__} has LoRA layers ({adapted[0]}, ...): quantize the base first, "
                          f"then apply_lora (QLoRA trains full-precision adapters on a quantized base)")
     owners = tied_owners(model)
     return [n for n, m in model.named_modules() if type(m) is nn.Linear and not name_matches(n, tuple(skip))
@@ -323,9 +324,9 @@ def fill_quantized(model, tensors, method, skip=DEFAULT_SKIP, dtype=None, descri
     loaded, packed = set(), {}
     for name, tensor in tensors:
         if name not in params:
-            raise ValueError(f"{describe}: tensor {name} does not belong to {type(model).__name__}")
+            raise UserError(f"{describe}: tensor {name} does not belong to {type(model).__name__}")
         if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(f"{describe}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+            raise UserError(f"{describe}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(params[name].shape)}")
         module_name, _, kind = name.rpartition(".")
         if module_name in targets and kind == "weight":
@@ -339,7 +340,7 @@ def fill_quantized(model, tensors, method, skip=DEFAULT_SKIP, dtype=None, descri
             loaded.add(alias)
     missing = sorted(set(params) - loaded)
     if missing:
-        raise ValueError(f"{describe}: no tensor for {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+        raise UserError(f"{describe}: no tensor for {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
     for module_name, qweight in packed.items():
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantLinear(qweight, model.get_submodule(module_name).bias))

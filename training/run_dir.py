@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tools.atomic import atomic_path, remove_stale_temps
+from tools.errors import UserError
 
 RUN_FILES = ("ckpt.pt", "log.jsonl", "adapter", "merged")  # what train.py writes into out_dir
 
@@ -35,7 +36,7 @@ def claim_out_dir(out_dir, init_from, overwrite, argv=None, master=True):
     argv = sys.argv[1:] if argv is None else argv
     out = Path(out_dir)
     if init_from not in ("scratch", "resume") and Path(init_from).exists() and _inside(init_from, out):
-        raise ValueError(f"out_dir {out_dir!r} holds the model this run loads (init_from={init_from!r}): its files "
+        raise UserError(f"out_dir {out_dir!r} holds the model this run loads (init_from={init_from!r}): its files "
                          f"would be replaced by this run's. Give the new run another out_dir: "
                          f"{_command(argv, out_dir=str(out).rstrip('/') + '-finetune')}")
     if master:
@@ -50,7 +51,7 @@ def claim_out_dir(out_dir, init_from, overwrite, argv=None, master=True):
     if not overwrite:
         resume = (f"continue it with: {_command(argv, init_from='resume')}; or "
                   if (out / "ckpt.pt").exists() else "")
-        raise ValueError(f"out_dir {out_dir!r} holds another run ({', '.join(found)}): {resume}replace it with: "
+        raise UserError(f"out_dir {out_dir!r} holds another run ({', '.join(found)}): {resume}replace it with: "
                          f"{_command(argv, overwrite=True)}; or choose another --out_dir")
     if master:
         print(f"overwrite=True: removing the previous run's {', '.join(found)} from {out_dir}")

@@ -29,6 +29,7 @@ from prompts.p_tuning import ENCODER_TYPES
 from quant import METHODS as QUANT_METHODS
 from training.memory import GLIBC_MMAP_CEILING
 from training.parallel import PARALLEL
+from tools.errors import UserError
 
 FIXED, FREE, LAUNCH = "fixed", "free", "launch"
 
@@ -217,7 +218,7 @@ def check_ownership(config, given):
     for key in given:
         kind, owners = owner_of(key)
         if kind is not None and config[kind] not in owners:
-            raise ValueError(f"{key}={config[key]!r} is a setting of {kind}={' or '.join(map(repr, owners))}, and "
+            raise UserError(f"{key}={config[key]!r} is a setting of {kind}={' or '.join(map(repr, owners))}, and "
                              f"this run has {kind}={config[kind]!r}: drop --{key}, or set --{kind}={owners[0]}")
 
 
@@ -230,7 +231,7 @@ def check_capabilities(config):
         capability, asker = need
         reason = row.lacks(capability, config)
         if reason is not None:
-            raise ValueError(f"{asker} needs {CAPABILITY_TEXT[capability]}, and {reason} is not one: change one "
+            raise UserError(f"{asker} needs {CAPABILITY_TEXT[capability]}, and {reason} is not one: change one "
                              f"of the two")
 
 
@@ -253,13 +254,13 @@ def validate_config(config, given=()):
     together. `given`: the keys the user set (config files and flags), for the ownership rule."""
     for key, (valid, must_be, _) in CHECKS.items():
         if key in config and not valid(config[key]):
-            raise ValueError(f"{key}={config[key]!r} is not valid: it must be {must_be}")
+            raise UserError(f"{key}={config[key]!r} is not valid: it must be {must_be}")
     for holds, message in RELATIONS:
         if not holds(config):
-            raise ValueError(message(config))
+            raise UserError(message(config))
     refusal = OBJECTIVES[config["objective"]].refuse(config)
     if refusal:
-        raise ValueError(refusal)
+        raise UserError(refusal)
     check_ownership(config, given)
     check_capabilities(config)
 
@@ -277,7 +278,7 @@ def loaded_model_config(config, given, model, init_from):
               and not (k in ("n_kv_head", "intermediate_size") and config[k] == 0)]  # 0 = the model's default
     if differ:
         what = ", ".join(f"{k}={config[k]!r} (the model has {actual[k]!r})" for k in differ)
-        raise ValueError(f"init_from={init_from!r}: {what}: a loaded model keeps its architecture; drop "
+        raise UserError(f"init_from={init_from!r}: {what}: a loaded model keeps its architecture; drop "
                          f"{' '.join('--' + k for k in differ)}, or train from scratch with --init_from=scratch")
     return {**config, **{k: actual[k] for k in ARCHITECTURE if k in actual and k in config}}
 
@@ -296,7 +297,7 @@ def resume_config(saved, config, given, out_dir):
     changed = [k for k in given if on_resume(k) == FIXED and k in saved and saved[k] != config[k]]
     if changed:
         what = ", ".join(f"{k}={config[k]!r} (the checkpoint has {saved[k]!r})" for k in changed)
-        raise ValueError(f"resume of {out_dir}: {what} cannot change on resume, it shapes the model, its LoRA or "
+        raise UserError(f"resume of {out_dir}: {what} cannot change on resume, it shapes the model, its LoRA or "
                          f"the data: drop {' '.join('--' + k for k in changed)} to continue the run, or start a new "
                          f"run with another --out_dir")
     resumed, notes = dict(config), []
