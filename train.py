@@ -16,13 +16,10 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from tools.errors import UserError
 
 # -----------------------------------------------------------------------------------------------
 # settings: every global below can be overridden by config/*.py files and --key=value flags
@@ -109,7 +106,7 @@ dpo_label_smoothing = 0.0  # dpo, sigmoid: the chance that a label is flipped (c
 dpo_reference = "auto"  # dpo: 'adapter_off' | 'precompute' | 'copy'; 'auto' = adapter_off where the method allows
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
-from tools.errors import report_user_errors  # noqa: E402
+from tools.errors import UserError, report_user_errors  # noqa: E402
 from training.validate import loaded_model_config, resolve_defaults, resume_config, validate_config  # noqa: E402
 
 argv = report_user_errors(sys.argv[1:])  # user errors end the run with one line (--debug: with the traceback)
@@ -121,10 +118,7 @@ checkpoint, resume_notes = None, []
 if config["init_from"] == "resume":  # the run's settings come back from its checkpoint; some may change (validate.py)
     from training.checkpoint import read_checkpoint
     checkpoint = read_checkpoint(config["out_dir"])
-    config, resume_notes = resume_config(checkpoint["config"], config, given, config["out_dir"])
-    if checkpoint["step"] >= config["max_steps"]:
-        raise UserError(f"{config['out_dir']} is already trained to step {checkpoint['step']} and max_steps="
-                         f"{config['max_steps']}: pass a larger --max_steps to train on")
+    config, resume_notes = resume_config(checkpoint, config, given)
 config = resolve_defaults(config)  # 'auto' values (dpo_reference) become what they mean, then
 validate_config(config, given)  # every value by range and meaning, and every combination, once, here
 globals().update(config)  # what this run uses: logged and checkpointed
@@ -132,30 +126,20 @@ globals().update(config)  # what this run uses: logged and checkpointed
 
 import adapters  # noqa: E402
 from objectives import OBJECTIVES, Run  # noqa: E402
-from training.checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa: E402
-                                 set_rng_state)
+from training.checkpoint import (fingerprint, load_base, model_from_checkpoint, rng_state, save_checkpoint,  # noqa
+                                 save_merged, set_rng_state)
 from training.optim import configure_adamw  # noqa: E402
-from training.parallel import (all_ranks_true, gather_state, load_optimizer_state, local, plain_copy,  # noqa: E402
-                               set_grad_sync, wrap)
+from training.parallel import (all_ranks_true, gather_state, init_distributed, load_optimizer_state, local,  # noqa
+                               plain_copy, set_grad_sync, wrap)
 from model import model_class  # noqa: E402
 from training.flops import flops_per_token, peak_for_name  # noqa: E402
 from training.run_dir import claim_out_dir, finite_or_none, truncate_log  # noqa: E402
 from training.memory import estimate_peak_bytes, peak_memory_bytes, set_cpu_mmap_threshold  # noqa: E402
 from tokenization import load_tokenizer  # noqa: E402
+from evals.in_training import hellaswag_accuracy, sample_texts  # noqa: E402
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python` runs one process
-ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
-    ddp_rank, ddp_local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device == "auto":
-        device = f"cuda:{ddp_local_rank}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-else:
-    ddp_rank, ddp_local_rank, world_size = 0, 0, 1
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+ddp, ddp_rank, ddp_local_rank, world_size, device = init_distributed(device)
 master_process = ddp_rank == 0  # logs, samples and checkpoints
 device_type = "cuda" if device.startswith("cuda") else device
 if compile == "auto":
@@ -236,10 +220,7 @@ else:
     # swaps target Linears for LoRA/AdaLoRA layers or attaches a prompt encoder, and freezes everything else
     adapters.apply(model, peft_method, config, encode)
 method = adapters.method_of(model)  # the row of what this run trains (adapters/)
-if block_size > model.max_seq_len:
-    raise UserError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions"
-                     + (f" (after {model.num_virtual_tokens} virtual tokens)" if model.num_virtual_tokens else ""))
-task.check(model, (train_loader, val_loader))  # token ids the model has no embedding for are refused
+task.check(model, (train_loader, val_loader))  # a block_size past its positions, token ids past its vocabulary
 hooks = method.training_hooks(model, checkpoint)  # AdaLoRA: a loss term, and ranks pruned after each step
 if method is not adapters.FULL and master_process:
     from lora import print_trainable_parameters
@@ -299,35 +280,6 @@ def get_lr(step):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def print_samples(step):
-    """A few continuations of sample_prompt, from a generator of their own: sampling never shifts the
-    training RNG, so a resumed run stays identical to an uninterrupted one."""
-    raw_model.eval()
-    prompt = torch.tensor(tokenizer.encode(sample_prompt), dtype=torch.long, device=device).repeat(num_samples, 1)
-    gen = torch.Generator(device=device).manual_seed(seed + step)
-    new_tokens = min(sample_tokens, raw_model.max_seq_len - prompt.size(1))  # the KV cache holds max_seq_len
-    with autocast:
-        out = raw_model.generate(prompt, new_tokens, temperature=1.0, top_k=50, eos_id=tokenizer.eos_id,
-                                 generator=gen)
-    raw_model.train()
-    for i in range(num_samples if master_process else 0):
-        print(f"sample {i}: {tokenizer.decode(out[i].tolist())!r}")
-
-
-def hellaswag_accuracy():
-    from evals import hellaswag
-    if master_process:
-        hellaswag.download("val", "data/hellaswag")  # once, before any rank reads it
-    if ddp:
-        dist.barrier()
-    path = hellaswag.download("val", "data/hellaswag")  # now cached: every rank just gets the path
-    examples = hellaswag.load_examples(path, limit=hellaswag_limit or None)
-    # each rank scores its stride of the examples; the counts are all-reduced inside evaluate
-    encode = partial(tokenizer.encode, add_special_tokens=False)  # context and endings are encoded apart: no BOS
-    return hellaswag.evaluate(raw_model, examples, device, encode, rank=ddp_rank, world_size=world_size,
-                              amp=dtype != "float32")
-
-
 wandb_run = None
 if wandb_log and master_process:
     wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
@@ -377,13 +329,17 @@ for step in range(start_step, max_steps):
         if master_process:
             print(f"step {step}: {task.describe(record)}")
     if hellaswag_every > 0 and (step % hellaswag_every == 0 or last_step):
-        result = hellaswag_accuracy()
+        result = hellaswag_accuracy(raw_model, tokenizer, device, ddp_rank, world_size, hellaswag_limit,
+                                    amp=dtype != "float32")
         record["hellaswag_acc"], record["hellaswag_acc_norm"] = result["acc"], result["acc_norm"]
         if master_process:
             print(f"step {step}: hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}")
     record.update(task.extra_evaluations(raw_model, step, last_step))  # e.g. SFT's exact match, on its own interval
     if sampling and step > 0 and (step % sample_interval == 0 or last_step):
-        print_samples(step)
+        texts = sample_texts(raw_model, tokenizer, sample_prompt, num_samples, sample_tokens, seed + step, device,
+                             autocast)
+        for i, text in enumerate(texts if master_process else []):
+            print(f"sample {i}: {text!r}")
 
     t0 = time.perf_counter()
     model.train()
@@ -467,16 +423,7 @@ if method is not adapters.FULL:
 if merge_on_save:  # the settings check allows it only for methods that fold into the weights
     whole = plain_copy(raw_model)  # rank 0: the model unsharded (itself without fsdp)
     if master_process:
-        from lora import merge_and_unload
-        from quant import dequantize
-        whole.eval()
-        x = val_loader.next_batch()[0].to(device)
-        with torch.no_grad(), autocast:
-            unmerged = whole(x)[0].float()
-        merged = dequantize(merge_and_unload(whole))  # full precision; a quantized W is dequantized first
-        with torch.no_grad(), autocast:
-            error = (merged(x)[0].float() - unmerged).abs().max().item()
-        merged.save_pretrained(Path(out_dir) / "merged")
+        error = save_merged(whole, Path(out_dir) / "merged", val_loader.next_batch()[0].to(device), autocast)
         print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format, full precision); largest "
               f"|logit difference| merged vs unmerged on a val batch: {error:.2e}")
 if wandb_run is not None:

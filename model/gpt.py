@@ -192,8 +192,8 @@ class GPT(CausalLM):
         if not self.config.bias:
             raise UserError("save_pretrained: Hugging Face GPT-2 has biases; a bias=False model has no HF format")
         sd = {}
-        for k, v in self.state_dict().items():
-            if k == "lm_head.weight" or ".lora_" in k or k.startswith("prompt_encoder."):
+        for k, v in self.architecture_state_dict().items():
+            if k == "lm_head.weight":  # tied to wte
                 continue
             sd[k] = v.t() if k.endswith(self.CONV1D_NAMES) else v  # Linear (out, in) -> Conv1D (in, out)
         save_hf_folder(model_dir, self.hf_config(), sd)

@@ -302,8 +302,7 @@ class LLaMA(CausalLM):
     def save_pretrained(self, model_dir):
         """Write a Hugging Face LLaMA folder (config.json + model.safetensors) that transformers loads."""
         tied = self.config.tie_word_embeddings
-        sd = {k: v for k, v in self.state_dict().items() if ".lora_" not in k and not k.startswith("prompt_encoder.")
-              and not (tied and k == "lm_head.weight")}
+        sd = {k: v for k, v in self.architecture_state_dict().items() if not (tied and k == "lm_head.weight")}
         save_hf_folder(model_dir, self.hf_config(), sd)
 
 

@@ -93,6 +93,13 @@ class CausalLM(nn.Module):
         """idx (B, T) -> (B, T + new). Several samples of one prompt: repeat the prompt along B."""
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
 
+    def architecture_state_dict(self):
+        """The state dict of the architecture alone, as Hugging Face saves it: whatever was attached to the model
+        (an adapter's tensors, a prompt encoder) has keys the architecture does not have, and is left out."""
+        with torch.device("meta"):
+            own = set(type(self)(self.config).state_dict())  # no memory: the names only
+        return {k: v for k, v in self.state_dict().items() if k in own}
+
     def config_dict(self):
         """The config as a plain dict (checkpoints store it; config_class(**it) rebuilds the model)."""
         return asdict(self.config)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tools.errors import UserError
+
 
 @dataclass
 class Run:
@@ -68,7 +70,12 @@ class Objective:
         raise NotImplementedError
 
     def check(self, model, loaders):
-        """Refuse data the model cannot read (token ids past its vocabulary)."""
+        """Refuse data the model cannot read: rows longer than its positions, token ids past its vocabulary."""
+        block_size = self.c["block_size"]
+        if block_size > model.max_seq_len:
+            virtual = f" (after {model.num_virtual_tokens} virtual tokens)" if model.num_virtual_tokens else ""
+            raise UserError(f"block_size={block_size} is longer than the model's {model.max_seq_len} positions"
+                            f"{virtual}")
         for loader in loaders:
             loader.check_vocab(model.config.vocab_size)
 

@@ -204,3 +204,19 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
         from quant import load_quantized
         return load_quantized(spec, quantize, dtype=dtype, **overrides)
     return load_pretrained(spec, dtype=dtype, **overrides)
+
+
+def save_merged(model, folder, x, autocast):
+    """Fold the adapter into the weights of `model` (a plain, unsharded model), dequantize them, and write a Hugging
+    Face folder. Returns the largest |logit difference| merged vs unmerged on the batch x, which says the fold
+    is right (fp32 rounding) and what a quantized base's dequantization costs."""
+    from lora import merge_and_unload
+    from quant import dequantize
+    model.eval()
+    with torch.no_grad(), autocast:
+        unmerged = model(x)[0].float()
+    merged = dequantize(merge_and_unload(model))  # full precision; a quantized W is dequantized first
+    with torch.no_grad(), autocast:
+        error = (merged(x)[0].float() - unmerged).abs().max().item()
+    merged.save_pretrained(folder)
+    return error

@@ -150,3 +150,21 @@ def plain_copy(model):
 def local_numel(model):
     """Parameter elements this rank holds (its shards under fsdp, everything under ddp)."""
     return sum(local(p).numel() for p in model.parameters())
+
+
+def init_distributed(device="auto"):
+    """(ddp, rank, local_rank, world_size, device). Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) the
+    process group starts, nccl on CUDA and gloo elsewhere, each rank on its own GPU; a plain `python` is one process.
+    device='auto' picks CUDA (this rank's GPU), then MPS (one process only), then the CPU."""
+    import os
+    if "RANK" not in os.environ:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        return False, 0, 0, 1, device
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, local_rank, world_size, device

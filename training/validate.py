@@ -287,12 +287,13 @@ def on_resume(key):
     return CHECKS[key][2] if key in CHECKS else FREE
 
 
-def resume_config(saved, config, given, out_dir):
-    """The config of a resumed run: the checkpoint's `saved` config, with the keys the user `given` explicitly.
+def resume_config(checkpoint, config, given):
+    """The config of a resumed run: the checkpoint's config, with the keys the user `given` explicitly.
 
     A given FIXED key must equal the checkpoint's (else ValueError naming them); a given FREE key is applied and
     listed in the returned notes; every other key comes back from the checkpoint, so that a resume without the
     config file still continues the same run. LAUNCH keys are always this launch's."""
+    out_dir, saved = config["out_dir"], checkpoint["config"]
     saved = upgrade({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})  # lists: ckpt.pt's tuples
     changed = [k for k in given if on_resume(k) == FIXED and k in saved and saved[k] != config[k]]
     if changed:
@@ -308,4 +309,7 @@ def resume_config(saved, config, given, out_dir):
             resumed[key] = value
         elif config[key] != value:
             notes.append(f"{key}={config[key]!r} (was {value!r})")
+    if checkpoint["step"] >= resumed["max_steps"]:
+        raise UserError(f"{out_dir} is already trained to step {checkpoint['step']} and max_steps="
+                        f"{resumed['max_steps']}: pass a larger --max_steps to train on")
     return resumed, notes
