@@ -120,7 +120,8 @@ if config["init_from"] == "resume":  # the run's settings come back from its che
     checkpoint = read_checkpoint(config["out_dir"])
     config, resume_notes = resume_config(checkpoint, config, given)
 config = resolve_defaults(config)  # 'auto' values (dpo_reference) become what they mean, then
-validate_config(config, given)  # every value by range and meaning, and every combination, once, here
+flags = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]  # the keys set on the command line
+validate_config(config, given, flags)  # every value by range and meaning, and every combination, once, here
 globals().update(config)  # what this run uses: logged and checkpointed
 # -----------------------------------------------------------------------------------------------
 

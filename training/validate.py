@@ -213,10 +213,15 @@ def owner_of(key):
     return ("objective", objectives) if objectives else (None, [])
 
 
-def check_ownership(config, given):
-    """A given setting of another method or objective than the run's does nothing: refuse it, naming both."""
+def check_ownership(config, given, flags=None):
+    """A given setting of another method or objective than the run's does nothing: refuse it, naming both. One
+    exception: a config file's settings of its own method (or objective) when a flag switches the run to another
+    (`config/finetune_shakespeare_lora.py --peft_method=adalora` keeps the file's lora_r unused)."""
+    flags = set(given) if flags is None else set(flags)
     for key in given:
         kind, owners = owner_of(key)
+        if kind is not None and key not in flags and kind in flags:
+            continue
         if kind is not None and config[kind] not in owners:
             raise UserError(f"{key}={config[key]!r} is a setting of {kind}={' or '.join(map(repr, owners))}, and "
                              f"this run has {kind}={config[kind]!r}: drop --{key}, or set --{kind}={owners[0]}")
@@ -249,9 +254,10 @@ def upgrade(saved):
     return saved
 
 
-def validate_config(config, given=()):
-    """Raise ValueError naming the first bad key, its value and what it must be; or the settings that cannot go
-    together. `given`: the keys the user set (config files and flags), for the ownership rule."""
+def validate_config(config, given=(), flags=None):
+    """Raise UserError naming the first bad key, its value and what it must be; or the settings that cannot go
+    together. `given`: the keys the user set (config files and flags), `flags` those set by flags (default: all
+    of `given`), for the ownership rule."""
     for key, (valid, must_be, _) in CHECKS.items():
         if key in config and not valid(config[key]):
             raise UserError(f"{key}={config[key]!r} is not valid: it must be {must_be}")
@@ -261,7 +267,7 @@ def validate_config(config, given=()):
     refusal = OBJECTIVES[config["objective"]].refuse(config)
     if refusal:
         raise UserError(refusal)
-    check_ownership(config, given)
+    check_ownership(config, given, flags)
     check_capabilities(config)
 
 
