@@ -61,7 +61,7 @@ compile = "auto"  # torch.compile the model: 'auto' = on for CUDA, off on CPU (b
 dtype = "auto"  # 'auto' (bfloat16 autocast on CUDA, float32 elsewhere) | 'float32' | 'bfloat16' | 'float16'
 device = "auto"  # 'auto' | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 seed = 1337
-parallel = "ddp"  # under torchrun: 'ddp' (a whole model per GPU) | 'fsdp' (each GPU holds 1/world of it: parallel.py)
+parallel = "ddp"  # under torchrun: 'ddp' (a whole model per GPU) | 'fsdp' (each GPU holds 1/world of it: training/parallel.py)
 wandb_log = False
 wandb_project = "nanolora"
 wandb_run_name = "run"
@@ -79,10 +79,10 @@ encoder_type = "MLP"  # ptuning: 'MLP' | 'LSTM'
 encoder_hidden_size = 0  # ptuning, prefix with projection: 0 = the model's width
 prefix_projection = False  # prefix: keys/values produced by an MLP (Li & Liang's reparameterisation)
 merge_on_save = False  # LoRA, AdaLoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
-quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), model/quant.py
+quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), quant/quantize.py
 loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
 activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
-cpu_mmap_threshold = 65536  # CPU (glibc): tensors of this many bytes or more are freed back to the OS (model/memory.py)
+cpu_mmap_threshold = 65536  # CPU (glibc): tensors of this many bytes or more are freed back to the OS (training/memory.py)
 # LoRA (lora/; also AdaLoRA's alpha, dropout and targets): every field of LoRAConfig is a setting lora_<field>
 lora_r = 16
 lora_alpha = 16.0
@@ -115,7 +115,7 @@ config_keys = [k for k, v in globals().items()
 given = configure({k: globals()[k] for k in config_keys}, argv)  # the keys set by config files and flags
 config = {**{k: globals()[k] for k in config_keys}, **given}
 checkpoint, resume_notes = None, []
-if config["init_from"] == "resume":  # the run's settings come back from its checkpoint; some may change (validate.py)
+if config["init_from"] == "resume":  # the run's settings come back from its checkpoint; some may change (training/validate.py)
     from training.checkpoint import read_checkpoint
     checkpoint = read_checkpoint(config["out_dir"])
     config, resume_notes = resume_config(checkpoint, config, given)

@@ -11,7 +11,7 @@ optimizer-step times (median, interquartile range), peak memory, trainable param
 FLOP/s, MFU on a GPU from bench/timing.py's table, and the step time relative to full.
 
 Why LoRA should be cheaper: a frozen weight needs no weight-gradient GEMM (dW = dy^T x), so per token
-it costs 4N FLOPs instead of 6N (model/flops.py), and AdamW updates r(in+out) numbers per layer instead
+it costs 4N FLOPs instead of 6N (training/flops.py), and AdamW updates r(in+out) numbers per layer instead
 of in*out. A LoRA step is therefore at best ~2/3 of a full step, plus what the adapter itself adds.
 
 Targets: by default every linear layer inside the blocks (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj),

@@ -1,4 +1,4 @@
-"""Peak memory of a training step, measured against model/memory.py's prediction, as T and B grow.
+"""Peak memory of a training step, measured against training/memory.py's prediction, as T and B grow.
 
     python bench/memory.py                                   # GPT-2 124M, B x T sweep, full / LoRA / LoRA + ckpt
     python bench/memory.py --shapes 4x1024 --modes lora,lora-plain --compare
@@ -12,7 +12,7 @@ Rows (each in its own fresh process, so that the peak is the row's own):
   full-plain  full fine-tuning with the plain loss
 Measured: CUDA max_memory_allocated; CPU peak RSS of the row's process minus an idle child's (torch imported). On CPU
 each row fixes glibc's mmap threshold at --mmap_threshold bytes first, as train.py does (cpu_mmap_threshold), so that
-a freed activation leaves the process (model/memory.py); --mmap_threshold 0 measures with glibc's moving threshold.
+a freed activation leaves the process (training/memory.py); --mmap_threshold 0 measures with glibc's moving threshold.
 --compare times settings on one model in one process, interleaved step by step (one step of each per iteration), and
 reports the medians of the per-iteration ratios to the first: lora-plain with glibc's threshold at its 32 MiB ceiling
 (where its moving threshold ends up once a step has freed its large tensors: the allocator before this setting), then

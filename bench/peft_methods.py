@@ -32,7 +32,7 @@ from bench.timing import idle_baseline_bytes, run_isolated  # noqa: E402
 TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear of the blocks, as config/finetune_shakespeare_lora.py
 PROMPT = dict(num_virtual_tokens=16)
 ROWS = {  # name -> (peft_method, train.py settings, learning rate); AdaLoRA prunes from 10% to 80% of the steps;
-    # quantize: the frozen base's Linear layers in NF4 first (model/quant.py), as train.py's quantize setting
+    # quantize: the frozen base's Linear layers in NF4 first (quant/quantize.py), as train.py's quantize setting
     "full": ("full", {}, 1e-3),
     "lora r=1": ("lora", dict(lora_r=1, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),
     "lora r=4": ("lora", dict(lora_r=4, lora_alpha=16.0, lora_targets=TARGETS), 3e-3),

@@ -1,4 +1,4 @@
-"""What a quantized frozen base (model/quant.py) saves and costs: fp32 vs NF4 vs int8 under LoRA.
+"""What a quantized frozen base (quant/quantize.py) saves and costs: fp32 vs NF4 vs int8 under LoRA.
 
     python bench/quant.py                       # CPU: GPT-2 124M shapes, B=2, T=128; a LLaMA shape; the trained base
     python bench/quant.py --base out-shakespeare --data_dir data/shakespeare

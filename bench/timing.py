@@ -12,9 +12,9 @@ counter, so each configuration runs in a fresh process (multiprocessing "spawn")
 process's peak resident set size (getrusage ru_maxrss). An idle child that only imported torch gives
 the baseline to subtract: what is left is what the configuration itself needed.
 
-FLOPs. Achieved FLOP/s = FLOPs per token (model/flops.py: 6 per trainable and 4 per frozen matmul
+FLOPs. Achieved FLOP/s = FLOPs per token (training/flops.py: 6 per trainable and 4 per frozen matmul
 parameter, plus attention) x tokens/s. MFU divides that by the device's dense bf16 peak; it is only
-reported on CUDA with a 16-bit dtype and a GPU in model/flops.py's table.
+reported on CUDA with a 16-bit dtype and a GPU in training/flops.py's table.
 """
 import multiprocessing as mp
 import os

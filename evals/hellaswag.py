@@ -9,7 +9,7 @@ Reference acc_norm on the 10,042 val examples: GPT-2 124M 0.2955, GPT-3 Small 0.
 
     python eval_hellaswag.py --model gpt2                     # HF folder or cached hub name
     python eval_hellaswag.py --model out-shakespeare          # our training out_dir (ckpt.pt)
-    python eval_hellaswag.py --model gpt2 --quantize nf4      # the base in NF4 (model/quant.py)
+    python eval_hellaswag.py --model gpt2 --quantize nf4      # the base in NF4 (quant/quantize.py)
     torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --model gpt2   # examples split over 8 GPUs
 
 train.py calls `evaluate(model, examples, device, rank=..., world_size=...)` every `hellaswag_every` steps.

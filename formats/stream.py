@@ -1,4 +1,4 @@
-"""A Hugging Face checkpoint read one tensor at a time, for a model built on the meta device (model/quant.py).
+"""A Hugging Face checkpoint read one tensor at a time, for a model built on the meta device (quant/quantize.py).
 
     model, tensors, describe = meta_model_and_hf_tensors("path/to/hf-folder")
     for name, tensor in tensors: ...            # our names, our (out, in) layout

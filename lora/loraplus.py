@@ -6,7 +6,7 @@ faster than A. LoRA+ is therefore only an optimizer change, with one number:
 
     lr(lora_A) = lr            lr(lora_B) = loraplus_lr_ratio * lr
 
-LoRAConfig(loraplus_lr_ratio=16) turns it on; model.configure_optimizers (model/optim.py) then builds these
+LoRAConfig(loraplus_lr_ratio=16) turns it on; model.configure_optimizers (training/optim.py) then builds these
 groups, with PEFT's create_loraplus_optimizer grouping: lora_B and every 1-D trainable tensor (DoRA magnitudes,
 norm gains and biases of modules_to_save) get lr * ratio, everything else (lora_A, matrices of modules_to_save)
 gets lr. Weight decay follows our usual rule (matrices only); PEFT also decays DoRA's magnitude vector, which we

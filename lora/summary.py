@@ -33,7 +33,7 @@ from quant import quantized_bytes
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) over distinct parameters; a quantized weight (model/quant.py) counts its (out, in) weights."""
+    """(trainable, total) over distinct parameters; a quantized weight (quant/quantize.py) counts its (out, in) weights."""
     params = list(model.parameters())  # .parameters() already yields a shared Parameter once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized_bytes(model)[1]
 

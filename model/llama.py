@@ -262,7 +262,7 @@ class LLaMA(CausalLM):
     @classmethod
     def from_hf_state_dict(cls, hf_config, sd_hf, source, dtype=None, **overrides):
         """The model a Hugging Face config.json dict and state dict describe (from a folder, or a GGUF file
-        converted by model/gguf.py); `source` names where they came from, for error messages."""
+        converted by formats/gguf.py); `source` names where they came from, for error messages."""
         unknown = set(overrides) - {"dropout"}
         if unknown:
             raise UserError(f"from_pretrained: only dropout can be overridden, got {sorted(unknown)}")

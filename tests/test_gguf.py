@@ -1,4 +1,4 @@
-"""GGUF loading (model/gguf.py) against transformers' own GGUF loader, on tiny files written with gguf.GGUFWriter."""
+"""GGUF loading (formats/gguf.py) against transformers' own GGUF loader, on tiny files written with gguf.GGUFWriter."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The quantized base (model/quant.py) against bitsandbytes, autograd, gradcheck, transformers + PEFT."""
+"""The quantized base (quant/quantize.py) against bitsandbytes, autograd, gradcheck, transformers + PEFT."""
 import pytest
 import torch
 import torch.nn as nn

@@ -113,7 +113,7 @@ def read_checkpoint(path):
 def model_from_checkpoint(checkpoint, dtype=None, quantize=None, **overrides):
     """The trained model a checkpoint describes: full weights, or its base with the adapter's tensors applied.
     `overrides` may set dropout. quantize: None = as the run trained (a QLoRA run's base is quantized again),
-    '' = full precision, or 'nf4' | 'int8' (model/quant.py)."""
+    '' = full precision, or 'nf4' | 'int8' (quant/quantize.py)."""
     missing = {"model", "model_type", "model_args", "lora", "base"} - set(checkpoint)
     if missing:
         raise UserError(f"{checkpoint.get('path', 'checkpoint')} is not one of train.py's checkpoints (no "

@@ -106,10 +106,11 @@ def estimate_peak_bytes(model, batch_size, seq_len, activation_checkpointing=Non
     per_block = N * (sum(block) + lora_per_block) * act_bytes  # bytes one block saves
     after_blocks = N * sum(final) * act_bytes
     activations = (L * N * C * act_bytes if ckpt else L * per_block) + after_blocks
-    head = model.lm_head.weight
-    head_grad = head.numel() * 4 if head.requires_grad else 0
+    head = model.lm_head
+    lora_head = hasattr(head, "lora_A")  # the chunked loss keeps W' = W + s B A (V, C) and forms dW' (V, C) in fp32
+    head_grad = V * C * 4 if lora_head or getattr(head.weight, "requires_grad", False) else 0
     if chunk > 0:
-        loss = min(chunk, N) * V * 4 + N * C * act_bytes + head_grad  # one chunk, dx, dW
+        loss = min(chunk, N) * V * 4 + N * C * act_bytes + head_grad + (V * C * 4 if lora_head else 0)  # chunk, dx, dW
     else:
         loss = 3 * N * V * 4 + N * C * act_bytes + head_grad  # log_softmax's output, its gradient, dlogits; dx
     workspace = N * (2 * max(block) + 2 * C) * act_bytes
