@@ -112,6 +112,7 @@ def test_rank_sweep_table_has_every_row_and_column(tmp_path):
     assert [r["name"] for r in saved["rows"]] == [r["name"] for r in rows]
 
 
+@pytest.mark.slow  # starts processes
 def test_rank_sweep_runs_from_the_repo_root_with_one_process_per_row(tmp_path):
     cmd = [sys.executable, "bench/lora_rank_sweep.py", *TINY, "--modes", "full,split", "--ranks", "1",
            "--out_dir", str(tmp_path)]
@@ -151,6 +152,7 @@ def test_vs_peft_trains_the_same_parameters_as_peft_and_transformers(tmp_path):
     assert (tmp_path / "cpu_vs_peft.md").exists()
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
 def test_timings_taken_while_another_process_burns_cpu_are_thrown_away(monkeypatch):
     monkeypatch.setattr(timing, "CHUNK_S", 0.2)
@@ -166,6 +168,7 @@ def test_timings_taken_while_another_process_burns_cpu_are_thrown_away(monkeypat
     assert info["noisy"] and info["discarded"] > 0
 
 
+@pytest.mark.slow  # starts processes
 def test_memory_bench_writes_measured_and_predicted_peaks_and_interleaved_ratios(tmp_path):
     tiny = TINY[:TINY.index("--B")] + TINY[TINY.index("--iters"):]  # the batch comes from --shapes
     cmd = [sys.executable, "bench/memory.py", *tiny, "--shapes", "2x16", "--modes", "lora,lora-ckpt",

@@ -231,6 +231,7 @@ print((rss() - before) / 2 ** 20)
 """
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.skipif(not sys.platform.startswith("linux") or glibc() is None, reason="glibc's malloc and /proc only")
 @pytest.mark.parametrize("fixed", [False, True])
 def test_with_a_fixed_mmap_threshold_freed_activations_leave_the_process(fixed):

@@ -265,6 +265,7 @@ def test_hellaswag_on_a_llama_without_tokenizer_json_is_refused(tmp_path):
 
 
 # --- how errors and files come out -------------------------------------------------------------------------------
+@pytest.mark.slow  # starts processes
 def test_user_error_is_one_line_without_traceback_and_debug_shows_the_traceback(tmp_path):
     argv = [sys.executable, "train.py", "--batch_size=0", f"--out_dir={tmp_path / 'out'}"]
     plain = subprocess.run(argv, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)

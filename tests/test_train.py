@@ -141,6 +141,7 @@ def run_torchrun(argv, script="train.py"):
     return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("extra", [{}, {"peft_method": "lora", "lora_r": 4, "lora_targets": ("c_attn", "c_fc")}], ids=["full", "lora"])
 def test_two_process_ddp_matches_one_process_with_twice_the_accumulation(tmp_path, monkeypatch, extra):
     write_shards(tmp_path / "data")
@@ -170,6 +171,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow  # starts processes
 def test_two_process_ddp_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     write_shards(tmp_path / "data")
     # dropout on: each rank draws its own masks, so each rank's RNG must come back, not only rank 0's
@@ -194,6 +196,7 @@ def test_two_process_ddp_resume_gives_the_same_losses_as_an_uninterrupted_run(tm
         resumed.stdout[-2000:]  # bit for bit
 
 
+@pytest.mark.slow  # starts processes
 def test_resuming_with_another_number_of_processes_continues_and_says_dropout_will_differ(tmp_path, monkeypatch):
     write_shards(tmp_path / "data")
     flags = dict(dropout=0.1, total_batch_size=4 * 16 * 4, eval_interval=0)
