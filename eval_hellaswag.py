@@ -1,18 +1,9 @@
-"""HellaSwag: can the model pick the right one of four endings? The benchmark build-nanogpt tracks in training.
-
-An example is a context ("A man is sitting on a roof. He") and four endings, one of them right. The model
-scores each ending by its cross-entropy loss on the ending's tokens given the context: no prompt, no
-training, just "which continuation does the model find least surprising". Two accuracies:
-    acc       argmin of the *summed* loss over the ending's tokens (favours short endings: fewer terms)
-    acc_norm  argmin of the *mean* loss per ending token (length-normalised; the number usually quoted)
-Reference acc_norm on the 10,042 val examples: GPT-2 124M 0.2955, GPT-3 Small 0.337; chance is 0.25.
+"""HellaSwag accuracy (acc, acc_norm) of any model a user can name; the scoring is evals/hellaswag.py's.
 
     python eval_hellaswag.py --model gpt2                     # HF folder or cached hub name
     python eval_hellaswag.py --model out-shakespeare          # our training out_dir (ckpt.pt)
     python eval_hellaswag.py --model gpt2 --quantize nf4      # the base in NF4 (quant/)
     torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --model gpt2   # examples split over 8 GPUs
-
-train.py calls `evaluate(model, examples, device, rank=..., world_size=...)` every `hellaswag_every` steps.
 """
 import argparse
 import os

@@ -6,13 +6,7 @@ training, just "which continuation does the model find least surprising". Two ac
     acc       argmin of the *summed* loss over the ending's tokens (favours short endings: fewer terms)
     acc_norm  argmin of the *mean* loss per ending token (length-normalised; the number usually quoted)
 Reference acc_norm on the 10,042 val examples: GPT-2 124M 0.2955, GPT-3 Small 0.337; chance is 0.25.
-
-    python eval_hellaswag.py --model gpt2                     # HF folder or cached hub name
-    python eval_hellaswag.py --model out-shakespeare          # our training out_dir (ckpt.pt)
-    python eval_hellaswag.py --model gpt2 --quantize nf4      # the base in NF4 (quant/quantize.py)
-    torchrun --standalone --nproc_per_node=8 eval_hellaswag.py --model gpt2   # examples split over 8 GPUs
-
-train.py calls `evaluate(model, examples, device, rank=..., world_size=...)` every `hellaswag_every` steps.
+eval_hellaswag.py runs it on any model; train.py every `hellaswag_every` steps (evals/in_training.py).
 """
 import json
 import urllib.request
@@ -32,6 +26,10 @@ from tools.errors import UserError
 BASE_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("train", "val", "test")
 NUM_ENDINGS = 4
+
+
+class DownloadError(UserError, OSError):
+    """A download that failed (no network, a wrong URL): the user's to fix, in one line; an OSError like urllib's."""
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -56,8 +54,10 @@ def download(split, data_dir="data/hellaswag", base_url=BASE_URL, progress=True)
                     f.write(chunk)
                     bar.update(len(chunk))
     except OSError as e:  # urllib's URLError/HTTPError are OSErrors
-        raise OSError(f"could not download {url}: {e}. Check the network, or download the file yourself "
-                      f"and pass it with --file") from e
+        if isinstance(e, (FileNotFoundError, PermissionError)) and e.filename and str(path.parent) in str(e.filename):
+            raise  # data_dir itself cannot be written: its own message names it
+        raise DownloadError(f"could not download {url}: {e}. Check the network, or download the file yourself "
+                            f"and pass it with --file") from e
     return path
 
 
@@ -83,6 +83,8 @@ def check_example(example, where):
 
 def load_examples(path, limit=None):
     """The examples of a HellaSwag jsonl file (one JSON object a line), checked; the first `limit` if given."""
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit}: evaluate at least 1 example")
     examples = []
     with open(path, encoding="utf-8") as f:
         try:
@@ -101,6 +103,8 @@ def load_examples(path, limit=None):
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             examples.append(check_example(example, where))
+    if not examples:
+        raise UserError(f"{path} holds no examples; pass a HellaSwag .jsonl file")
     return examples
 
 
