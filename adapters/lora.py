@@ -2,7 +2,8 @@
 
 Switching it off (lora_disabled) computes W x: the starting model, except with PiSSA, whose base holds the
 residual W - s B0 A0 (switched off, it is not the starting model), and with modules_to_save, whose trained copies
-are no adapter to switch off. Those two are the settings that take DPO's free reference away.
+are no adapter to switch off. Those two are the settings that take DPO's free reference away. PiSSA also needs the
+full-precision W for its SVD, so it cannot start on a quantized base.
 """
 from dataclasses import fields
 
@@ -78,9 +79,12 @@ class LoRA(Method):
 
     def lacks(self, capability, settings):
         init, saved = settings.get("lora_init", "kaiming"), settings.get("lora_modules_to_save", ())
-        if capability in ("adapter_off", "fsdp") and init.startswith("pissa"):
-            return f"lora_init={init!r} (its base is the residual W - s B0 A0, not the starting model)" \
-                if capability == "adapter_off" else f"lora_init={init!r}"
+        if init.startswith("pissa"):  # its base is the residual W - s B0 A0, computed from full-precision weights
+            reasons = {"adapter_off": f"lora_init={init!r} (switched off, the residual base is not the starting model)",
+                       "quantized_base": f"lora_init={init!r} (its SVD needs the full-precision weights)",
+                       "fsdp": f"lora_init={init!r}"}
+            if capability in reasons:
+                return reasons[capability]
         if capability == "adapter_off" and saved:
             return f"lora_modules_to_save={tuple(saved)!r} (trained copies, which switching LoRA off keeps)"
         return super().lacks(capability, settings)

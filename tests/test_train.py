@@ -88,6 +88,36 @@ def test_bf16_on_cpu_is_refused(tmp_path, monkeypatch):
         run_train(tiny_flags(tmp_path, dtype="bfloat16"), monkeypatch)
 
 
+@pytest.mark.parametrize("method, old_spelling", [
+    ({"peft_method": "full"}, {"peft_method": "lora", "lora_r": 0}),  # full fine-tuning, before 'full' existed
+    ({"peft_method": "lora", "lora_r": 4, "lora_targets": "re:.*c_attn"}, {"lora_targets": ".*c_attn"}),  # a bare regex
+], ids=["full-as-lora_r=0", "lora-bare-regex-targets"])
+def test_a_checkpoint_with_the_older_spelling_of_its_settings_resumes_as_the_same_run(tmp_path, monkeypatch, method,
+                                                                                       old_spelling):
+    write_shards(tmp_path / "data")
+    init = {} if method["peft_method"] == "full" else {"init_from": str(tmp_path / "base")}
+    if init:
+        run_train(tiny_flags(tmp_path, out_dir=tmp_path / "base", max_steps=1), monkeypatch)
+    run_train(tiny_flags(tmp_path, out_dir=tmp_path / "whole", **init, **method), monkeypatch)
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **init, **method), monkeypatch)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    path = tmp_path / "split" / "ckpt.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["config"].update(old_spelling)  # as an older train.py wrote it
+    torch.save(saved, path)
+    run_train(tiny_flags(tmp_path, out_dir=tmp_path / "split", init_from="resume"), monkeypatch)
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert [r["train_loss"] for r in split] == [r["train_loss"] for r in whole]
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, monkeypatch):
     write_shards(tmp_path / "data")
     # dropout on: resuming must also restore the RNG, not only weights, optimizer and data position

@@ -248,9 +248,12 @@ def resolve_defaults(config):
 
 def upgrade(saved):
     """A checkpoint's settings as today's train.py names them: full fine-tuning was peft_method='lora' with
-    lora_r=0 (or 'none') before it was peft_method='full'."""
+    lora_r=0 (or 'none') before it was peft_method='full'; a str lora_targets was a regex before 're:' said so."""
     if saved.get("peft_method") in ("lora", "none") and saved.get("lora_r") == 0:
         saved = {**saved, "peft_method": "full", "lora_r": 16}
+    targets = saved.get("lora_targets")
+    if isinstance(targets, str) and targets != "all-linear" and not targets.startswith("re:"):
+        saved = {**saved, "lora_targets": "re:" + targets}
     return saved
 
 
