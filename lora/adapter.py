@@ -96,7 +96,7 @@ def save_adapter(model, path, base_model_name_or_path=None, state=None):
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2 * config.r if pissa else config.r,
         "lora_alpha": plain_lora_alpha(config.alpha, config.rslora) if pissa else config.alpha,
         "lora_dropout": config.dropout, "target_modules": targets, "fan_in_fan_out": bool(conv1d),
-        "use_rslora": config.rslora, "bias": "none", "modules_to_save": list(config.modules_to_save) or None,
+        "use_rslora": config.rslora, "bias": "none", "modules_to_save": _modules_to_save(model, config.modules_to_save) or None,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True, "use_dora": config.use_dora,
         "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,

@@ -156,18 +156,22 @@ class DPO(Objective):
         return ref_model
 
     def precompute(self, model, base_fingerprint, resuming, loaders, out_dir):
-        from adapters import FULL, method_of
+        from adapters import method_of
         from loaders.dpo import precompute_reference, reference_path
-        fresh = method_of(model) is FULL  # full fine-tuning: the model itself, before any step
+        # the starting model: the adapter switched off where that gives it, else the model itself before any step
+        # (full fine-tuning; PiSSA, whose switched-off base is a residual; modules_to_save, trained copies)
+        row = method_of(model)
+        fresh = row.lacks("adapter_off", self.c) is not None
 
-        def starting_logps(x, y):  # the starting model: the adapter switched off, or the model before any step
+        def starting_logps(x, y):
             with self.run.autocast:
                 return reference_logps(x, y, "copy" if fresh else "adapter_off", model, model)
 
         path = reference_path(self.c["data_dir"], base_fingerprint)
         if resuming and fresh and not path.exists():
-            raise UserError(f"resume of {out_dir}: its reference log-probs {path} are gone, and a full fine-tune "
-                             f"cannot recompute them from trained weights; start the run again")
+            raise UserError(f"resume of {out_dir}: its reference log-probs {path} are gone, and with "
+                            f"peft_method={row.name!r} they cannot be recomputed from trained weights; start the run "
+                            f"again")
         model.eval()
         precompute_reference(loaders, starting_logps, path, self.run.device, self.run.master, self.run.distributed)
         model.train()

@@ -1,5 +1,5 @@
 """The matrix of train.py's settings that tests/test_combinations.py walks: its axes, one cell's settings as train.py
-reads them, and the rules that say which cells are refused, each naming the two settings that conflict.
+reads them, and the settings of a tiny run of a cell. Which cells are refused is the test's own table (REFUSALS).
 
     objective      lm, sft, dpo                                   (objectives.OBJECTIVES)
     peft_method    full, lora, adalora, prompt, ptuning, prefix    (adapters.METHODS)
@@ -11,6 +11,7 @@ reads them, and the rules that say which cells are refused, each naming the two 
     loss path      loss_chunk_size default (1024), 0 (full logits)
     parallel       one process (not given), ddp, fsdp
 """
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,10 @@ LOSS_CHUNK = (None, 0)  # None: train.py's default loss_chunk_size (the chunked 
 PARALLEL = (None, "ddp", "fsdp")  # None: one process, parallel not given
 
 
+@functools.lru_cache(maxsize=1)
 def train_defaults():
-    """train.py's settings section, read without running the training (as tests/test_configurator.py does)."""
+    """train.py's settings section, read without running the training (as tests/test_configurator.py does); callers
+    merge it into dicts of their own, never change it."""
     source = (ROOT / "train.py").read_text()
     section = source[source.index("# settings:"):source.index("from configurator import")]
     namespace = {}
@@ -100,53 +103,6 @@ def every_cell():
         for packing, reference, merge, chunk, parallel in itertools.product(
                 PACKING.get(objective, (None,)), REFERENCES.get(objective, (None,)), MERGE, LOSS_CHUNK, PARALLEL):
             yield Cell(objective, method, variant, quantize, packing, reference, merge, chunk, parallel)
-
-
-def conflicts(cell):
-    """Every pair of settings of `cell` that cannot go together, each as the two 'key=value' texts a refusal names.
-    A cell is accepted when there are none."""
-    method = f"peft_method={cell.method!r}"
-    found = []
-    # ownership: a LoRA setting given with another method does nothing
-    for key, value in VARIANTS[cell.variant]("gpt2").items():
-        if cell.method != "lora":
-            found.append((f"{key}={value!r}", method))
-    # a quantized base: only LoRA trains on one, and PiSSA's SVD needs the full-precision weight
-    if cell.quantize:
-        if cell.method != "lora":
-            found.append((f"quantize={cell.quantize!r}", method))
-        elif cell.pissa:
-            found.append((f"quantize={cell.quantize!r}", "lora_init='pissa'"))
-    # fsdp shards full fine-tuning and LoRA, not PiSSA (its residual base), and DPO is not supported under it
-    if cell.parallel == "fsdp":
-        if cell.objective == "dpo":
-            found.append(("objective='dpo'", "parallel='fsdp'"))
-        if cell.method not in ("full", "lora"):
-            found.append(("parallel='fsdp'", method))
-        elif cell.pissa:
-            found.append(("parallel='fsdp'", "lora_init='pissa'"))
-    # DPO's reference: a frozen copy is for full fine-tuning; the adapter switched off must be the starting model
-    if cell.reference == "copy" and cell.method != "full":
-        found.append(("dpo_reference='copy'", method))
-    if cell.reference == "adapter_off" and cell.method == "lora" and cell.variant in ("pissa", "modules_to_save"):
-        found.append(("dpo_reference='adapter_off'", next(iter(
-            f"{k}={v!r}" for k, v in VARIANTS[cell.variant]("gpt2").items()))))
-    if cell.reference == "adapter_off" and cell.method == "full":
-        found.append(("dpo_reference='adapter_off'", method))
-    # packed SFT rows cannot carry the positions of the prompt-based methods
-    if cell.packing and cell.method in PROMPT_METHODS:
-        found.append(("packing=True", method))
-    # merging folds an adapter into the weights: LoRA and AdaLoRA
-    if cell.merge and cell.method not in ("lora", "adalora"):
-        found.append(("merge_on_save=True", method))
-    return found
-
-
-def resolved_reference(cell):
-    """What dpo_reference='auto' means for the cell's method: the adapter switched off where that is the starting
-    model, else log-probs precomputed before the first step."""
-    free = cell.method not in ("full",) and not (cell.method == "lora" and cell.variant in ("pissa", "modules_to_save"))
-    return "adapter_off" if free else "precompute"
 
 
 # ---- tiny runs ---------------------------------------------------------------------------------------------------

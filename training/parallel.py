@@ -140,10 +140,25 @@ def plain_copy(model):
         return None
     from model import build_model
     copy = build_model(model.model_type, model.config_dict())  # the registry: the same class and config
+    quantize_like(copy, model)
     if getattr(model, "lora_config", None) is not None:
         from lora import apply_lora
         apply_lora(copy, model.lora_config)
     copy.load_state_dict(state)
+    return copy
+
+
+def quantize_like(copy, model):
+    """Quantize the Linear layers of `copy` (a plain model) that are quantized in `model`, with the same method, so
+    that model's state dict (packed codes and scales) loads into it."""
+    import torch.nn as nn
+
+    from quant import QUANTIZERS, quantize
+    kinds = {name: kind for name, m in model.named_modules() for kind, cls in QUANTIZERS.items()
+             if isinstance(getattr(m, "weight", None), cls)}  # a LoRA layer over a quantized base holds its weight
+    for kind in set(kinds.values()):
+        others = tuple(n for n, m in copy.named_modules() if isinstance(m, nn.Linear) and kinds.get(n) != kind)
+        quantize(copy, kind, skip=others)
     return copy
 
 
