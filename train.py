@@ -79,6 +79,7 @@ encoder_type = "MLP"  # ptuning: 'MLP' | 'LSTM'
 encoder_hidden_size = 0  # ptuning, prefix with projection: 0 = the model's width
 prefix_projection = False  # prefix: keys/values produced by an MLP (Li & Liang's reparameterisation)
 merge_on_save = False  # LoRA, AdaLoRA: also write out_dir/merged, a Hugging Face folder with BA folded into W
+merge_gguf = ""  # with merge_on_save: also out_dir/merged.gguf (llama.cpp): '' | 'f32' | 'f16' | 'bf16' | 'q8_0'
 quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), quant/quantize.py
 loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
 activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
@@ -262,11 +263,14 @@ if master_process:
 try:
     tokenizer = load_tokenizer(base, raw_model.config.vocab_size)
 except (ValueError, FileNotFoundError, ImportError) as e:
-    if hellaswag_every > 0:
+    if hellaswag_every > 0 or merge_gguf:  # merged.gguf holds the tokenizer
         raise
     tokenizer = None
     if master_process and sample_interval > 0:
         print(f"no samples: {e}")
+if merge_gguf:  # what the GGUF export would refuse at the end of the run (architecture, tokenizer), refused now
+    from formats.gguf_export import check_exportable
+    check_exportable(raw_model, tokenizer)
 # under fsdp every rank runs the forward passes (each holds a shard of the weights); rank 0 prints
 sampling = (master_process or sharded) and sample_interval > 0 and tokenizer is not None
 
@@ -427,6 +431,11 @@ if merge_on_save:  # the settings check allows it only for methods that fold int
         error = save_merged(whole, Path(out_dir) / "merged", val_loader.next_batch()[0].to(device), autocast)
         print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format, full precision); largest "
               f"|logit difference| merged vs unmerged on a val batch: {error:.2e}")
+        if merge_gguf:  # the same weights (save_merged merged `whole` in place) as one file for llama.cpp / ollama
+            from formats.gguf_export import write_gguf
+            write_gguf(whole, tokenizer, Path(out_dir) / "merged.gguf", merge_gguf, overwrite=True,
+                       name=Path(out_dir).name)
+            print(f"merged model saved to {Path(out_dir) / 'merged.gguf'} (GGUF, {merge_gguf}; docs/gguf_export.md)")
 if wandb_run is not None:
     wandb_run.finish()
 if ddp:

@@ -26,6 +26,7 @@ from objectives import OBJECTIVES
 from objectives.dpo import LOSSES, REFERENCES
 from prompts import INITS as PROMPT_INITS
 from prompts.p_tuning import ENCODER_TYPES
+from formats.gguf_export import TYPES as GGUF_TYPES
 from quant import METHODS as QUANT_METHODS
 from training.memory import GLIBC_MMAP_CEILING
 from training.parallel import PARALLEL
@@ -156,6 +157,7 @@ CHECKS = {
     "encoder_hidden_size": (at_least(0),                     ">= 0 (0 = the model's width)",                 FIXED),
     "prefix_projection":   (one_of(True, False),             "True or False",                                FIXED),
     "quantize":            (one_of("", *QUANT_METHODS),      f"one of {choices(('', *QUANT_METHODS))}",      FIXED),
+    "merge_gguf":          (one_of("", *GGUF_TYPES),         f"one of {choices(('', *GGUF_TYPES))}",         FREE),
     "loss_chunk_size":     (at_least(0),                     ">= 0 (tokens per loss chunk; 0 = full logits)", FREE),
     "activation_checkpointing": (one_of(True, False),        "True or False",                                FREE),
     "cpu_mmap_threshold":  (in_range(0, GLIBC_MMAP_CEILING + 1),        "0 to 33554432 bytes (0 = glibc's own threshold)", FREE),
@@ -163,6 +165,9 @@ CHECKS = {
 
 RELATIONS = [
     # (holds(config), message(config)) for rules that involve several keys
+    (lambda c: not c.get("merge_gguf") or c.get("merge_on_save"),
+     lambda c: f"merge_gguf={c['merge_gguf']!r} writes out_dir/merged.gguf from the merged model, which needs "
+               f"merge_on_save=True: add --merge_on_save=True, or drop --merge_gguf"),
     (lambda c: c["n_embd"] % c["n_head"] == 0,
      lambda c: f"n_embd={c['n_embd']} is not divisible by n_head={c['n_head']}: each head gets n_embd/n_head "
                f"channels; change one of them"),
