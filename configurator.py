@@ -11,7 +11,13 @@ anything; a default of 'auto' also accepts True or False). Typos fail loudly ins
 """
 import ast
 import difflib
+
 from tools.errors import UserError
+
+
+class ConfigTypeError(UserError, TypeError):
+    """A config value of the wrong type: the user's to fix (one line), and a TypeError as before."""
+
 
 CONFIG_TYPES = (int, float, bool, str, tuple, list, type(None))
 
@@ -36,7 +42,7 @@ def _check(key, value, defaults, source):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise TypeError(f"config key {key!r} (from {source}) expects {type(default).__name__} like "
+        raise ConfigTypeError(f"config key {key!r} (from {source}) expects {type(default).__name__} like "
                         f"{default!r}, got {type(value).__name__} {value!r}")
     return value
 

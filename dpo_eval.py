@@ -5,21 +5,32 @@
 import json
 import sys
 from pathlib import Path
+
 from tools.errors import UserError
+
 
 def reward_accuracy_summary(out_dir):
     """'held-out reward accuracy: 0.500 before, 0.870 after (step N)' from a run's log.jsonl."""
-    with open(Path(out_dir) / "log.jsonl") as f:
-        evals = [r for r in map(json.loads, f) if "eval_rewards/accuracies" in r]
+    path = Path(out_dir) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; name the out_dir of a DPO run (train.py objective='dpo')")
+    evals = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line torn by a kill in the middle of its write
+                continue
+            if isinstance(record, dict) and "eval_rewards/accuracies" in record:
+                evals.append(record)
     if not evals:
-        raise UserError(f"{out_dir}/log.jsonl has no val metrics: run with eval_interval > 0")
+        raise UserError(f"{path} has no val metrics of a DPO run: run with objective='dpo' and eval_interval > 0")
     first, last = evals[0], evals[-1]
     return (f"held-out reward accuracy: {first['eval_rewards/accuracies']:.3f} at step {first['step']}, "
             f"{last['eval_rewards/accuracies']:.3f} at step {last['step']} (margin {last['eval_rewards/margins']:.3f})")
 
 
 if __name__ == "__main__":  # python dpo_eval.py OUT_DIR: the held-out reward accuracy of a DPO run, first and last eval
-    try:
-        print(reward_accuracy_summary(sys.argv[1] if len(sys.argv) > 1 else "out-dpo-shakespeare"))
-    except (OSError, ValueError) as e:
-        sys.exit(f"dpo_eval.py: {e}")
+    from tools.errors import report_user_errors
+    args = report_user_errors(sys.argv[1:])
+    print(reward_accuracy_summary(args[0] if args else "out-dpo-shakespeare"))

@@ -43,6 +43,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for name, value in (("limit", args.limit), ("batch_examples", args.batch_examples)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name}={value}: it must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={args.device}: this machine has no CUDA device that torch can use; use --device cpu")
     ddp = "RANK" in os.environ  # launched by torchrun
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))

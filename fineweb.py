@@ -120,11 +120,12 @@ def iter_file_documents(paths):
     holds one document per line as {"text": ...} (other keys are ignored, blank lines skipped)."""
     for path in paths:
         if path.endswith(".txt"):
-            with open(path, encoding="utf-8", newline="") as f:  # newline="": keep "\r\n" as written
-                yield f.read()
+            with open(path, "rb") as f:  # bytes: keep "\r\n" as written
+                yield _utf8(f.read(), path, first=False)  # as written, a byte-order mark included
         elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, start=1):
+            with open(path, "rb") as f:
+                for line_no, raw in enumerate(f, start=1):
+                    line = _utf8(raw, f"{path}:{line_no}", line_no == 1)
                     if not line.strip():
                         continue
                     try:
@@ -136,6 +137,17 @@ def iter_file_documents(paths):
                     yield row["text"]
         else:
             raise UserError(f"{path}: --source files reads .txt (one document) and .jsonl (one per line)")
+
+
+def _utf8(data, where, first=True):
+    """bytes -> str, refusing what is not UTF-8 text by name (a leading byte-order mark is dropped)."""
+    if b"\0" in data:
+        raise UserError(f"{where}: a binary file (NUL bytes), not text; --source files reads text files in UTF-8")
+    try:
+        return data.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); --source files "
+                         f"reads text files in UTF-8") from None
 
 
 def iter_fineweb_edu_docs(streaming=False):
@@ -241,7 +253,11 @@ def write_shards(labelled_shards, out_dir, prefix):
     for index, (split, tokens) in enumerate(labelled_shards):
         path = shard_path(out_dir, prefix, split, index)
         if os.path.exists(path):
-            existing = np.load(path, mmap_mode="r", allow_pickle=False)
+            try:
+                existing = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, EOFError):  # a file cut short by a copy, or not ours: never taken for a shard
+                raise UserError(f"{path} exists but is not a readable shard (truncated?): delete it, and this run "
+                                 f"writes it again") from None
             if existing.dtype != tokens.dtype or not np.array_equal(existing, tokens):
                 raise UserError(f"{path} exists but differs from what this run writes (other input or "
                                  f"--shard_size?): delete {out_dir} or choose another --out_dir")
@@ -279,11 +295,15 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
         default_dir += "_" + os.path.basename(os.path.normpath(str(tokenizer)))
     out_dir = out_dir or default_dir
     prefix = prefix or default_prefix
-    shard_size = shard_size or default_shard_size
+    if prefix != os.path.basename(prefix) or prefix.startswith("."):
+        raise UserError(f"--prefix={prefix!r}: a shard name's start, without / or a leading dot")
+    shard_size = default_shard_size if shard_size is None else shard_size
     if num_proc is None:
         num_proc = max(1, (os.cpu_count() or 1) // 2) if source == "fineweb-edu" else 1
     if shard_size < 1:
         raise UserError(f"--shard_size must be a positive number of tokens, got {shard_size}")
+    if num_proc < 1:
+        raise UserError(f"--num_proc must be a positive number of processes, got {num_proc}")
 
     use_tokenizer(tokenizer)
     progress = tqdm(unit="tokens", unit_scale=True, desc=f"tokenizing {source}")

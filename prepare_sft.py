@@ -16,29 +16,36 @@ system, user and template tokens (in a pair, 1 on the final answer only). An exa
 tokens; a longer one is cut (--truncation=truncate: the start of the prompt's budget and the whole answer where it
 fits) or skipped (drop). The two examples of a pair are cut alike (room for the longer answer) or dropped together.
 
-Output (all of it built in a temp folder, then renamed into place: an interrupted run leaves nothing):
-    sft.json                  header: tokenizer, chat template, eos/pad id, block_size, counts per split
+Output (all of it built in a temp folder, then moved into place: an interrupted run leaves nothing; the next run
+removes the temp folder a killed one left):
+    sft.json                  header: tokenizer (its name and tokenizer_fingerprint), chat template, eos/pad id,
+                              block_size, counts and shard names per split, data_id (a hash of the shards)
     {split}_{k:06d}.npz       tokens (N,) uint16|uint32, mask (N,) uint8, offsets (n_examples + 1,) int64
+--overwrite replaces what an earlier prepare_sft.py wrote (sft.json and its shards) and nothing else in the folder;
+sft.json goes first and comes back last, so a folder caught half-replaced has none and is never read.
 Example i of a shard is tokens[offsets[i]:offsets[i + 1]]; examples keep the order of the input file. A pair is
 examples 2j (chosen) and 2j + 1 (rejected) of one shard; sft.json's "kind" is 'preference', else 'sft'.
 """
 import argparse
+import errno
+import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from tools.atomic import current_umask
+from tools.atomic import (current_umask, lock_file, remove_stale_temp_folders, rename_folder, temp_folder,
+                          unlock_file)
 from tokenization import load_tokenizer
 from tokenization.chat import ROLES, chat_ids
-from loaders.sft import HEADER
+from tokenization.tokenizer import tokenizer_fingerprint
+from loaders.sft import HEADER, SHARD_NAME
 from tools.errors import UserError
 
 FORMAT = "nanolora-sft-1"
+REPLACING = ".sft.json.replacing"  # the old header while --overwrite swaps the files: the folder is still ours
 
 
 # ---- reading and checking records ----------------------------------------------------------------------------
@@ -47,7 +54,8 @@ def _text_field(record, key, where):
     if key not in record:
         raise UserError(f"{where}: field {key!r} is missing")
     if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise UserError(f"{where}: field {key!r} must be a non-empty string, got {shown}")
     return value
 
 
@@ -67,34 +75,58 @@ def check_messages(messages, where, field="messages"):
 
 
 def read_records(path):
-    """Yield (where, record) for every non-blank line; record is ('prompt_completion', prompt, completion) or
-    ('messages', messages). Stops at the first bad line with a ValueError naming file, line and field."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    """Yield (where, record) for every non-blank line; record is ('prompt_completion', prompt, completion),
+    ('messages', messages, train_from) or a preference pair. Stops at the first bad line with a UserError naming
+    file, line and field."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            if b"\0" in raw:
+                raise UserError(f"{where}: a binary file (NUL bytes), not JSONL text; the input is one JSON record "
+                                 f"a line, in UTF-8")
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); the "
+                                 f"input is JSONL, one JSON record a line, in UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-            if "chosen" in record or "rejected" in record:
-                yield where, preference_record(record, where)
-            elif "messages" in record:
-                yield where, ("messages", check_messages(record["messages"], where))
-            elif "prompt" in record or "completion" in record:
-                if isinstance(record.get("prompt"), list):  # TRL's conversational prompt/completion
-                    chat = check_messages(record["prompt"] + (record.get("completion") or []), where,
-                                          "prompt + completion")
-                    yield where, ("messages", chat)
-                else:
-                    yield where, ("prompt_completion", _text_field(record, "prompt", where),
-                                  _text_field(record, "completion", where))
-            else:
-                raise UserError(f"{where}: a record needs the fields \"prompt\" and \"completion\", or \"messages\" "
-                                 f"(found {', '.join(map(repr, record)) or 'none'})")
+            yield where, parse_record(record, where)
+
+
+def parse_record(record, where):
+    """One record as read_records yields it; a record with the fields of two formats is refused, not guessed."""
+    formats = [name for name, keys in (("messages", ("messages",)), ("prompt/completion", ("completion",)),
+                                       ("preference", ("chosen", "rejected"))) if any(k in record for k in keys)]
+    if len(formats) > 1:
+        raise UserError(f"{where}: the record has the fields of {' and '.join(formats)} records; a record is one "
+                         f"kind: keep the fields of one")
+    if "chosen" in record or "rejected" in record:
+        return preference_record(record, where)
+    if "messages" in record:
+        if "prompt" in record:
+            raise UserError(f"{where}: the record has \"messages\" and \"prompt\"; a chat record has messages only")
+        return ("messages", check_messages(record["messages"], where), 0)
+    if "prompt" in record or "completion" in record:
+        if isinstance(record.get("prompt"), list):  # TRL's conversational prompt/completion: train on the completion
+            completion = record.get("completion")
+            if "completion" not in record:
+                raise UserError(f"{where}: field 'completion' is missing")
+            if not isinstance(completion, list):
+                raise UserError(f"{where}: field 'completion' must be a list of assistant messages when 'prompt' is a "
+                                 f"list of messages (TRL's conversational format), got {type(completion).__name__}")
+            prompt = check_messages(record["prompt"] + [{"role": "assistant", "content": "-"}], where, "prompt")[:-1]
+            answer = check_messages(completion, where, "completion")
+            return ("messages", prompt + answer, len(prompt))
+        return ("prompt_completion", _text_field(record, "prompt", where), _text_field(record, "completion", where))
+    raise UserError(f"{where}: a record needs the fields \"prompt\" and \"completion\", or \"messages\" "
+                     f"(found {', '.join(map(repr, record)) or 'none'})")
 
 
 def preference_record(record, where):
@@ -111,17 +143,23 @@ def preference_record(record, where):
             answer = check_messages(record[key], where, key)
             if any(m["role"] != "assistant" for m in answer):
                 raise UserError(f"{where}: field {key!r} must hold assistant messages only (the answer)")
-            answers.append(prompt + answer)
-        return ("preference_messages", *answers)
-    return ("preference", _text_field(record, "prompt", where), _text_field(record, "chosen", where),
-            _text_field(record, "rejected", where))
+            answers.append(answer)
+        if answers[0] == answers[1]:
+            raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer; a preference pair needs two "
+                             f"different ones (drop the record)")
+        return ("preference_messages", *(prompt + answer for answer in answers))
+    prompt, chosen, rejected = (_text_field(record, key, where) for key in ("prompt", "chosen", "rejected"))
+    if chosen == rejected:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer; a preference pair needs two "
+                         f"different ones (drop the record)")
+    return ("preference", prompt, chosen, rejected)
 
 
 # ---- records -> (ids, mask) ----------------------------------------------------------------------------------
 def example_ids(tok, record):
     """(ids, mask) of one record: prompt/completion as start + prompt + completion + EOS, chats via chat_ids."""
     if record[0] == "messages":
-        return chat_ids(tok, record[1])
+        return chat_ids(tok, record[1], record[2])
     _, prompt, completion = record
     prompt_ids = tok.encode(prompt)  # opened as a document is in pretraining (GPT-2: <|endoftext|>, LLaMA: BOS)
     answer_ids = tok.encode(completion, add_special_tokens=False) + [tok.eos_id]
@@ -143,8 +181,8 @@ def pair_ids(tok, record):
 
 
 def answer_start(mask):
-    """The index of the first token of the mask's last run of 1s (the answer)."""
-    start = max(i for i, m in enumerate(mask) if m)
+    """The index of the first token of the mask's last run of 1s (the answer); len(mask) when there is none."""
+    start = max((i for i, m in enumerate(mask) if m), default=len(mask))
     while start > 0 and mask[start - 1]:
         start -= 1
     return start
@@ -192,6 +230,12 @@ def tokenize_split(path, tok, block_size, truncation):
             unit = pair_ids(tok, record) if kind == "preference" else [example_ids(tok, record)]
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
+        if any(not any(mask) for _, mask in unit):
+            raise UserError(f"{where}: nothing to train on: the chat template of {tok.name} renders no assistant "
+                             f"text for this record; use a template that writes the assistant's content")
+        if kind == "preference" and unit[0][0] == unit[1][0]:
+            raise UserError(f"{where}: 'chosen' and 'rejected' give the same tokens; a preference pair needs two "
+                             f"different answers")
         fitted = fit_pair(unit, block_size, truncation)
         if fitted is None:
             counts["dropped"] += 1
@@ -209,9 +253,9 @@ def tokenize_split(path, tok, block_size, truncation):
     return examples, counts
 
 
-def write_split(folder, split, examples, dtype, shard_size, group=1):
+def write_split(folder, split, examples, dtype, shard_size, group=1, digest=None):
     """Whole examples into shards of about shard_size tokens, `group` at a time (2: a preference pair is never
-    split over two shards); returns the shard file names."""
+    split over two shards); returns the shard file names. digest (a hashlib object) is fed every array written."""
     names, start = [], 0
     while start < len(examples):
         end, n = start, 0
@@ -221,9 +265,12 @@ def write_split(folder, split, examples, dtype, shard_size, group=1):
         chunk = examples[start:end]
         lengths = np.array([len(ids) for ids, _ in chunk], dtype=np.int64)
         name = f"{split}_{len(names):06d}.npz"
-        np.savez(folder / name, tokens=np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in chunk]),
-                 mask=np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in chunk]),
-                 offsets=np.concatenate([[0], np.cumsum(lengths)]))
+        arrays = {"tokens": np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in chunk]),
+                  "mask": np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in chunk]),
+                  "offsets": np.concatenate([[0], np.cumsum(lengths)])}
+        np.savez(folder / name, **arrays)
+        for array in arrays.values() if digest is not None else ():
+            digest.update(np.ascontiguousarray(array).tobytes())
         names.append(name)
         start = end
     return names
@@ -236,44 +283,81 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
         raise UserError(f"--truncation={truncation!r}: use 'truncate' or 'drop'")
     if block_size < 2:
         raise UserError(f"--block_size={block_size}: an example needs at least 2 tokens")
+    if shard_size < 1:
+        raise UserError(f"--shard_size={shard_size}: a shard holds at least 1 token (whole examples: a longer one "
+                         f"still fits)")
     out = Path(out)
-    if out.exists() and not (overwrite and (out / HEADER).is_file()):
+    ours = out.is_dir() and ((out / HEADER).is_file() or (out / REPLACING).is_file())
+    if out.exists() and not (overwrite and ours):
         raise FileExistsError(f"{out} exists; pass --overwrite to replace a folder prepare_sft.py made, or choose "
-                              f"another --out" if (out / HEADER).is_file() else
+                              f"another --out" if ours else
                               f"{out} exists and is not a folder prepare_sft.py made; choose another --out")
+    for name in remove_stale_temp_folders(out):
+        print(f"removed {out.parent / name}, the temp folder of a prepare_sft.py that was killed")
     tok = load_tokenizer(tokenizer)
     if tok.eos_id is None:
         raise UserError(f"--tokenizer={tokenizer}: {tok.name} has no end-of-sequence token (no eos_token in "
                          f"tokenizer_config.json, no eos_token_id in config.json); fine-tuning needs one to end "
                          f"every answer: add it there")
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    header = {"format": FORMAT, "tokenizer": tok.name, "chat_template": "checkpoint" if tok.chat_template else "plain",
-              "eos_id": tok.eos_id, "pad_id": tok.eos_id, "vocab_size": tok.vocab_size, "block_size": block_size,
-              "truncation": truncation, "splits": {}}
+    header = {"format": FORMAT, "tokenizer": tok.name, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+              "chat_template": "checkpoint" if tok.chat_template else "plain", "eos_id": tok.eos_id,
+              "pad_id": tok.eos_id, "vocab_size": tok.vocab_size, "block_size": block_size, "truncation": truncation,
+              "splits": {}}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    lock = lock_file(out / ".lock") if ours else None  # another --overwrite of this folder waits for none
+    if ours and lock is None:
+        raise UserError(f"{out} is being replaced by another prepare_sft.py right now; wait for it to end")
     try:
-        for split, path in (("train", train_path), ("val", val_path)):
-            examples, counts = tokenize_split(path, tok, block_size, truncation)
-            header.setdefault("kind", counts["kind"])
-            if counts.pop("kind") != header["kind"]:
-                raise UserError(f"{path} holds {'preference pairs' if header['kind'] == 'sft' else 'sft records'}"
-                                 f", {train_path} the other kind: give both splits in one format")
-            counts["shards"] = write_split(tmp, split, examples, dtype, shard_size, 2 if header["kind"] == "preference" else 1)
-            header["splits"][split] = {"source": str(path), **counts}
-        (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes the folder owner-only
-        if out.exists():  # --overwrite of our own folder: swap, then delete the old one
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with temp_folder(out) as tmp:
+            tmp, digest = Path(tmp), hashlib.sha256()
+            for split, path in (("train", train_path), ("val", val_path)):
+                examples, counts = tokenize_split(path, tok, block_size, truncation)
+                header.setdefault("kind", counts["kind"])
+                if counts.pop("kind") != header["kind"]:
+                    raise UserError(f"{path} holds {'preference pairs' if header['kind'] == 'sft' else 'sft records'}"
+                                     f", {train_path} the other kind: give both splits in one format")
+                group = 2 if header["kind"] == "preference" else 1
+                counts["shards"] = write_split(tmp, split, examples, dtype, shard_size, group, digest)
+                header["splits"][split] = {"source": str(path), **counts}
+            header["data_id"] = digest.hexdigest()[:16]
+            (tmp / HEADER).write_text(json.dumps(header, indent=2) + "\n")
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes the folder owner-only
+            if ours:
+                replace_files(tmp, out, header)
+            else:
+                try:
+                    rename_folder(tmp, out)
+                except OSError:
+                    if out.exists():
+                        raise FileExistsError(f"{out} was made by another program while this prepare_sft.py ran; "
+                                              f"choose another --out") from None
+                    raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and not e.filename and str(out) not in str(e):
+            # numpy's write names no file
+            raise OSError(e.errno, f"cannot write {out}: {e.strerror}") from None
         raise
+    finally:
+        if lock is not None:
+            unlock_file(out / ".lock", lock)
     return header
+
+
+def replace_files(tmp, out, header):
+    """--overwrite: move the new files from tmp into `out`, removing the old sft.json and shards first; any other
+    file of `out` stays. sft.json is set aside first and the new one moved in last: until then the folder has
+    none, so nothing reads a mix of old and new shards, and a rerun knows the folder for one it made."""
+    if (out / HEADER).is_file():
+        os.replace(out / HEADER, out / REPLACING)
+    new = {name for split in header["splits"].values() for name in split["shards"]}
+    for path in out.iterdir():
+        if SHARD_NAME.fullmatch(path.name) and path.name not in new and path.is_file():
+            path.unlink()
+    for name in sorted(new):
+        os.replace(tmp / name, out / name)
+    os.replace(tmp / HEADER, out / HEADER)
+    (out / REPLACING).unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -289,11 +373,8 @@ def main(argv=None):
     p.add_argument("--shard_size", type=int, default=10_000_000, help="tokens per shard file (whole examples)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if an earlier prepare_sft.py made it")
     args = p.parse_args(argv)
-    try:
-        header = prepare(args.input, args.val, args.out, args.tokenizer, args.block_size, args.truncation,
-                         args.shard_size, args.overwrite)
-    except (ValueError, OSError) as e:
-        sys.exit(f"prepare_sft.py: {e}")
+    header = prepare(args.input, args.val, args.out, args.tokenizer, args.block_size, args.truncation,
+                     args.shard_size, args.overwrite)
     for split, c in header["splits"].items():
         print(f"{split}: {c['examples']:,} {'pairs' if header['kind'] == 'preference' else 'examples'}, {c['tokens']:,} tokens ({c['trained_tokens']:,} trained on); "
               f"{c['truncated']:,} truncated, {c['dropped']:,} dropped (longer than {args.block_size} tokens)")
@@ -301,4 +382,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from tools.errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

@@ -15,6 +15,7 @@ folder or the tokenizer of the .gguf file the model came from). --chat wraps the
 model's chat template (chat.py).
 A sample ends at EOS or after max_new_tokens; with num_samples=1 the tokens stream to stdout as they come.
 """
+import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,25 +57,68 @@ def model_kind(path):
                      f"(adapter_config.json), a Hugging Face model folder (config.json) or a .gguf file")
 
 
+def read_start(start):
+    """The prompt: --start itself, or the text of the file --start=FILE:path names."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[5:])
+    if path.is_dir():
+        raise UserError(f"--start=FILE:{path}: a folder; name a text file holding the prompt")
+    if not path.is_file():
+        raise FileNotFoundError(f"--start=FILE:{path}: no such file; name a text file holding the prompt")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--start=FILE:{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"the prompt file must be text in UTF-8") from None
+
+
+def check_settings(s):
+    """The flags' values by range, each refused by name; returns (device, dtype)."""
+    for name, ok, need in (("num_samples", s.num_samples >= 1, ">= 1"),
+                           ("max_new_tokens", s.max_new_tokens >= 1, ">= 1"),
+                           ("temperature", math.isfinite(s.temperature) and s.temperature >= 0, "a number >= 0"),
+                           ("top_k", s.top_k >= 0, ">= 0 (0 = off)"), ("top_p", 0 < s.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise UserError(f"--{name}={getattr(s, name)!r}: it must be {need}")
+    if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype={s.dtype!r}: use auto, float32, bfloat16 or float16")
+    dev = s.device if s.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind, index = torch.device(dev).type, torch.device(dev).index
+    except RuntimeError:
+        raise UserError(f"--device={dev!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"--device={dev}: this machine has no {kind.upper()} device that torch can use; use "
+                         f"--device=cpu")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise UserError(f"--device={dev}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    dt = s.dtype if s.dtype != "auto" else "bfloat16" if dev.startswith("cuda") else "float32"
+    if not dev.startswith("cuda") and dt != "float32":
+        raise UserError(f"--dtype={dt} on {dev}: low precision is for CUDA; use --dtype=float32")
+    return dev, dt
+
+
 def main(argv):
     from configurator import configure
     from model.generate import generate
     from tokenization import load_tokenizer
     from tokenization.chat import generation_prompt_ids
     from training.checkpoint import load_model
-    argv = ["--chat=True" if a == "--chat" else a for a in argv]  # a bare --chat switches it on
-    s = SimpleNamespace(**{**DEFAULTS, **configure(DEFAULTS, argv)})
-    dev = s.device if s.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    dt = s.dtype if s.dtype != "auto" else "bfloat16" if dev.startswith("cuda") else "float32"
-    if not dev.startswith("cuda") and dt != "float32":
-        raise UserError(f"--dtype={dt} on {dev}: low precision is for CUDA; use --dtype=float32")
-    if s.num_samples < 1 or s.max_new_tokens < 1 or s.temperature < 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
-        raise UserError("need num_samples >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    argv = ["--chat=True" if a == "--chat" else a for a in argv if a != "--debug"]  # a bare --chat switches it on
+    try:
+        s = SimpleNamespace(**{**DEFAULTS, **configure(DEFAULTS, argv)})
+    except TypeError as e:  # a flag of the wrong type (configurator's TypeError): the user's to fix
+        raise UserError(str(e)) from None
+    dev, dt = check_settings(s)
     model_kind(s.init_from)
+    text = read_start(s.start)  # before the model loads: a bad prompt file fails fast
     model = load_model(s.init_from, base=s.base or None).to(dev).eval()
     tok = load_tokenizer(s.base or s.init_from, model.config.vocab_size)
-    text = Path(s.start[5:]).read_text(encoding="utf-8") if s.start.startswith("FILE:") else s.start
     ids = generation_prompt_ids(tok, [{"role": "user", "content": text}]) if s.chat else tok.encode(text)
+    if not ids:
+        raise UserError(f"the prompt is empty ({tok.name} adds no token in front of a text): give --start=TEXT")
     n_new = min(s.max_new_tokens, model.max_seq_len - len(ids))
     if n_new < 1:
         raise UserError(f"the prompt has {len(ids)} tokens: no room left in the model's {model.max_seq_len} positions")
@@ -123,7 +167,5 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if k in (
     "device", "dtype", "compile", "chat")}
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        sys.exit(f"sample.py: {e}")
+    from tools.errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

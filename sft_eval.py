@@ -12,10 +12,13 @@ the trivial baseline that always answers the most frequent training answer. trai
 `eval_generate_every` steps, each rank on its share of the prompts, the counts all-reduced.
 """
 import argparse
+import sys
 
 from evals.exact_match import exact_match, majority_baseline
-from loaders.sft import read_examples
+from loaders.sft import check_tokenizer, read_examples
 from tokenization import load_tokenizer
+from tools.errors import UserError
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -25,9 +28,13 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="only the first N val examples (0 = all)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.limit < 0:
+        raise UserError(f"--limit={args.limit}: it must be >= 0 (0 = all)")
     from training.checkpoint import load_model
     header, val = read_examples(args.data, "val")
     _, train = read_examples(args.data, "train")
+    for spec in args.model:  # before any model loads: each must read the data's token ids as the data means them
+        check_tokenizer(args.data, header, spec)
     val = val[:args.limit or None]
     tok = load_tokenizer(header["tokenizer"])  # the tokenizer prepare_sft.py used
     answer, correct, n = majority_baseline(train, val, tok)
@@ -35,9 +42,14 @@ def main(argv=None):
     print(f"  always {answer!r} (most frequent training answer): {correct / n:.3f} ({correct}/{n})")
     for spec in args.model:
         model = load_model(spec).to(args.device)
+        if header["vocab_size"] > model.config.vocab_size:
+            raise UserError(f"{args.data} was tokenized with {header['tokenizer']} ({header['vocab_size']} tokens), "
+                             f"more than {spec}'s vocab_size {model.config.vocab_size}: prepare it with "
+                             f"prepare_sft.py --tokenizer {spec}")
         correct, n = exact_match(model, val, tok, args.device)
         print(f"  {spec}: {correct / n:.3f} ({correct}/{n})")
 
 
 if __name__ == "__main__":
-    main()
+    from tools.errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

@@ -178,7 +178,7 @@ if total_batch_size % tokens_per_micro_step != 0:
                      f"--total_batch_size={max(1, total_batch_size // tokens_per_micro_step) * tokens_per_micro_step}")
 grad_accum_steps = total_batch_size // tokens_per_micro_step
 # out_dir is this run's: a new run refuses one that holds another run (or its own base) unless overwrite=True
-claim_out_dir(out_dir, init_from, overwrite, argv, master=master_process)
+out_claim = claim_out_dir(out_dir, init_from, overwrite, argv, master=master_process, lock=True, clear_later=True)
 if master_process:
     print(f"total batch: {total_batch_size:,} tokens = {grad_accum_steps} micro-steps x {batch_size} x {block_size} "
           f"x {world_size} process(es){f' ({parallel})' if ddp else ''}; device {device}, dtype {dtype}")
@@ -222,7 +222,8 @@ else:
     # swaps target Linears for LoRA/AdaLoRA layers or attaches a prompt encoder, and freezes everything else
     adapters.apply(model, peft_method, config, encode)
 method = adapters.method_of(model)  # the row of what this run trains (adapters/)
-task.check(model, (train_loader, val_loader))  # a block_size past its positions, token ids past its vocabulary
+task.check(model, (train_loader, val_loader), base)  # rows past its positions, ids of another tokenizer
+out_claim.clear()  # overwrite=True: the previous run's files go only now, once the model and the data have loaded
 hooks = method.training_hooks(model, checkpoint)  # AdaLoRA: a loss term, and ranks pruned after each step
 if method is not adapters.FULL and master_process:
     from lora import print_trainable_parameters
@@ -443,3 +444,4 @@ if ddp:
     # gloo abort rank 0's exit (a "terminate called" SIGABRT after all the work is done)
     dist.barrier()
     dist.destroy_process_group()
+out_claim.release()  # the next run may start into out_dir

@@ -44,20 +44,26 @@ def download(split, data_dir="data/hellaswag", base_url=BASE_URL, progress=True)
     if path.is_file():
         return path
     url = f"{base_url.rstrip('/')}/hellaswag_{split}.jsonl"
+    failed = f"could not download {url}"
     try:
-        # atomic: an interrupted download leaves no half file that the next run would take for the data set
-        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp, open(tmp, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {path.name}",
-                      disable=not progress) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+        response = urllib.request.urlopen(url, timeout=60)
     except OSError as e:  # urllib's URLError/HTTPError are OSErrors
-        if isinstance(e, (FileNotFoundError, PermissionError)) and e.filename and str(path.parent) in str(e.filename):
-            raise  # data_dir itself cannot be written: its own message names it
-        raise DownloadError(f"could not download {url}: {e}. Check the network, or download the file yourself "
-                            f"and pass it with --file") from e
+        raise DownloadError(f"{failed}: {e}. Check the network, or download the file yourself and pass it with "
+                            f"--file") from e
+    # atomic: an interrupted download leaves no half file that the next run would take for the data set; a data_dir
+    # that cannot be written (read-only, full) is an OSError of its own that names it
+    with response, atomic_path(path) as tmp, open(tmp, "wb") as f:
+        size = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {path.name}", disable=not progress) as bar:
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except OSError as e:  # the connection dropped
+                    raise DownloadError(f"{failed}: {e}. Check the network and run again") from e
+                if not chunk:
+                    break
+                f.write(chunk)
+                bar.update(len(chunk))
     return path
 
 

@@ -11,8 +11,11 @@ taking pairs [r*B, (r+1)*B) of them.
 
 Precomputed reference log-probs live next to the data, in reference_logps_<fingerprint>.npz (train and val, each
 (n_pairs, 2): chosen, rejected), named by the fingerprint of the model they were computed with: a resume, or
-another run from the same starting model, reads them instead of computing them again.
+another run from the same starting model, reads them instead of computing them again. The file also records the
+data_id of sft.json (a hash of the shards prepare_sft.py wrote): log-probs of other data are refused, even when
+the number of pairs is the same.
 """
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -81,19 +84,33 @@ def precompute_reference(loaders, logps_of, path, device, master=True, ddp=False
             if ddp:
                 dist.all_reduce(values)  # every pair was computed on exactly one rank, zeros elsewhere
             arrays[loader.split] = values.cpu().numpy()
+        counts = ', '.join(f'{len(a):,} {s}' for s, a in arrays.items())
+        data_id = loaders[0].header.get("data_id") if loaders else None
+        if data_id is not None:
+            arrays["data_id"] = np.array(data_id)
         if master:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-            print(f"reference log-probs of {', '.join(f'{len(a):,} {s}' for s, a in arrays.items())} pairs "
-                  f"saved to {path}")
+            print(f"reference log-probs of {counts} pairs saved to {path}")
         if ddp:
             dist.barrier()  # the file is whole before any rank goes on
     elif master:
         print(f"reference log-probs read from {path}")
-    with np.load(path, allow_pickle=False) as stored:
-        for loader in loaders:
-            values = stored[loader.split]
-            if values.shape != (len(loader.examples), 2):
-                raise UserError(f"{path} holds {values.shape[0]} {loader.split} pairs, {loader.data_dir} "
-                                 f"{len(loader.examples)}: the data changed since; delete {path} to compute it again")
-            loader.ref_logps = torch.from_numpy(values)
+    again = f"delete {path} to compute it again"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable file of reference log-probs ({reason}): {again}") from None
+    data_id = loaders[0].header.get("data_id") if loaders else None
+    if "data_id" in arrays and data_id is not None and str(arrays["data_id"]) != data_id:
+        raise UserError(f"{path} holds the reference log-probs of other data than {loaders[0].data_dir} holds now "
+                         f"(prepared again since?): {again}")
+    for loader in loaders:
+        values = arrays.get(loader.split)
+        if values is None or values.shape != (len(loader.examples), 2):
+            found = "no" if values is None else values.shape[0]
+            raise UserError(f"{path} holds {found} {loader.split} pairs, {loader.data_dir} "
+                             f"{len(loader.examples)}: the data changed since; {again}")
+        loader.ref_logps = torch.from_numpy(values)

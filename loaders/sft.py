@@ -19,35 +19,115 @@ the same on every rank.
 import glob
 import json
 import os
+import re
+import zipfile
 
 import numpy as np
 import torch
 from tools.errors import UserError
 
 HEADER = "sft.json"
+SHARD_NAME = re.compile(r"(train|val)_\d{6}\.npz")  # prepare_sft.py's shard names
+REMAKE = "remake the folder with prepare_sft.py --overwrite"
+
+
+def read_header(data_dir):
+    """sft.json of a prepare_sft.py folder, checked for what the loaders read."""
+    header_path = os.path.join(data_dir, HEADER)
+    if not os.path.isfile(header_path):
+        raise FileNotFoundError(f"data_dir {data_dir!r} has no {HEADER}: objective='sft' reads the folder "
+                                f"prepare_sft.py writes (python prepare_sft.py --input ... --val ... --out {data_dir})")
+    try:
+        with open(header_path, encoding="utf-8") as f:
+            header = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{header_path} is not valid JSON ({e}): the file is damaged; {REMAKE}") from None
+    missing = [k for k in ("tokenizer", "vocab_size") if not isinstance(header, dict) or k not in header]
+    if missing:
+        raise UserError(f"{header_path} lacks {', '.join(missing)}: not the header prepare_sft.py writes; {REMAKE}")
+    if not isinstance(header.get("splits", {}), dict):
+        raise UserError(f"{header_path}: \"splits\" is not an object: not the header prepare_sft.py writes; {REMAKE}")
+    return header
+
+
+def split_info(header, split):
+    """What sft.json records of one split ({} when nothing)."""
+    info = header.get("splits", {}).get(split)
+    return info if isinstance(info, dict) else {}
+
+
+def shard_paths(data_dir, header, split):
+    """The split's shard files: those sft.json lists (a file the header does not name is not read), else every
+    {split}_*.npz of the folder (headers of older versions list none)."""
+    listed = split_info(header, split).get("shards")
+    if isinstance(listed, list):
+        return [os.path.join(data_dir, name) for name in listed]
+    return sorted(glob.glob(os.path.join(data_dir, f"{split}_*.npz")))
+
+
+def read_shard(path):
+    """(tokens, mask, offsets) of one shard, checked: a truncated or foreign file is refused by name."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing, though {HEADER} lists it; {REMAKE}")
+    try:
+        with np.load(path, allow_pickle=False) as shard:
+            tokens, mask, offsets = shard["tokens"], shard["mask"], shard["offsets"]
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable shard ({reason}): the file is truncated or not prepare_sft.py's; "
+                         f"{REMAKE}") from None
+    if (tokens.ndim != 1 or mask.shape != tokens.shape or offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0
+            or offsets[-1] != len(tokens) or np.any(np.diff(offsets) < 1)):
+        raise UserError(f"{path}: tokens, mask and offsets do not fit together; {REMAKE}")
+    return tokens, mask, offsets
 
 
 def read_examples(data_dir, split, kind="sft"):
     """(header, [(ids, mask)]) of one split: numpy arrays per example, in file order. kind: what the objective
     needs, 'sft' (examples) or 'preference' (pairs, as consecutive examples)."""
-    header_path = os.path.join(data_dir, HEADER)
-    if not os.path.isfile(header_path):
-        raise FileNotFoundError(f"data_dir {data_dir!r} has no {HEADER}: objective='sft' reads the folder "
-                                f"prepare_sft.py writes (python prepare_sft.py --input ... --val ... --out {data_dir})")
-    with open(header_path) as f:
-        header = json.load(f)
+    header = read_header(data_dir)
     if header.get("kind", "sft") != kind:
         need, other = ("dpo", "sft") if kind == "preference" else ("sft", "dpo")
         raise UserError(f"data_dir {data_dir!r} holds {header.get('kind', 'sft')} data, but objective={need!r} "
                          f"needs {kind} data: prepare another folder, or use objective={other!r}")
     examples = []
-    for path in sorted(glob.glob(os.path.join(data_dir, f"{split}_*.npz"))):
-        with np.load(path, allow_pickle=False) as shard:
-            tokens, mask, offsets = shard["tokens"], shard["mask"], shard["offsets"]
+    for path in shard_paths(data_dir, header, split):
+        tokens, mask, offsets = read_shard(path)
         examples += [(tokens[a:b].astype(np.int64), mask[a:b].astype(bool)) for a, b in zip(offsets[:-1], offsets[1:])]
     if not examples:
         raise FileNotFoundError(f"{data_dir} holds no {split} shards ({split}_*.npz); remake it with prepare_sft.py")
+    if kind == "preference" and len(examples) % 2:
+        raise UserError(f"{data_dir}: its {split} shards hold {len(examples)} examples, not whole pairs; {REMAKE}")
+    expected = split_info(header, split).get("examples")
+    per_item, items = (2, "pairs") if kind == "preference" else (1, "examples")
+    if isinstance(expected, int) and expected * per_item != len(examples):
+        raise UserError(f"{data_dir}: {HEADER} counts {expected} {split} {items}, its shards hold "
+                         f"{len(examples) // per_item}; {REMAKE}")
     return header, examples
+
+
+def check_tokenizer(data_dir, header, model_spec):
+    """Refuse data tokenized with another tokenizer than the model's: model_spec is what load_tokenizer takes for
+    the model (its folder, out_dir, adapter or .gguf file; None: a model from scratch, which takes any data). The
+    tokenizers are compared by what they do (tokenizer_fingerprint), not by the names they were given."""
+    if model_spec is None:
+        return
+    from tokenization import load_tokenizer
+    from tokenization.tokenizer import tokenizer_fingerprint
+    try:
+        model_tok = load_tokenizer(model_spec)
+    except (ValueError, OSError, ImportError):
+        return  # a model without a tokenizer of its own: the vocabulary check is all there is
+    data = header.get("tokenizer_fingerprint")
+    if data is None:  # a folder from an older prepare_sft.py: load the tokenizer it names
+        try:
+            data = tokenizer_fingerprint(load_tokenizer(header["tokenizer"]))
+        except (ValueError, OSError, ImportError):
+            return
+    if data != tokenizer_fingerprint(model_tok):
+        raise UserError(f"{data_dir} was tokenized with {header['tokenizer']}, another tokenizer than the model's "
+                         f"({model_tok.name}): its token ids would mean other words to the model; prepare it with "
+                         f"prepare_sft.py --tokenizer {model_spec}")
 
 
 def example_xy(ids, mask):
@@ -85,6 +165,10 @@ class SFTLoader:
                              f"{T + 1}; use a larger block_size, or prepare_sft.py --block_size={T + 1}")
         self.pad_id = int(self.header.get("pad_id", 0))
         self.epoch, self.row, self._rows_epoch, self._rows = 0, 0, None, None
+
+    def check_tokenizer(self, model_spec):
+        """Refuse data made with another tokenizer than the model's (check_tokenizer above)."""
+        check_tokenizer(self.data_dir, self.header, model_spec)
 
     def check_vocab(self, vocab_size):
         """Refuse a folder tokenized with more ids than the model has embeddings for."""

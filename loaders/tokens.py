@@ -23,6 +23,23 @@ import torch
 from tools.errors import UserError
 
 
+def load_tokens(path, mmap_mode=None):
+    """A shard's token array; a truncated or foreign .npy file is refused by name (numpy's own message may advise
+    unpickling, which a data file never needs)."""
+    try:
+        tokens = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a file the system cannot read (permission, I/O): its own message names it
+        reason = "it holds Python objects" if "pickle" in str(e) or "objects" in str(e) else str(e).split(".")[0]
+        raise UserError(f"shard {path} is not a readable .npy array of token ids ({reason}): the file is truncated "
+                         f"or not fineweb.py's; remake the shards with fineweb.py") from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise UserError(f"shard {path} is not a 1-D array of token ids (shape {tokens.shape}, dtype {tokens.dtype}); "
+                         f"remake it with fineweb.py")
+    return tokens
+
+
 class DataLoaderLite:
     def __init__(self, data_dir, B, T, process_rank=0, num_processes=1, split="train"):
         if split not in ("train", "val"):
@@ -43,7 +60,7 @@ class DataLoaderLite:
             )
         # check every shard now (mmap reads only the header) rather than crash hours in at a short last shard
         for path in self.shards:
-            n_tokens = len(np.load(path, mmap_mode="r", allow_pickle=False))
+            n_tokens = len(load_tokens(path, mmap_mode="r"))
             self._check_fits(path, n_tokens)
         self.reset()
 
@@ -57,10 +74,7 @@ class DataLoaderLite:
             )
 
     def _load_shard(self, index):
-        tokens = np.load(self.shards[index], allow_pickle=False)
-        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise UserError(f"shard {self.shards[index]} is not a 1-D array of token ids "
-                             f"(shape {tokens.shape}, dtype {tokens.dtype}); remake it with fineweb.py")
+        tokens = load_tokens(self.shards[index])
         if self.vocab_size is not None:
             self._check_ids(self.shards[index], tokens)
         return tokens

@@ -69,8 +69,9 @@ class Objective:
     def make_loaders(self):
         raise NotImplementedError
 
-    def check(self, model, loaders):
-        """Refuse data the model cannot read: rows longer than its positions, token ids past its vocabulary."""
+    def check(self, model, loaders, base=None):
+        """Refuse data the model cannot read: rows longer than its positions, token ids past its vocabulary or of
+        another tokenizer than the model's (base: what the model was loaded from; None: from scratch)."""
         block_size = self.c["block_size"]
         if block_size > model.max_seq_len:
             virtual = f" (after {model.num_virtual_tokens} virtual tokens)" if model.num_virtual_tokens else ""
@@ -78,6 +79,8 @@ class Objective:
                             f"{virtual}")
         for loader in loaders:
             loader.check_vocab(model.config.vocab_size)
+            if hasattr(loader, "check_tokenizer"):  # data that records its tokenizer (prepare_sft.py's folders)
+                loader.check_tokenizer(base)
 
     def start(self, model, **run_state):
         """Prepare what the objective needs beyond the model (DPO's reference). run_state: base, base_fingerprint,

@@ -15,6 +15,7 @@ never seen. Before tuning the policy is its own reference, so the held-out rewar
 """
 import argparse
 import random
+import sys
 from pathlib import Path
 
 from fineweb import shakespeare_play_paths
@@ -34,7 +35,9 @@ def records(play_text, rng):
     for split, speeches_of_split in splits.items():
         out[split] = []
         for i, (speaker, words) in enumerate(speeches_of_split):
-            j = rng.choice([k for k in range(len(speeches_of_split)) if k != i])
+            answer = words[PROMPT_WORDS:PROMPT_WORDS + ANSWER_WORDS]  # never a pair of two equal answers
+            j = rng.choice([k for k in range(len(speeches_of_split))
+                            if k != i and speeches_of_split[k][1][PROMPT_WORDS:PROMPT_WORDS + ANSWER_WORDS] != answer])
             other = speeches_of_split[j][1]
             out[split].append({
                 "prompt": f"{speaker}:\n{' '.join(words[:PROMPT_WORDS])}",
@@ -59,6 +62,7 @@ def make(out_dir, plays=PLAYS, seed=0):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/shakespeare_pairs")
-    args = parser.parse_args()
+    from tools.errors import report_user_errors
+    args = parser.parse_args(report_user_errors(sys.argv[1:]))
     n_train, n_val = make(args.out)
     print(f"{args.out}: {n_train} train and {n_val} val preference pairs ({len(PLAYS)} plays)")

@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def write_splits(out_dir, train, val):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/shakespeare_speakers")
-    args = parser.parse_args()
+    from tools.errors import report_user_errors
+    args = parser.parse_args(report_user_errors(sys.argv[1:]))
     n_train, n_val = make(args.out)
     print(f"{args.out}: {n_train} train and {n_val} val records (speaker attribution, {len(PLAYS)} plays)")

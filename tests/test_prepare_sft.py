@@ -118,9 +118,15 @@ def test_bad_records_stop_with_file_line_and_field(tmp_path, line, message):
 
 
 def test_the_command_line_reports_a_bad_record_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from conftest import subprocess_env
+    from test_train import ROOT
     data = write_jsonl(tmp_path / "d.jsonl", ['{"prompt": 3, "completion": "b"}'])
-    with pytest.raises(SystemExit, match=r"^prepare_sft.py: .*d.jsonl:1: field 'prompt' must be a non-empty string"):
-        prepare_sft.main(["--input", str(data), "--val", str(data), "--out", str(tmp_path / "out")])
+    argv = [sys.executable, "prepare_sft.py", "--input", str(data), "--val", str(data), "--out", str(tmp_path / "out")]
+    done = subprocess.run(argv, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: ") and "d.jsonl:1: field 'prompt' must be a non-empty string" in done.stderr
 
 
 def test_an_interrupted_preparation_leaves_nothing_behind(tmp_path, monkeypatch):

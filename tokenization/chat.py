@@ -58,16 +58,28 @@ def compile_template(source):
 
 
 def render_chat(tok, messages, add_generation_prompt=False):
-    """The chat as one string, as tokenizer.apply_chat_template(messages, tokenize=False) renders it."""
+    """The chat as one string, as tokenizer.apply_chat_template(messages, tokenize=False) renders it. A template
+    that does not compile or that fails (its own raise_exception, the sandbox refusing an unsafe access, any error
+    in its code) is a UserError naming the template's checkpoint."""
+    import jinja2
     bos_token, eos_token = special_tokens(tok)
-    template = compile_template(tok.chat_template or PLAIN_CHAT_TEMPLATE)
-    return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos_token, eos_token=eos_token)
+    which = f"the chat template of {tok.name}" if tok.chat_template else "the plain chat template"
+    try:
+        template = compile_template(tok.chat_template or PLAIN_CHAT_TEMPLATE)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"{which} is not valid Jinja (line {e.lineno}: {e.message}); fix its chat_template") from None
+    try:
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token)
+    except Exception as e:  # the template is the checkpoint's code: whatever it raises is about it
+        kind = "refuses this chat" if type(e) is jinja2.TemplateError else f"fails ({type(e).__name__})"
+        raise UserError(f"{which} {kind}: {e}") from None
 
 
-def chat_pieces(tok, messages):
-    """[(text, trained)]: the rendered chat cut into pieces; trained pieces are assistant replies with their
-    end-of-turn token. Concatenated, the texts are exactly render_chat(tok, messages)."""
+def chat_pieces(tok, messages, train_from=0):
+    """[(text, reply, trained)]: the rendered chat cut into pieces; reply pieces are assistant replies with their
+    end-of-turn token, trained those of the messages from index train_from on. Concatenated, the texts are exactly
+    render_chat(tok, messages)."""
     pieces, done, eos_token = [], "", special_tokens(tok)[1]
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -79,19 +91,21 @@ def chat_pieces(tok, messages):
                              "assistant's tokens cannot be found; use a template without that property")
         reply = full[len(prompt):]
         end = reply.rfind(eos_token) + len(eos_token) if eos_token in reply else len(reply)
-        pieces += [(prompt[len(done):], False), (reply[:end], True), (reply[end:], False)]
+        pieces += [(prompt[len(done):], False, False), (reply[:end], True, i >= train_from),
+                   (reply[end:], False, False)]
         done = full
-    pieces.append((render_chat(tok, messages)[len(done):], False))
-    return [(text, trained) for text, trained in pieces if text]
+    pieces.append((render_chat(tok, messages)[len(done):], False, False))
+    return [piece for piece in pieces if piece[0]]
 
 
-def chat_ids(tok, messages):
-    """(ids, mask): the chat's token ids and 1 on the assistant's tokens, 0 elsewhere. Each piece is tokenized on
-    its own: its ends are template text, so the cuts fall where one token ends and the next begins."""
+def chat_ids(tok, messages, train_from=0):
+    """(ids, mask): the chat's token ids and 1 on the assistant's tokens (of the messages from index train_from
+    on), 0 elsewhere. Each piece is tokenized on its own: its ends are template text, so the cuts fall where one
+    token ends and the next begins."""
     ids, mask, eos_token = [], [], special_tokens(tok)[1]
-    for text, trained in chat_pieces(tok, messages):
+    for text, reply, trained in chat_pieces(tok, messages, train_from):
         piece = tok.encode(text, add_special_tokens=False)
-        if trained and not text.endswith(eos_token):
+        if reply and not text.endswith(eos_token):
             piece = piece + [tok.eos_id]  # the template ends turns without eos: add it, generation must stop
         ids += piece
         mask += [int(trained)] * len(piece)
@@ -101,4 +115,3 @@ def chat_ids(tok, messages):
 def generation_prompt_ids(tok, messages):
     """Token ids of the chat followed by the template's generation prompt: what sample.py --chat feeds the model."""
     return tok.encode(render_chat(tok, messages, add_generation_prompt=True), add_special_tokens=False)
-

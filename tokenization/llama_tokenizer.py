@@ -20,6 +20,8 @@ Scripts call tokenizer.load_tokenizer(spec), which also follows out_dirs and ada
 import json
 from pathlib import Path
 
+from tools.errors import UserError
+
 
 class HFTokenizer:
     """The Tokenizer interface over a `tokenizers.Tokenizer`; name is the folder or .gguf file it was read from."""
@@ -49,13 +51,18 @@ class HFTokenizer:
             raise FileNotFoundError(f"{folder}: no tokenizer.json. Hugging Face checkpoints ship one; copy it into "
                                     f"this folder (older checkpoints with only tokenizer.model need converting with "
                                     f"transformers first)")
-        tokenizer = tokenizer_class().from_file(str(folder / "tokenizer.json"))
+        try:
+            tokenizer = tokenizer_class().from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust tokenizers' own error: truncated, not JSON, or another library's format
+            raise UserError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers package can read "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); copy the checkpoint's "
+                             f"tokenizer.json again") from None
         config, model_config = (_read_json(folder / name) for name in ("tokenizer_config.json", "config.json"))
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one
             template = {t.get("name"): t.get("template") for t in template}.get("default")
         if (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text()
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         return cls(tokenizer, str(folder), *_bos_eos(tokenizer, config, model_config), template)
 
     @classmethod
@@ -69,7 +76,15 @@ class HFTokenizer:
 
 
 def _read_json(path):
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); restore the file from the checkpoint it came with") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: a JSON object was expected, got {type(content).__name__}")
+    return content
 
 
 def _bos_eos(tokenizer, config, model_config):

@@ -139,6 +139,29 @@ class GPT2Tokenizer:
         return gpt2_encoding().decode([t for t in ids if t < N_VOCAB and not (skip_special_tokens and t == EOT)])
 
 
+# text whose ids tell tokenizers apart (tokenizer_fingerprint): words, digits, code, accents, other scripts, emoji
+FINGERPRINT_TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789 3.14159\n\tdef f(x):\n        return x**2 "
+                    "# naïve café, Größe, ñandú; Москва, Αθήνα, 東京, 서울, مرحبا 🙂 ¿Qué? «ok» — don't <b>bold</b>")
+
+
+def tokenizer_fingerprint(tok):
+    """A short hash of how `tok` turns text into ids: the same tokenizer, whether read from a folder, an out_dir, an
+    adapter or a .gguf file, gives the same one; another tokenizer (GPT-2's vs SmolLM2's) a different one."""
+    ids = tok.encode(FINGERPRINT_TEXT)
+    return hashlib.sha256(json.dumps([tok.vocab_size, tok.bos_id, tok.eos_id, ids]).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_vocab():
+    """GPT-2's {token: id} (encoder.json), to recognise GPT-2's tokenizer in a folder's own files."""
+    with open(os.path.join(gpt2_data_dir(), "encoder.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _is_gpt2_vocab(vocab):
+    return isinstance(vocab, dict) and len(vocab) == N_VOCAB and vocab == gpt2_vocab()
+
+
 def load_tokenizer(spec=None, vocab_size=None):
     """The tokenizer of `spec`, which names a model in any of the ways the scripts accept:
       None or 'gpt2'                    GPT-2's (models trained from scratch read GPT-2 shards)
@@ -163,7 +186,7 @@ def _find(spec, trail):
     """trail: the out_dirs and adapter folders followed to get here (for messages, and to stop a cycle)."""
     if spec is None or str(spec) == "gpt2":
         return GPT2Tokenizer()
-    from tokenization.llama_tokenizer import HFTokenizer
+    from tokenization.llama_tokenizer import HFTokenizer, _read_json
     from training.checkpoint import CKPT_NAME, read_checkpoint
     path = Path(os.fspath(spec)).expanduser()
     where = f"{path} (the base of {trail[-1]})" if trail else str(path)
@@ -187,12 +210,23 @@ def _find(spec, trail):
         raise UserError(f"{where}: a file, but neither a .gguf model nor a checkpoint (.pt); name a model folder, "
                          f"a training out_dir, an adapter folder or a .gguf file")
     config = path / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "gpt2":
-        return GPT2Tokenizer()
+    model_type = _read_json(config).get("model_type") if config.is_file() else None
     if (path / "tokenizer.json").is_file():
+        # a GPT-2 checkpoint is read with GPT-2's own tokenizer (an <|endoftext|> opens every text), unless the folder's
+        # tokenizer.json holds another vocabulary (a GPT-2 architecture trained with its own tokenizer)
+        if model_type == "gpt2" and _is_gpt2_vocab(_read_json(path / "tokenizer.json").get("model", {}).get("vocab")):
+            return GPT2Tokenizer()
         return HFTokenizer.from_folder(path)
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():  # transformers' slow tokenizer files
+        if _is_gpt2_vocab(_read_json(path / "vocab.json")):
+            return GPT2Tokenizer()
+        raise UserError(f"{where}: a tokenizer in vocab.json + merges.txt without tokenizer.json; write its "
+                         f"tokenizer.json with transformers: AutoTokenizer.from_pretrained(FOLDER).save_pretrained("
+                         f"FOLDER)")
+    if model_type == "gpt2":
+        return GPT2Tokenizer()
     if (path / "adapter_config.json").is_file():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = _read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise UserError(f"{where}: adapter_config.json names no base_model_name_or_path, so its tokenizer is "
                              f"unknown; write the base model's folder there, or name the base model instead")
