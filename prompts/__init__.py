@@ -49,14 +49,14 @@ class PromptConfig:
 
 
 def model_dims(model):
-    """(n_layer, n_embd, n_kv_head, head_dim) of our GPT or LLaMA."""
+    """(n_layer, n_embd, n_kv_head, head_dim) of any of our model families."""
     c = model.config
     n_kv_head = getattr(c, "n_kv_head", None) or c.n_head
     return c.n_layer, c.n_embd, n_kv_head, getattr(c, "head_dim", None) or c.n_embd // c.n_head
 
 
 def word_embeddings(model):
-    for name in ("transformer.wte", "model.embed_tokens"):  # GPT, LLaMA
+    for name in ("transformer.wte", "model.embed_tokens"):  # GPT; LLaMA and Gemma
         try:
             return model.get_submodule(name)
         except AttributeError:
@@ -72,7 +72,7 @@ def build_encoder(model, config, encode=None, inference_mode=False):
         if config.init == "text" and not ids:
             raise UserError(f"PromptConfig.init_text {config.init_text!r} encodes to no tokens")
         init = "random" if inference_mode else config.init
-        return PromptEmbedding(n, n_embd, init, word_embeddings(model), ids)
+        return PromptEmbedding(n, n_embd, init, word_embeddings(model), ids, embed=getattr(model, "embed", None))
     if config.method == "ptuning":
         return PromptEncoder(n, n_embd, hidden, config.encoder_type, config.encoder_num_layers, config.encoder_dropout,
                              inference_mode)

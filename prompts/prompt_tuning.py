@@ -18,7 +18,10 @@ from prompts.past import prefill_embeddings
 
 
 class PromptEmbedding(nn.Module):
-    def __init__(self, num_virtual_tokens, token_dim, init="random", word_embeddings=None, init_token_ids=None):
+    def __init__(self, num_virtual_tokens, token_dim, init="random", word_embeddings=None, init_token_ids=None,
+                 embed=None):
+        """embed: the model's ids -> input embeddings where they are more than the table's rows (Gemma scales
+        them by sqrt(C)); the sampled or text init starts from what the model itself feeds its first block."""
         super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
         self.embedding = nn.Embedding(num_virtual_tokens, token_dim)  # (n, C): the soft prompt
@@ -29,7 +32,8 @@ class PromptEmbedding(nn.Module):
             init_token_ids = torch.tensor((list(init_token_ids) * repeats)[:num_virtual_tokens])
         if init in ("sample_vocab", "text"):
             with torch.no_grad():
-                self.embedding.weight.copy_(word_embeddings.weight[init_token_ids.to(word_embeddings.weight.device)])
+                ids = init_token_ids.to(word_embeddings.weight.device)
+                self.embedding.weight.copy_(embed(ids) if embed is not None else word_embeddings.weight[ids])
 
     def forward(self):
         return self.embedding.weight  # (n, C)

@@ -291,7 +291,7 @@ def peak_rss_bytes():
 
 
 def load_quantized(spec, method, skip=DEFAULT_SKIP, dtype=None, verbose=True, **overrides):
-    """A Hugging Face GPT-2 or LLaMA folder (or cached hub name), or a .gguf file, its Linear layers quantized as
+    """A Hugging Face folder of any family in model.MODELS (or cached hub name), or a .gguf file, its Linear layers quantized as
     they are read.
 
     The model is built on the meta device (no memory), then filled one tensor at a time (formats/stream.py; for a

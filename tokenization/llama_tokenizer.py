@@ -51,8 +51,9 @@ class HFTokenizer:
             raise FileNotFoundError(f"{folder}: no tokenizer.json. Hugging Face checkpoints ship one; copy it into "
                                     f"this folder (older checkpoints with only tokenizer.model need converting with "
                                     f"transformers first)")
+        Tokenizer = tokenizer_class()  # the package missing is its own error
         try:
-            tokenizer = tokenizer_class().from_file(str(folder / "tokenizer.json"))
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # the Rust tokenizers' own error: truncated, not JSON, or another library's format
             raise UserError(f"{folder / 'tokenizer.json'} is not a tokenizer the tokenizers package can read "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); copy the checkpoint's "

@@ -3,7 +3,7 @@
 A checkpoint is one torch.save'd dict of tensors and plain Python values, loaded back with
 `torch.load(weights_only=True)` (no pickled classes, so nothing in it can run code):
     model        full state dict, or for an adapter run only the adapter's tensors (LoRA: plus modules_to_save)
-    model_type   a key of model.MODELS ('gpt2', 'llama');  model_args: the model's config dataclass as a dict
+    model_type   a key of model.MODELS ('gpt2', 'llama', 'gemma3_text');  model_args: the model's config dataclass as a dict
     peft         {"method": a key of adapters.METHODS, "config": its config as a dict}, or None (full weights)
     lora         a LoRA run's config again (what older checkpoints have instead of peft), or None
     base         the model the run started from (None: scratch), which for an adapter run is its frozen base
@@ -172,7 +172,7 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     - a folder with adapter_config.json             -> its base (`base` or base_model_name_or_path) + adapter
                                                        (LoRA, AdaLoRA, prompt, P-tuning or prefix tuning)
     - a Hugging Face folder or cached hub name      -> the class model.MODELS has for its model_type
-    - a .gguf file (llama.cpp)                      -> LLaMA, dequantized (formats/gguf.py)
+    - a .gguf file (llama.cpp)                      -> LLaMA or Gemma 3, dequantized (formats/gguf.py)
     `overrides` may set dropout, whatever the model's own config says.
     quantize: '' or None = full precision, except that None loads a QLoRA run's out_dir the way it trained;
     'nf4' | 'int8' quantizes the base's Linear layers while loading (quant/quantize.py), a .gguf's as a folder's.

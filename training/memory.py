@@ -69,7 +69,13 @@ def saved_widths(model):
             return [C] + [C] * norm.weight.requires_grad + [C] * keeps_input(*readers)
         widths = rms_norm(blk.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj)
         widths += [q, q, q, q]  # attention keeps rotated q, k and v (k, v repeated to H heads) and its output
-        widths += rms_norm(blk.post_attention_layernorm, mlp.gate_proj, mlp.up_proj)
+        gemma = hasattr(blk, "pre_feedforward_layernorm")  # model/gemma.py: q/k norms, a norm on each branch's output
+        if gemma:
+            kv = c.n_kv_head * c.head_dim
+            widths += [q, q, kv, kv]  # q_norm, k_norm: their inputs and x * rsqrt
+            widths += rms_norm(blk.post_attention_layernorm) + rms_norm(blk.post_feedforward_layernorm)
+        widths += rms_norm(blk.pre_feedforward_layernorm if gemma else blk.post_attention_layernorm, mlp.gate_proj,
+                           mlp.up_proj)
         widths += [Fi, Fi, Fi] + [Fi] * keeps_input(mlp.down_proj)  # gate(x); silu(gate(x)), up(x); their product
         final = model.model.norm
         return widths, [C] + [C] * final.weight.requires_grad + [C]  # the last: the head's input, kept by the loss
