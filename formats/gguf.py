@@ -45,7 +45,7 @@ LAYER_NAMES = {
 
 
 # general.architecture -> the module that reads that family's files; None: this file's functions (LLaMA). Each of
-# hf_config, hf_tensors, load_gguf, meta_model_and_gguf_tensors, tokenizer_json, tokenizer_config and convert_gguf
+# hf_config, hf_tensors, load_gguf, meta_model_and_gguf_tensors, tokenizer_json and convert_gguf
 # hands another family's file to its module (family below).
 ARCHITECTURES = {"llama": None, "gemma3": "formats.gguf_gemma3"}
 
@@ -278,16 +278,16 @@ def tokenizer_json(reader):
 
 
 def tokenizer_config(reader):
-    """tokenizer_config.json: special tokens by text, whether to add BOS, and the chat template (Jinja)."""
-    if family(reader):
-        return family(reader).tokenizer_config(reader)
+    """tokenizer_config.json: special tokens by text, whether to add BOS (where the file does not say: the family's
+    ADD_BOS, Gemma's yes, LLaMA's files no), and the chat template (Jinja)."""
+    add_bos = getattr(family(reader), "ADD_BOS", False)
     tokens = field(reader, "tokenizer.ggml.tokens")
     special = {name: tokens[i] for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                                                  ("pad_token", "padding"))
                if (i := field(reader, f"tokenizer.ggml.{key}_token_id")) is not None}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-              "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
-              "model_max_length": field(reader, "llama.context_length")}
+              "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", add_bos)),
+              "model_max_length": field(reader, f"{field(reader, 'general.architecture')}.context_length")}
     template = field(reader, "tokenizer.chat_template")
     if template is not None:
         config["chat_template"] = template

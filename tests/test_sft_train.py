@@ -9,7 +9,7 @@ import training.checkpoint as checkpoint
 from model import GPT, LLaMA
 from prepare_sft import HEADER, write_split
 from loaders.sft import SFTLoader
-from test_train import read_log, run_torchrun, run_train, tiny_flags
+from test_train import read_log, run_torchrun, run_train, run_until_the_first_checkpoint, tiny_flags
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 128
@@ -113,20 +113,6 @@ def test_two_process_ddp_matches_one_process_with_twice_the_accumulation_on_unev
     for key, rel in (("train_loss", 1e-5), ("grad_norm", 1e-4), ("val_loss", 1e-5), ("val_exact_match", 0)):
         assert [r[key] for r in ddp if key in r] == pytest.approx([r[key] for r in single if key in r], rel=rel), key
     assert [r["step"] for r in ddp if "val_exact_match" in r] == [0, 2]
-
-
-def run_until_the_first_checkpoint(argv, monkeypatch):
-    """train.py ARGV, stopped (KeyboardInterrupt) right after it has written its first checkpoint."""
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(argv, monkeypatch)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
 
 
 def test_sft_run_resumes_at_its_data_position_with_the_same_losses(tmp_path, monkeypatch):

@@ -44,6 +44,20 @@ def run_train(argv, monkeypatch):
     return runpy.run_path(str(ROOT / "train.py"), run_name="__main__")  # the run's globals
 
 
+def run_until_the_first_checkpoint(argv, monkeypatch):
+    """train.py ARGV, stopped (KeyboardInterrupt) right after it has written its first checkpoint."""
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(argv, monkeypatch)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+
+
 def read_log(out_dir):
     with open(Path(out_dir) / "log.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -99,16 +113,8 @@ def test_a_checkpoint_with_the_older_spelling_of_its_settings_resumes_as_the_sam
     if init:
         run_train(tiny_flags(tmp_path, out_dir=tmp_path / "base", max_steps=1), monkeypatch)
     run_train(tiny_flags(tmp_path, out_dir=tmp_path / "whole", **init, **method), monkeypatch)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(tiny_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **init, **method), monkeypatch)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    run_until_the_first_checkpoint(tiny_flags(tmp_path, out_dir=tmp_path / "split", checkpoint_interval=3, **init,
+                                              **method), monkeypatch)
     path = tmp_path / "split" / "ckpt.pt"
     saved = torch.load(path, weights_only=True)
     saved["config"].update(old_spelling)  # as an older train.py wrote it

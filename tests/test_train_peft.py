@@ -8,7 +8,7 @@ import torch
 
 import training.checkpoint as checkpoint
 from model import GPT
-from test_train import read_log, run_train, tiny_flags, write_shards
+from test_train import read_log, run_train, run_until_the_first_checkpoint, tiny_flags, write_shards
 from test_train_lora import hf_gpt2_base  # noqa: F401  (the trained base fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -59,17 +59,8 @@ def test_adapter_run_trains_only_its_adapter_and_loads_in_peft_and_ours(method, 
 def test_adapter_run_resumes_with_the_same_losses(method, tmp_path, monkeypatch, hf_gpt2_base):
     write_shards(tmp_path / "data", stride=3)
     run_train(peft_flags(tmp_path, hf_gpt2_base, method, out_dir=tmp_path / "whole"), monkeypatch)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(peft_flags(tmp_path, hf_gpt2_base, method, out_dir=tmp_path / "split", checkpoint_interval=4),
-                  monkeypatch)
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    run_until_the_first_checkpoint(peft_flags(tmp_path, hf_gpt2_base, method, out_dir=tmp_path / "split",
+                                              checkpoint_interval=4), monkeypatch)
     run_train(peft_flags(tmp_path, hf_gpt2_base, method, out_dir=tmp_path / "split", init_from="resume"), monkeypatch)
     whole = [r["train_loss"] for r in read_log(tmp_path / "whole")]
     split = [r["train_loss"] for r in read_log(tmp_path / "split")]
