@@ -246,13 +246,9 @@ optimizer = configure_adamw(raw_model, weight_decay, max_lr, (beta1, beta2), dev
 # from here on each rank draws its own dropout masks (nanoGPT's seed_offset): with one seed everywhere, every rank
 # would drop the same positions of its micro-batch
 torch.manual_seed(seed + ddp_rank)
-if checkpoint is not None:
+if checkpoint is not None:  # the optimizer's moments and every rank's RNG stream continue where they stopped
     load_optimizer_state(raw_model, optimizer, checkpoint["optimizer"])  # the same file from one process, ddp or fsdp
-    if len(checkpoint["rng"]) == world_size:  # one RNG state per rank: each continues its own stream
-        set_rng_state(checkpoint["rng"], ddp_rank, device)
-    elif master_process:
-        print(f"the checkpoint has RNG states for {len(checkpoint['rng'])} process(es) and this run has {world_size}:"
-              f" the RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
+    set_rng_state(checkpoint["rng"], ddp_rank, device, world_size, master_process)
     checkpoint = None  # free the memory
 memory_estimate = estimate_peak_bytes(raw_model, batch_size * task.rows_per_item, block_size,
                                       loss_chunk_size=0 if task.full_logits else None,
@@ -428,15 +424,8 @@ if method is not adapters.FULL:
         print(f"adapter saved to {Path(out_dir) / 'adapter'} (PEFT format)")
 if merge_on_save:  # the settings check allows it only for methods that fold into the weights
     whole = plain_copy(raw_model)  # rank 0: the model unsharded (itself without fsdp)
-    if master_process:
-        error = save_merged(whole, Path(out_dir) / "merged", val_loader.next_batch()[0].to(device), autocast)
-        print(f"merged model saved to {Path(out_dir) / 'merged'} (Hugging Face format, full precision); largest "
-              f"|logit difference| merged vs unmerged on a val batch: {error:.2e}")
-        if merge_gguf:  # the same weights (save_merged merged `whole` in place) as one file for llama.cpp / ollama
-            from formats.gguf_export import write_gguf
-            write_gguf(whole, tokenizer, Path(out_dir) / "merged.gguf", merge_gguf, overwrite=True,
-                       name=Path(out_dir).name)
-            print(f"merged model saved to {Path(out_dir) / 'merged.gguf'} (GGUF, {merge_gguf}; docs/gguf_export.md)")
+    if master_process:  # out_dir/merged (Hugging Face), and with merge_gguf out_dir/merged.gguf (llama.cpp)
+        save_merged(whole, out_dir, val_loader.next_batch()[0].to(device), autocast, tokenizer, merge_gguf)
 if wandb_run is not None:
     wandb_run.finish()
 if ddp:

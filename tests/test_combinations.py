@@ -307,7 +307,7 @@ def test_the_merged_export_gives_transformers_the_logits_of_the_unmerged_model(c
     idx = torch.randint(0, 128, (2, BLOCK), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         unmerged = model(idx)[0]
-    save_merged(model, tmp_path / "merged", idx, contextlib.nullcontext())  # what train.py writes
+    save_merged(model, tmp_path, idx, contextlib.nullcontext())  # what train.py writes: tmp_path/merged
     with torch.no_grad():
         merged = hf_model(tmp_path / "merged")(idx).logits
     assert (merged - unmerged).abs().max().item() < 1e-4
@@ -341,7 +341,7 @@ def test_the_merged_export_of_a_sharded_model_gives_the_logits_of_the_unmerged_m
         unmerged = model(idx)[0]
     with process_group_of_one(tmp_path):
         wrap(model, "fsdp", "cpu", 0)
-        save_merged(plain_copy(model), tmp_path / "merged", idx, contextlib.nullcontext())  # as train.py does
+        save_merged(plain_copy(model), tmp_path, idx, contextlib.nullcontext())  # as train.py does: tmp_path/merged
     with torch.no_grad():
         merged = hf_model(tmp_path / "merged")(idx).logits
     assert (merged - unmerged).abs().max().item() < 1e-4

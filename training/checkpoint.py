@@ -38,8 +38,14 @@ def rng_state(device="cpu"):
     return state
 
 
-def set_rng_state(states, rank=0, device="cpu"):
-    """Restore this rank's entry of the per-rank list that save_checkpoint wrote."""
+def set_rng_state(states, rank=0, device="cpu", world_size=None, verbose=True):
+    """Restore this rank's entry of the per-rank list that save_checkpoint wrote. A run with another number of
+    processes than the checkpoint's restarts from seed + rank instead (and says so)."""
+    if world_size is not None and len(states) != world_size:
+        if verbose:
+            print(f"the checkpoint has RNG states for {len(states)} process(es) and this run has {world_size}: the "
+                  f"RNG restarts from seed + rank, so dropout will not repeat an uninterrupted run bit for bit")
+        return
     state = states[rank]
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
@@ -206,10 +212,11 @@ def load_model(spec, base=None, dtype=None, quantize=None, **overrides):
     return load_pretrained(spec, dtype=dtype, **overrides)
 
 
-def save_merged(model, folder, x, autocast):
-    """Fold the adapter into the weights of `model` (a plain, unsharded model), dequantize them, and write a Hugging
-    Face folder. Returns the largest |logit difference| merged vs unmerged on the batch x, which says the fold
-    is right (fp32 rounding) and what a quantized base's dequantization costs."""
+def save_merged(model, out_dir, x, autocast, tokenizer=None, gguf_type=""):
+    """Fold the adapter into the weights of `model` (a plain, unsharded model), dequantize them, and write the Hugging
+    Face folder out_dir/merged; with gguf_type also out_dir/merged.gguf for llama.cpp (formats/gguf_export.py). Says,
+    and returns, the largest |logit difference| merged vs unmerged on the batch x, which shows the fold is right (fp32
+    rounding) and what a quantized base's dequantization costs."""
     from lora import merge_and_unload
     from quant import dequantize
     model.eval()
@@ -218,5 +225,12 @@ def save_merged(model, folder, x, autocast):
     merged = dequantize(merge_and_unload(model))  # full precision; a quantized W is dequantized first
     with torch.no_grad(), autocast:
         error = (merged(x)[0].float() - unmerged).abs().max().item()
+    folder = Path(out_dir) / "merged"
     merged.save_pretrained(folder)
+    print(f"merged model saved to {folder} (Hugging Face format, full precision); largest |logit difference| merged "
+          f"vs unmerged on a val batch: {error:.2e}")
+    if gguf_type:  # the same weights as one file for llama.cpp / ollama
+        from formats.gguf_export import write_gguf
+        write_gguf(merged, tokenizer, folder.with_suffix(".gguf"), gguf_type, overwrite=True, name=Path(out_dir).name)
+        print(f"merged model saved to {folder.with_suffix('.gguf')} (GGUF, {gguf_type}; docs/gguf_export.md)")
     return error
