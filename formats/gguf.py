@@ -138,13 +138,14 @@ def tensor_names(reader):
 
 
 # ---- tensors ------------------------------------------------------------------------------------------------------
-def hf_name(gguf_name):
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for a name we do not know."""
+def hf_name(gguf_name, top_level=TOP_LEVEL_NAMES, layer=LAYER_NAMES):
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for a name we do not know. A family
+    with other names passes its own tables (formats/gguf_gemma3.py)."""
     parts = gguf_name.split(".")
-    if len(parts) == 2 and parts[0] in TOP_LEVEL_NAMES:
-        return f"{TOP_LEVEL_NAMES[parts[0]]}.{parts[1]}"
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in top_level:
+        return f"{top_level[parts[0]]}.{parts[1]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in layer:
+        return f"model.layers.{parts[1]}.{layer[parts[2]]}.{parts[3]}"
     return None
 
 

@@ -81,12 +81,8 @@ def hf_config(reader):
 
 def hf_name(gguf_name):
     """'blk.3.ffn_norm.weight' -> 'model.layers.3.pre_feedforward_layernorm.weight'; None for an unknown name."""
-    parts = gguf_name.split(".")
-    if len(parts) == 2 and parts[0] in TOP_LEVEL_NAMES:
-        return f"{TOP_LEVEL_NAMES[parts[0]]}.{parts[1]}"
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return None
+    from formats.gguf import hf_name as name_in
+    return name_in(gguf_name, TOP_LEVEL_NAMES, LAYER_NAMES)
 
 
 def hf_tensors(reader, dtype=torch.float32):
