@@ -10,8 +10,8 @@ named.py (several named adapters on one model, weighted combinations).
     save_adapter(model, "out/adapter")  # loads with peft.PeftModel.from_pretrained(hf_gpt2, "out/adapter")
 """
 from lora.adapter import load_adapter, read_adapter, save_adapter
-from lora.inject import (LoRAConfig, apply_lora, disable_lora, enable_lora, lora_config_from, lora_disabled,
-                         lora_layers, lora_settings, lora_state_dict, mark_only_lora_trainable, merge_and_unload,
+from lora.inject import (LoRAConfig, apply_lora, disable_lora, enable_lora, lora_disabled,
+                         lora_layers, lora_state_dict, mark_only_lora_trainable, merge_and_unload,
                          merge_lora, remove_lora, set_lora_mode, unmerge_lora)
 from lora.layer import FusedLoRALinear, LoRALinear
 from lora.named import (active_adapter, add_adapter, add_weighted_adapter, adapter_layers, adapter_names,
@@ -21,6 +21,6 @@ from lora.summary import count_parameters, print_trainable_parameters, summary
 __all__ = ["LoRALinear", "FusedLoRALinear", "LoRAConfig", "apply_lora", "mark_only_lora_trainable", "lora_layers",
            "lora_state_dict", "set_lora_mode", "merge_lora", "unmerge_lora", "merge_and_unload", "remove_lora",
            "disable_lora", "enable_lora", "lora_disabled", "count_parameters", "print_trainable_parameters",
-           "summary", "save_adapter", "load_adapter", "read_adapter", "lora_settings", "lora_config_from",
+           "summary", "save_adapter", "load_adapter", "read_adapter",
            "add_adapter", "set_adapter", "delete_adapter", "adapter_names", "adapter_layers", "active_adapter",
            "add_weighted_adapter"]

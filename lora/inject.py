@@ -37,7 +37,7 @@ Decisions worth knowing:
 import re
 import warnings
 from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -95,18 +95,6 @@ class LoRAConfig:
         if not (isinstance(self.loraplus_lr_ratio, (int, float)) and self.loraplus_lr_ratio > 0):
             raise UserError(f"LoRAConfig.loraplus_lr_ratio must be a positive number (1 = plain LoRA), "
                              f"got {self.loraplus_lr_ratio!r}")
-
-
-# train.py's settings: every LoRAConfig field <name> is the key lora_<name> (lora_r, lora_alpha, lora_targets, ...)
-def lora_settings(prefix="lora_"):
-    """{"lora_r": 16, "lora_alpha": 16.0, ...}: LoRAConfig's fields with their defaults, under train.py's names."""
-    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(LoRAConfig)}
-    return {prefix + name: tuple(v) if isinstance(v, list) else v for name, v in defaults.items()}
-
-
-def lora_config_from(settings, prefix="lora_"):
-    """The LoRAConfig that the lora_<field> keys of `settings` (train.py's config) describe."""
-    return LoRAConfig(**{f.name: settings[prefix + f.name] for f in fields(LoRAConfig) if prefix + f.name in settings})
 
 
 LORA_KEYS = (".lora_A", ".lora_B", ".lora_magnitude_vector", ".lora_A_init", ".lora_B_init")  # a layer's own tensors

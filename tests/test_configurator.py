@@ -81,13 +81,14 @@ def test_every_shipped_config_file_sets_only_known_keys_of_the_right_type(config
 def test_every_lora_config_field_is_a_train_key_that_reaches_lora_config():
     from dataclasses import fields
 
-    from lora import LoRAConfig, lora_config_from
+    from adapters import method
+    from lora import LoRAConfig
     defaults = train_defaults()
     assert {f"lora_{f.name}" for f in fields(LoRAConfig)} <= set(defaults)
     for f in fields(LoRAConfig):  # train.py writes each one out: its default is LoRAConfig's
         assert defaults[f"lora_{f.name}"] == f.default, f.name
     settings = {**defaults, **configure(defaults, ["--lora_r=4", "--lora_rslora=True", "--lora_alpha=8",
                                                    """--lora_modules_to_save=("ln_f",)"""])}
-    config = lora_config_from(settings)
+    config = method("lora").config(settings)  # what train.py builds
     assert (config.r, config.alpha, config.rslora, config.modules_to_save) == (4, 8.0, True, ("ln_f",))
     assert config.targets == ("c_attn",) and config.mode == "split"  # LoRAConfig's defaults where nothing is set
