@@ -5,9 +5,9 @@
 
 Rows (each in its own fresh process, so that the peak is the row's own):
   full        every parameter trains; chunked linear + cross-entropy (the default loss)
-  lora        LoRA r=16 on c_attn, c_proj, c_fc; chunked loss
+  lora        LoRA r=16 on c_attn, c_proj, c_fc; chunked loss (its gradients formed in forward, the default)
   lora-ckpt   LoRA + activation checkpointing (each block recomputed in backward)
-  lora-fwdgrad  LoRA; chunked loss with its gradients formed in forward (loss_recompute = False)
+  lora-recompute  LoRA; chunked loss recomputing its logits in backward (loss_recompute = True)
   lora-plain  LoRA with loss_chunk_size = 0: full logits then F.cross_entropy, the loss before the chunked one
   full-plain  full fine-tuning with the plain loss
 Measured: CUDA max_memory_allocated; CPU peak RSS of the row's process minus an idle child's (torch imported). On CPU
@@ -16,7 +16,7 @@ a freed activation leaves the process (training/memory.py); --mmap_threshold 0 m
 --compare times settings on one model in one process, interleaved step by step (one step of each per iteration), and
 reports the medians of the per-iteration ratios to the first: lora-plain with glibc's threshold at its 32 MiB ceiling
 (where its moving threshold ends up once a step has freed its large tensors: the allocator before this setting), then
-lora, lora-fwdgrad and lora-ckpt with the fixed threshold, and lora at the ceiling (the allocator's own cost).
+lora, lora-recompute and lora-ckpt with the fixed threshold, and lora at the ceiling (the allocator's own cost).
 """
 import argparse
 import os
@@ -30,9 +30,9 @@ from bench import common, timing  # noqa: E402
 from training.memory import CPU_MMAP_THRESHOLD, GLIBC_MMAP_CEILING, set_cpu_mmap_threshold  # noqa: E402
 from training.optim import configure_adamw
 
-MODES = {  # name: (LoRA?, activation checkpointing?, loss: "chunked" | "fwdgrad" | "plain")
+MODES = {  # name: (LoRA?, activation checkpointing?, loss: "chunked" | "recompute" | "plain")
     "full": (False, False, "chunked"), "lora": (True, False, "chunked"), "lora-ckpt": (True, True, "chunked"),
-    "lora-fwdgrad": (True, False, "fwdgrad"), "lora-plain": (True, False, "plain"), "full-plain": (False, False, "plain")}
+    "lora-recompute": (True, False, "recompute"), "lora-plain": (True, False, "plain"), "full-plain": (False, False, "plain")}
 
 
 def build(cfg, mode, B, T):
@@ -51,7 +51,7 @@ def build(cfg, mode, B, T):
 def set_mode(model, mode, cfg):
     _, ckpt, loss = MODES[mode]
     model.activation_checkpointing, model.loss_chunk_size = ckpt, 0 if loss == "plain" else cfg["chunk"]
-    model.loss_recompute = loss != "fwdgrad"
+    model.loss_recompute = loss == "recompute"
 
 
 def act_bytes(cfg):
@@ -162,7 +162,7 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--chunk", type=int, default=1024, help="loss_chunk_size of the chunked loss")
     p.add_argument("--compare", action="store_true",
-                   help="first time lora-plain, lora, lora-fwdgrad, lora-ckpt interleaved in one process at the largest shape")
+                   help="first time lora-plain, lora, lora-recompute, lora-ckpt interleaved in one process at the largest shape")
     p.add_argument("--mmap_threshold", type=int, default=None,
                    help="CPU: glibc's mmap threshold in bytes for every row (default: train.py's cpu_mmap_threshold, "
                         "64 KiB; 0 = glibc's moving threshold)")
@@ -196,7 +196,7 @@ def main(argv=None):
         B, T = max(shapes, key=lambda s: s[0] * s[1])
         fixed, ceiling = cfg["mmap_threshold"], GLIBC_MMAP_CEILING
         settings = [("lora-plain, glibc threshold 32 MiB", "lora-plain", ceiling)]
-        settings += [(f"{m}, threshold {fixed // 1024} KiB", m, fixed) for m in ("lora", "lora-fwdgrad", "lora-ckpt")]
+        settings += [(f"{m}, threshold {fixed // 1024} KiB", m, fixed) for m in ("lora", "lora-recompute", "lora-ckpt")]
         settings += [("lora, glibc threshold 32 MiB", "lora", ceiling)]
         result = timing.run_isolated(compare, dict(cfg, iters=cfg["compare_iters"]), B, T, settings)
         summaries, ratios = result["summaries"], result["ratios"]

@@ -12,7 +12,8 @@ A family (model/gpt.py, model/llama.py) subclasses CausalLM and provides:
 and its forward runs each block through run_block and ends with head_and_loss, which own three memory settings:
     loss_chunk_size             tokens per chunk of the training loss (model/chunked_loss.py); 0: full logits;
                                 a head that is not one weight (head_weight below) takes the full-logits path
-    loss_recompute              the loss's logits recomputed in backward (True) or its gradients made in forward
+    loss_recompute              False (default): the loss forms its gradients in forward, while it has the logits;
+                                True: it recomputes the logits in backward (2 N V C more FLOPs, the same peak)
     activation_checkpointing    recompute each block in backward instead of keeping its activations
 """
 from dataclasses import asdict
@@ -56,7 +57,7 @@ class CausalLM(nn.Module):
     config_class: type
     CONV1D_NAMES = ()  # weights Hugging Face stores transposed, (in, out): GPT-2's Conv1D projections
     loss_chunk_size = DEFAULT_CHUNK_SIZE  # run-time settings, not architecture: set them on the model
-    loss_recompute = True  # the loss recomputes its logits in backward; False: gradients formed in forward
+    loss_recompute = False  # the loss forms its gradients in forward; True: recomputes its logits in backward
     activation_checkpointing = False
 
     def run_block(self, block, x, *args):

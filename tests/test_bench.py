@@ -180,7 +180,7 @@ def test_memory_bench_writes_measured_and_predicted_peaks_and_interleaved_ratios
     assert all(r["measured"] == r["peak_mem"] - saved["idle_rss"] and r["predicted"] > 0 for r in saved["rows"])
     ratios = saved["compare"]["ratios"]  # the allocator before (glibc at its ceiling) first, then train.py's
     assert list(ratios) == ["lora-plain, glibc threshold 32 MiB", "lora, threshold 64 KiB",
-                            "lora-fwdgrad, threshold 64 KiB", "lora-ckpt, threshold 64 KiB",
+                            "lora-recompute, threshold 64 KiB", "lora-ckpt, threshold 64 KiB",
                             "lora, glibc threshold 32 MiB"]
     assert ratios["lora-plain, glibc threshold 32 MiB"] == 1.0
 

@@ -110,6 +110,8 @@ def estimate_peak_bytes(model, batch_size, seq_len, activation_checkpointing=Non
     block, final = saved_widths(model)
     lora_per_block = sum(lora_widths(model)) // L
     per_block = N * (sum(block) + lora_per_block) * act_bytes  # bytes one block saves
+    if chunk > 0 and not model.loss_recompute:
+        final = final[:-1]  # the chunked loss forms its gradients in forward and keeps not its input but dx (loss)
     after_blocks = N * sum(final) * act_bytes
     activations = (L * N * C * act_bytes if ckpt else L * per_block) + after_blocks
     head = model.lm_head
