@@ -4,11 +4,16 @@
     python bench/vs_peft.py --r 32 --profile peft-lora
     python bench/vs_peft.py --model models/smollm2-135m-instruct   # a real LLaMA folder (make smollm2)
 
-Four training steps (forward with loss, backward, AdamW step), all in one process:
-    ours-lora   model.GPT + lora.apply_lora          (targets, r, alpha as given; dropout 0)
-    peft-lora   GPT2LMHeadModel + peft.get_peft_model (the same targets, r, alpha; dropout 0)
-    ours-full   model.GPT, every parameter trained
-    hf-full     GPT2LMHeadModel, every parameter trained
+Six training steps (forward with loss, backward, AdamW step), all in one process:
+    ours-lora        model.GPT + lora.apply_lora          (targets, r, alpha as given; dropout 0), our defaults:
+                     the chunked loss, its gradients formed in forward (model/chunked_loss.py)
+    ours-lora-plain  the same on transformers' loss path: loss_chunk_size=0, full logits, then F.cross_entropy
+    peft-lora        GPT2LMHeadModel + peft.get_peft_model (the same targets, r, alpha; dropout 0)
+    ours-full        model.GPT, every parameter trained, our defaults
+    ours-full-plain  the same with the full-logits loss
+    hf-full          GPT2LMHeadModel, every parameter trained
+Like with like is ours-*-plain against the transformers rows (the same GEMMs and the same loss); ours-lora and
+ours-full are what train.py runs.
 With --model FOLDER both sides load that Hugging Face folder instead (ours with checkpoint.load_model, theirs with
 AutoModelForCausalLM), and the LoRA targets default to every linear layer of a LLaMA block.
 They are timed interleaved, round-robin: one step of each (after an untimed "settle" step of the same
@@ -28,7 +33,7 @@ import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
 
-NAMES = ("ours-lora", "peft-lora", "ours-full", "hf-full")
+NAMES = ("ours-lora", "ours-lora-plain", "peft-lora", "ours-full", "ours-full-plain", "hf-full")
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -75,7 +80,9 @@ def build(cfg, name):
     """(step inputs -> loss function, model) for one of NAMES."""
     if name.startswith("ours"):
         model = common.make_gpt(cfg) if cfg["model"] is None else ours_pretrained(cfg)
-        if name == "ours-lora":
+        if name.endswith("-plain"):
+            model.loss_chunk_size = 0  # full logits, then F.cross_entropy: transformers' loss path
+        if name.startswith("ours-lora"):
             from lora import LoRAConfig, apply_lora
             apply_lora(model, LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=0.0, targets=cfg["targets"],
                                          mode=cfg["mode"]))
@@ -188,9 +195,12 @@ def main(argv=None):
     st = {n: times[n]["step"] for n in names}
     fb = {n: [f + b for f, b in zip(times[n]["fwd"], times[n]["bwd"])] for n in names}
     ratios = [  # (what, paired ratio)
-        ("ours-lora / peft-lora", paired(st["ours-lora"], st["peft-lora"])),
-        ("ours-full / hf-full", paired(st["ours-full"], st["hf-full"])),
+        ("ours-lora-plain / peft-lora (the same loss path)", paired(st["ours-lora-plain"], st["peft-lora"])),
+        ("ours-lora / peft-lora (our defaults)", paired(st["ours-lora"], st["peft-lora"])),
+        ("ours-full-plain / hf-full (the same loss path)", paired(st["ours-full-plain"], st["hf-full"])),
+        ("ours-full / hf-full (our defaults)", paired(st["ours-full"], st["hf-full"])),
         ("ours-lora / ours-full", paired(st["ours-lora"], st["ours-full"])),
+        ("ours-lora-plain / ours-full-plain", paired(st["ours-lora-plain"], st["ours-full-plain"])),
         ("peft-lora / hf-full", paired(st["peft-lora"], st["hf-full"])),
         ("ours-lora / ours-full, fwd+bwd only", paired(fb["ours-lora"], fb["ours-full"])),
     ]

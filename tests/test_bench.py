@@ -146,9 +146,10 @@ def test_vs_peft_trains_the_same_parameters_as_peft_and_transformers(tmp_path):
     vs = load_script("vs_peft")
     rows, ratios = vs.main(TINY + ["--r", "2", "--out_dir", str(tmp_path)])
     trainable = {r["name"]: r["trainable"] for r in rows}
-    assert trainable["ours-lora"] == trainable["peft-lora"] == LORA_R2
-    assert trainable["ours-full"] == trainable["hf-full"]
-    assert {w for w, _ in ratios} >= {"ours-lora / peft-lora", "ours-full / hf-full", "ours-lora / ours-full"}
+    assert trainable["ours-lora"] == trainable["ours-lora-plain"] == trainable["peft-lora"] == LORA_R2
+    assert trainable["ours-full"] == trainable["ours-full-plain"] == trainable["hf-full"]
+    assert {w for w, _ in ratios} >= {"ours-lora-plain / peft-lora (the same loss path)",
+                                      "ours-full-plain / hf-full (the same loss path)", "ours-lora / ours-full"}
     assert (tmp_path / "cpu_vs_peft.md").exists()
 
 
@@ -215,3 +216,20 @@ def test_vs_peft_on_a_llama_folder_trains_the_same_lora_parameters_as_peft(tmp_p
     # r=2 on all seven linears of the one block (q 32->32, k and v 32->16, o 32->32, gate and up 32->64, down 64->32)
     assert trainable["ours-lora"] == trainable["peft-lora"] == 2 * (64 + 2 * 48 + 64 + 2 * 96 + 96)
     assert (tmp_path / "cpu_vs_peft_llama.md").exists()
+
+
+@pytest.mark.slow  # starts ten processes
+def test_train_vs_peft_times_train_py_and_a_peft_loop_on_one_model_and_one_batch_shape(tmp_path):
+    pytest.importorskip("peft")
+    from test_llama import make_hf_llama
+    from test_train import write_shards
+    make_hf_llama(tmp_path / "llama", vocab_size=128)
+    write_shards(tmp_path / "data")
+    tvp = load_script("train_vs_peft")
+    table, ratios = tvp.main(["--model", str(tmp_path / "llama"), "--data_dir", str(tmp_path / "data"), "--B", "1",
+                              "--T", "16", "--r", "2", "--steps", "4", "--rounds", "2", "--threads", "1",
+                              "--out_dir", str(tmp_path / "results")])
+    assert [r["row"] for r in table] == list(tvp.ROWS)
+    assert all(len(r["rounds"].split()) == 2 and r["median_ms"] > 0 for r in table)
+    assert set(ratios) == {f"{a} / {b}" for a, b in tvp.RATIOS}
+    assert "commit" in (tmp_path / "results" / "cpu_train_vs_peft_llama.md").read_text()
