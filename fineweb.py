@@ -19,6 +19,10 @@ Three late romances (FINETUNE_PLAYS) are left out of `shakespeare` entirely: the
 set `shakespeare-romances`, a style the base model has never seen, validated on The Tempest (the fourth
 romance, which is also in the base's val split, so neither model ever trains on it).
 
+The folder's shards.json records the tokenizer (its name, tokenizer_fingerprint and vocab size) and the source:
+train.py refuses the shards for a model with another tokenizer, whose ids would mean other words even where they
+fit its vocabulary (loaders/tokens.py). It is not a shard: the loader reads only *_{train,val}_*.npy files.
+
 Re-running is safe and cheap on disk: shards are written atomically (a finished name always means a
 finished shard), an existing shard is not rewritten but checked equal to what this run would write,
 and the order of documents is deterministic. Re-running still re-tokenizes to find the shard boundaries.
@@ -37,8 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from loaders.tokens import HEADER, read_header
 from tools.atomic import atomic_path, remove_stale_temps
 from tokenization import load_tokenizer
+from tokenization.tokenizer import tokenizer_fingerprint
 from tools.errors import UserError
 
 # held out for validation: one comedy, one roman play, one romance (~8% of the tokens)
@@ -171,13 +177,13 @@ def iter_fineweb_edu_docs(streaming=False):
 _tokenizer = None  # set by use_tokenizer(): GPT-2's, or a checkpoint's own (tokenization.load_tokenizer)
 
 
-def use_tokenizer(spec):
+def use_tokenizer(spec, tok=None):
     """Tokenize with the tokenizer of the model `spec` names (a Hugging Face folder, a .gguf file, ...; see
-    tokenization.load_tokenizer); None: GPT-2's.
+    tokenization.load_tokenizer); None: GPT-2's. tok: that tokenizer, already loaded.
 
     Also the process-pool initializer, so every worker loads the same tokenizer."""
     global _tokenizer
-    _tokenizer = load_tokenizer(spec)
+    _tokenizer = tok if tok is not None else load_tokenizer(spec)
 
 
 def tokenize(text):
@@ -275,6 +281,34 @@ def write_shards(labelled_shards, out_dir, prefix):
     return results
 
 
+def shards_header(tok, source):
+    """What shards.json records: the tokenizer and the source."""
+    return {"tokenizer": tok.name, "tokenizer_fingerprint": tokenizer_fingerprint(tok), "vocab_size": tok.vocab_size,
+            "source": source}
+
+
+def check_header(out_dir, header):
+    """Refuse to add shards of one tokenizer to a folder whose shards.json names another (before any is written)."""
+    old = read_header(out_dir) if os.path.isdir(out_dir) else None
+    if old is not None and old["tokenizer_fingerprint"] != header["tokenizer_fingerprint"]:
+        raise UserError(f"{out_dir} holds shards made with {old['tokenizer']}, another tokenizer than this run's "
+                         f"({header['tokenizer']}): the loader would mix their ids; choose another --out_dir")
+
+
+def write_header(out_dir, header, results):
+    """Write shards.json atomically, once this run's shards are all there. A folder without one that also holds
+    shards this run did not make (another --prefix, an older fineweb.py) gets none: their tokenizer is unknown."""
+    ours = {os.path.basename(r.path) for r in results}
+    others = sorted(n for n in os.listdir(out_dir) if n.endswith(".npy") and n not in ours)
+    if others and read_header(out_dir) is None:
+        print(f"warning: {out_dir} also holds shards of an unknown tokenizer ({', '.join(others[:3])}...): no "
+              f"{HEADER} written, so train.py checks only that their ids fit the model's vocabulary", file=sys.stderr)
+        return
+    with atomic_path(os.path.join(out_dir, HEADER)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(header, f, indent=2)
+        f.write("\n")
+
+
 def _counting(token_docs, progress):
     for tokens in token_docs:
         progress.update(len(tokens))
@@ -305,7 +339,10 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
     if num_proc < 1:
         raise UserError(f"--num_proc must be a positive number of processes, got {num_proc}")
 
-    use_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
+    header = shards_header(tok, source)
+    check_header(out_dir, header)  # before a shard is written
+    use_tokenizer(tokenizer, tok)
     progress = tqdm(unit="tokens", unit_scale=True, desc=f"tokenizing {source}")
     if source.startswith("shakespeare"):
         val_docs, train_docs = (shakespeare_documents() if source == "shakespeare" else
@@ -325,6 +362,7 @@ def prepare(source, paths=(), out_dir=None, prefix=None, shard_size=None, num_pr
         use_tokenizer(None)
     if not results:
         raise UserError(f"--source {source} gave no documents: nothing to write")
+    write_header(out_dir, header, results)
     if not any(r.split == "train" for r in results):
         print(f"warning: everything fit in the val shard, so there is no train shard; use a --shard_size below "
               f"{sum(r.n_tokens for r in results):,} tokens", file=sys.stderr)

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -151,9 +152,34 @@ def markdown_table(rows, columns):
     return "\n".join([head, rule, *body])
 
 
+def git_commit(root=ROOT):
+    """The short hash of HEAD, with '+dirty' when tracked files other than bench/results differ from it (a result
+    then comes from code that no commit holds); 'unknown' outside a git checkout or without git."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if changed.returncode != 0 or changed.stdout.strip() else "")
+
+
+def model_label(cfg):
+    """'GPT 12L 12H 768d' for the GPT of cfg's shape (what a plot's title names)."""
+    return f"GPT {cfg['n_layer']}L {cfg['n_head']}H {cfg['n_embd']}d"
+
+
+def plot_title(env, model):
+    """The title of every bench plot: which model, on which device, when, from which commit."""
+    return f"{model} | {env['device']} | {env['date']} | commit {env.get('commit', 'unknown')}"
+
+
 def environment(device, threads):
     env = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), device=device_label(device), torch=torch.__version__,
-               python=sys.version.split()[0])
+               python=sys.version.split()[0], commit=git_commit())
     if hasattr(os, "getloadavg"):  # other processes on the machine make CPU timings noisy: record how busy it was
         env["load average at the end, 1/5/15 min (this run included)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     if device.startswith("cuda"):
@@ -173,7 +199,9 @@ def _cpu_model():
 
 
 def save_results(out_dir, name, env, args, rows, markdown, extra=None, command=""):
-    """Write <out_dir>/<device>_<name>.json and .md atomically; returns the two paths."""
+    """Write <out_dir>/<device>_<name>.json and .md atomically; returns the two paths. Both record the environment,
+    the git commit included (added here when `env` lacks it)."""
+    env = env if "commit" in env else dict(env, commit=git_commit())
     base = os.path.join(out_dir, f"{env['device']}_{name}")
     payload = dict(env=env, args=args, rows=rows, **(extra or {}))
     with atomic_path(base + ".json") as tmp:

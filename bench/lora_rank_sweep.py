@@ -151,7 +151,7 @@ def table(rows, cuda):
     return common.markdown_table(rows, columns)
 
 
-def chart(rows, path):
+def chart(rows, path, title=""):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -166,6 +166,7 @@ def chart(rows, path):
         ax.bar(names, h, bottom=bottom, label=phase)
         bottom = [b + x for b, x in zip(bottom, h)]
     ax.set_ylabel("ms per step (median)")
+    ax.set_title(title, fontsize=8)
     ax.legend()
     plt.xticks(rotation=45, ha="right")
     fig.tight_layout()
@@ -229,7 +230,8 @@ def main(argv=None):
     env = common.environment(cfg["device"], cfg["threads"])
     paths = common.save_results(cfg["out_dir"], cfg["name"], env, cfg, results, md, dict(idle_rss=baseline),
                                 command=command)
-    png = chart(results, os.path.join(cfg["out_dir"], f"{env['device']}_{cfg['name']}.png"))
+    png = chart(results, os.path.join(cfg["out_dir"], f"{env['device']}_{cfg['name']}.png"),
+                common.plot_title(env, common.model_label(cfg)))
     print("wrote", *paths, *([png] if png else []))
     return results
 

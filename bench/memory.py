@@ -104,7 +104,7 @@ def compare(cfg, B, T, settings):
     return dict(summaries=summaries, ratios=ratios)
 
 
-def chart(rows, path):
+def chart(rows, path, title=""):
     if len({r["T"] for r in rows}) < 2:
         return None  # memory vs T needs more than one T
     try:
@@ -123,6 +123,7 @@ def chart(rows, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"sequence length T (B={B})")
     ax.set_ylabel("peak memory of a training step, GB")
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -225,7 +226,8 @@ def main(argv=None):
             paths = common.save_results(cfg["out_dir"], cfg["name"], env, cfg, rows, md, extra, command=command)
     print()
     print(md)
-    png = chart(rows, os.path.join(cfg["out_dir"], f"{env['device']}_{cfg['name']}.png"))
+    png = chart(rows, os.path.join(cfg["out_dir"], f"{env['device']}_{cfg['name']}.png"),
+                common.plot_title(env, common.model_label(cfg)))
     print("wrote", *paths, *([png] if png else []))
     return rows
 

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import ROOT, cpu_threads, environment, markdown_table, save_results  # noqa: E402
+from bench.common import ROOT, cpu_threads, environment, markdown_table, plot_title, save_results  # noqa: E402
 from bench.timing import idle_baseline_bytes, run_isolated  # noqa: E402
 
 TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear of the blocks, as config/finetune_shakespeare_lora.py
@@ -183,7 +183,7 @@ COLUMNS = [("method", "method", None), ("lr", "lr", lambda x: f"{x:g}"), ("train
            ("final val loss", "final_val", str), ("val rise from best", "val_rise", str)]
 
 
-def plot(results, cfg, path):
+def plot(results, cfg, path, title=""):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -205,6 +205,7 @@ def plot(results, cfg, path):
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes[0][0].set_ylabel("loss (blue: train, red: val)")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -260,7 +261,9 @@ def write(results, cfg, name, command):
     env = environment("cpu", cfg["threads"])
     paths = save_results(cfg["out_dir"], name, env, {k: v for k, v in cfg.items() if k != "device"}, rows,
                          markdown_table(rows, COLUMNS), extra={"runs": results}, command=command)
-    return rows, paths, plot(results, cfg, os.path.join(cfg["out_dir"], f"{env['device']}_{name}.png"))
+    model = "tiny random base (--smoke)" if cfg["smoke"] else os.path.basename(os.path.normpath(cfg["base"]))
+    return rows, paths, plot(results, cfg, os.path.join(cfg["out_dir"], f"{env['device']}_{name}.png"),
+                             plot_title(env, model))
 
 
 if __name__ == "__main__":

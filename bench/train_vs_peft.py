@@ -24,6 +24,7 @@ Both sides read the same batches (the first rows of the train shard), fp32, the 
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def peft_loop(args):
 
 
 def run_row(args, row, env):
-    """Step times (ms) of one process of `row`."""
+    """(step times (ms), peak memory GB or None) of one process of `row`: train.py prints the peak RSS above the
+    process before the model after its second step."""
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = os.path.join(tmp, "out")
         if row == "peft-lora":
@@ -102,9 +104,10 @@ def run_row(args, row, env):
         if done.returncode != 0:
             raise RuntimeError(f"{row} failed ({' '.join(cmd)}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         if row == "peft-lora":
-            return [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("dt_ms ")]
+            return [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("dt_ms ")], None
+        peak = re.search(r"peak memory measured: ([0-9.]+) GB", done.stdout)
         with open(os.path.join(out_dir, "log.jsonl")) as f:
-            return [r["dt_ms"] for r in map(json.loads, f) if "dt_ms" in r]
+            return [r["dt_ms"] for r in map(json.loads, f) if "dt_ms" in r], peak and float(peak.group(1))
 
 
 def child_args(args):
@@ -141,20 +144,27 @@ def main(argv=None):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     per_round = {r: [] for r in rows}  # row -> [median step ms of each round]
     every = {r: [] for r in rows}
+    peaks = {r: [] for r in rows}
     for k in range(args.rounds):
         for row in rows:
-            times = run_row(args, row, env)[2:]
+            times, peak = run_row(args, row, env)
+            times = times[2:]
+            if peak is not None:
+                peaks[row].append(peak)
             per_round[row].append(statistics.median(times))
             every[row] += times
             print(f"round {k + 1}/{args.rounds} {row:16s} steps 2-{args.steps - 1}: "
                   + " ".join(f"{t:.0f}" for t in times) + " ms", flush=True)
     table = [dict(row=r, median_ms=statistics.median(per_round[r]), min_ms=min(every[r]), max_ms=max(every[r]),
-                  rounds=" ".join(f"{t:.0f}" for t in per_round[r])) for r in rows]
+                  rounds=" ".join(f"{t:.0f}" for t in per_round[r]),
+                  peak_gb=max(peaks[r]) if peaks[r] else None) for r in rows]
     ratios = {f"{a} / {b}": statistics.median(x / y for x, y in zip(per_round[a], per_round[b]))
               for a, b in RATIOS if a in rows and b in rows}
     md = common.markdown_table(table, [("row", "row", None), ("step ms (median of rounds)", "median_ms",
                                         lambda x: f"{x:.0f}"), ("min", "min_ms", lambda x: f"{x:.0f}"),
-                                       ("max", "max_ms", lambda x: f"{x:.0f}"), ("per round", "rounds", None)])
+                                       ("max", "max_ms", lambda x: f"{x:.0f}"), ("per round", "rounds", None),
+                                       ("peak GB (train.py's, above idle)", "peak_gb",
+                                        lambda x: "-" if x is None else f"{x:.2f}")])
     md += "\n\nPaired ratios (median over rounds of the per-round ratio):\n\n" + "\n".join(
         f"- {k}: {v:.3f}" for k, v in ratios.items())
     print(md)

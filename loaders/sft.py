@@ -106,10 +106,11 @@ def read_examples(data_dir, split, kind="sft"):
     return header, examples
 
 
-def check_tokenizer(data_dir, header, model_spec):
+def check_tokenizer(data_dir, header, model_spec, remake=None):
     """Refuse data tokenized with another tokenizer than the model's: model_spec is what load_tokenizer takes for
     the model (its folder, out_dir, adapter or .gguf file; None: a model from scratch, which takes any data). The
-    tokenizers are compared by what they do (tokenizer_fingerprint), not by the names they were given."""
+    tokenizers are compared by what they do (tokenizer_fingerprint), not by the names they were given. remake: what
+    the message tells the user to do (default: prepare_sft.py's command; loaders/tokens.py gives fineweb.py's)."""
     if model_spec is None:
         return
     from tokenization import load_tokenizer
@@ -126,8 +127,8 @@ def check_tokenizer(data_dir, header, model_spec):
             return
     if data != tokenizer_fingerprint(model_tok):
         raise UserError(f"{data_dir} was tokenized with {header['tokenizer']}, another tokenizer than the model's "
-                         f"({model_tok.name}): its token ids would mean other words to the model; prepare it with "
-                         f"prepare_sft.py --tokenizer {model_spec}")
+                         f"({model_tok.name}): its token ids would mean other words to the model; "
+                         + (remake or f"prepare it with prepare_sft.py --tokenizer {model_spec}"))
 
 
 def example_xy(ids, mask):

@@ -14,13 +14,37 @@ tokens is skipped), and after the last shard the stream wraps around to the firs
 
 state_dict() is {"shard", "position"} where position is the start of the next round, the same on every
 rank: train.py saves rank 0's state and every rank loads it, and each adds its own offset B*T*rank.
+
+fineweb.py records the tokenizer of the shards it writes in shards.json (its name, tokenizer_fingerprint and vocab
+size): check_tokenizer refuses a model whose tokenizer is another, whose ids would mean other words even where they
+fit its vocabulary. A folder without shards.json (shards of an older fineweb.py) has only the vocabulary check.
 """
 import glob
+import json
 import os
 
 import numpy as np
 import torch
 from tools.errors import UserError
+
+HEADER = "shards.json"  # fineweb.py's record of the tokenizer; not a shard (only *_{split}_*.npy files are)
+
+
+def read_header(data_dir):
+    """shards.json of a fineweb.py folder, or None when the folder has none (shards of an older fineweb.py)."""
+    path = os.path.join(data_dir, HEADER)
+    if not os.path.isfile(path):
+        return None
+    remake = "remake the shards with fineweb.py, or delete the file to train on them with the vocabulary check only"
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): the file is damaged; {remake}") from None
+    if not isinstance(header, dict) or not {"tokenizer", "tokenizer_fingerprint"} <= set(header):
+        raise UserError(f"{path} names no tokenizer and tokenizer_fingerprint: not the file fineweb.py writes; "
+                         f"{remake}")
+    return header
 
 
 def load_tokens(path, mmap_mode=None):
@@ -50,6 +74,7 @@ class DataLoaderLite:
         self.process_rank, self.num_processes, self.split = process_rank, num_processes, split
         self.round_tokens = B * T * num_processes  # tokens all ranks consume per step
         self.vocab_size = None  # set by check_vocab: then every shard loaded is checked against it
+        self.header = read_header(data_dir)  # the tokenizer the shards were made with, or None
         self.shards = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
         if not self.shards:
             where = "does not exist" if not os.path.isdir(data_dir) else f"holds no {split} shards (*_{split}_*.npy)"
@@ -84,6 +109,19 @@ class DataLoaderLite:
         later (each is checked once, when it is read in; one pass over memory that is read anyway)."""
         self.vocab_size = vocab_size
         self._check_ids(self.shards[self.shard], self.tokens)
+
+    def check_tokenizer(self, model_spec):
+        """Refuse shards made with another tokenizer than the model's: model_spec is what load_tokenizer takes for
+        the model (None: a model from scratch, which takes any data). Compared by tokenizer_fingerprint, as
+        loaders/sft.py compares prepare_sft.py's folders; a folder without shards.json is not checked."""
+        if self.header is None or model_spec is None:
+            return
+        from loaders.sft import check_tokenizer
+        source = self.header.get("source") or "SOURCE"
+        remake = (f"remake the shards with the model's tokenizer: python fineweb.py --source {source}"
+                  f"{' FILES...' if source == 'files' else ''} --tokenizer {model_spec} --out_dir "
+                  f"{os.path.normpath(self.data_dir)}_{os.path.basename(os.path.normpath(str(model_spec)))}")
+        check_tokenizer(self.data_dir, self.header, model_spec, remake=remake)
 
     def _check_ids(self, path, tokens):
         low, high = int(tokens.min()), int(tokens.max())

@@ -79,7 +79,7 @@ class Objective:
                             f"{virtual}")
         for loader in loaders:
             loader.check_vocab(model.config.vocab_size)
-            if hasattr(loader, "check_tokenizer"):  # data that records its tokenizer (prepare_sft.py's folders)
+            if hasattr(loader, "check_tokenizer"):  # data that records its tokenizer (prepare_sft.py, fineweb.py)
                 loader.check_tokenizer(base)
 
     def start(self, model, **run_state):

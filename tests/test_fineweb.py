@@ -1,6 +1,7 @@
 """fineweb.py: documents -> EOT-separated uint16 token shards, val first, atomic and resumable."""
 import json
 import os
+import re
 import sys
 import types
 
@@ -30,12 +31,12 @@ def write_corpus(folder):
 
 
 def shard_names(out_dir):
-    return sorted(os.listdir(out_dir))
+    return sorted(name for name in os.listdir(out_dir) if name.endswith(".npy"))
 
 
 def read_stream(out_dir):
     """All shards of a folder concatenated in index order (the index is the last 6 digits of the name)."""
-    names = sorted(os.listdir(out_dir), key=lambda name: name[-10:-4])
+    names = sorted(shard_names(out_dir), key=lambda name: name[-10:-4])
     return np.concatenate([np.load(os.path.join(out_dir, name), allow_pickle=False) for name in names])
 
 
@@ -234,3 +235,72 @@ def test_a_special_tokens_text_in_a_document_is_text_not_a_boundary_for_a_checkp
     results = fineweb.prepare("files", [str(docs)], out_dir=tmp_path / "out", shard_size=100, tokenizer=tok_dir)
     tokens = np.concatenate([np.load(r.path) for r in results]).tolist()
     assert tokens == [0, 5, 1, 1, 1, 6]  # BOS opens the document; "<s>" in it is "<", "s", ">" (unknown words)
+
+
+# ---- shards.json: the tokenizer the shards were made with ---------------------------------------------------------
+def gpt2_shards(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(f'{{"text": "document number {i} says hello"}}\n' for i in range(40)))
+    fineweb.prepare("files", [str(docs)], out_dir=tmp_path / "gpt2_data", shard_size=64)
+    return tmp_path / "gpt2_data"
+
+
+def test_shards_record_their_tokenizer_and_are_refused_for_a_model_with_another(tmp_path):
+    from loaders.tokens import HEADER, DataLoaderLite
+    from tokenization import load_tokenizer
+    from tokenization.tokenizer import tokenizer_fingerprint
+    from tools.errors import UserError
+    data = gpt2_shards(tmp_path)
+    header = json.loads((data / HEADER).read_text())
+    assert header == {"tokenizer": "gpt2", "tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer()),
+                      "vocab_size": 50257, "source": "files"}
+    assert not [n for n in os.listdir(data) if n.endswith(".tmp")]  # written atomically, no temp file left
+    loader = DataLoaderLite(str(data), B=2, T=8)
+    assert all(path.endswith(".npy") for path in loader.shards)  # shards.json is not read as a shard
+    other = make_hf_tokenizer_folder(tmp_path / "tok", 100)
+    remake = f"python fineweb.py --source files FILES... --tokenizer {other} --out_dir {data}_tok"
+    with pytest.raises(UserError, match=f"{data} was tokenized with gpt2, another tokenizer than the model's "
+                                        rf"\({other}\): .*{re.escape(remake)}$"):
+        loader.check_tokenizer(other)
+    loader.check_tokenizer("gpt2")  # the same tokenizer, and a model from scratch, pass
+    loader.check_tokenizer(None)
+    os.remove(data / HEADER)  # shards of an older fineweb.py: the vocabulary check only
+    DataLoaderLite(str(data), B=2, T=8).check_tokenizer(other)
+
+
+def test_a_folder_holding_another_tokenizers_shards_takes_none_of_this_one(tmp_path):
+    data = gpt2_shards(tmp_path)
+    docs = tmp_path / "w.jsonl"
+    docs.write_text('{"text": "w5 w7 w9"}\n')
+    tok = make_hf_tokenizer_folder(tmp_path / "tok", 100)
+    with pytest.raises(fineweb.UserError, match="holds shards made with gpt2, another tokenizer than this run's"):
+        fineweb.prepare("files", [str(docs)], out_dir=data, prefix="other", shard_size=64, tokenizer=tok)
+    assert not [n for n in os.listdir(data) if n.startswith("other")]
+
+
+def test_train_refuses_gpt2_shards_for_a_model_with_another_tokenizer_though_the_ids_fit(tmp_path, monkeypatch):
+    import shutil
+    from model import GPT, GPTConfig
+    from test_train import run_train, tiny_flags
+    data = gpt2_shards(tmp_path)
+    GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path / "m")
+    shutil.copy(make_hf_tokenizer_folder(tmp_path / "tok", 100) / "tokenizer.json", tmp_path / "m")
+    flags = dict(data_dir=data, init_from=tmp_path / "m", vocab_size=50304, n_layer=1, n_head=2, n_embd=16,
+                 batch_size=1, total_batch_size=16, max_steps=1)
+    with pytest.raises(ValueError, match="was tokenized with gpt2, another tokenizer than the model's"):
+        run_train(tiny_flags(tmp_path, **flags), monkeypatch)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_damaged_shards_json_is_named_and_shards_of_an_unknown_tokenizer_get_none(tmp_path, capsys):
+    from loaders.tokens import HEADER, DataLoaderLite
+    data = gpt2_shards(tmp_path)
+    (data / HEADER).write_text('{"tokenizer": "gp')
+    with pytest.raises(fineweb.UserError, match=f"{HEADER} is not valid JSON .*remake the shards with fineweb.py"):
+        DataLoaderLite(str(data), B=2, T=8)
+    os.remove(data / HEADER)
+    np.save(data / "old_train_000001.npy", np.arange(100, dtype=np.uint16))  # an older run's, tokenizer unknown
+    docs = tmp_path / "more.jsonl"
+    docs.write_text('{"text": "more text"}\n')
+    fineweb.prepare("files", [str(docs)], out_dir=data, prefix="more", shard_size=64)
+    assert not (data / HEADER).exists() and "shards of an unknown tokenizer" in capsys.readouterr().err
