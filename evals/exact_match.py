@@ -6,11 +6,12 @@ example counts as right when the decoded completion equals the reference, both s
 sft_eval.py prints it for several models; train.py calls exact_match() every `eval_generate_every` steps, each
 rank on its share of the prompts, the counts all-reduced.
 """
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 import torch.distributed as dist
 
+from model.generate import batch_generate
 
 
 def prompt_and_reference(ids, mask, eos_id):
@@ -28,26 +29,24 @@ def prompt_and_reference(ids, mask, eos_id):
 @torch.no_grad()
 def exact_match(model, examples, tok, device, rank=0, world_size=1, limit=0, extra_tokens=8, batch_size=32):
     """(correct, n) over examples[:limit] (all when 0), rank r scoring every world_size-th one; summed over ranks.
-    Prompts of the same length are decoded together, up to batch_size at a time (no padding: each row is exactly
-    what it is alone); each row keeps its own budget, len(reference) + extra_tokens new tokens."""
+    Prompts of any lengths are decoded together, batch_size at a time (batch_generate: left-padded, each row what it
+    would be alone), longest first so that a batch's prompts have similar lengths (less padding). Each row keeps its
+    own budget, len(reference) + extra_tokens new tokens, within the positions its batch's longest prompt leaves."""
     examples = examples[:limit or None][rank::world_size]
     was_training = model.training
     model.eval()
-    by_length = defaultdict(list)
-    for ids, mask in examples:
-        prompt, reference = prompt_and_reference(ids, mask, tok.eos_id)
-        by_length[len(prompt)].append((prompt, reference))
+    pairs = [prompt_and_reference(ids, mask, tok.eos_id) for ids, mask in examples]
+    pairs.sort(key=lambda pair: -len(pair[0]))
     correct = 0
-    for length, pairs in by_length.items():
-        for i in range(0, len(pairs), batch_size):
-            group = pairs[i:i + batch_size]
-            budgets = [min(len(reference) + extra_tokens, model.max_seq_len - length) for _, reference in group]
-            idx = torch.tensor([prompt for prompt, _ in group], dtype=torch.long, device=device)  # (b, length)
-            out = model.generate(idx, max(budgets), temperature=0.0, eos_id=tok.eos_id)[:, length:].tolist()
-            for row, budget, (_, reference) in zip(out, budgets, group):
-                row = row[:budget]
-                row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
-                correct += tok.decode(row).strip() == tok.decode(reference).strip()
+    for i in range(0, len(pairs), batch_size):
+        group = pairs[i:i + batch_size]
+        room = model.max_seq_len - len(group[0][0])  # the longest prompt comes first
+        budgets = [min(len(reference) + extra_tokens, room) for _, reference in group]
+        out = batch_generate(model, [prompt for prompt, _ in group], max(budgets), temperature=0.0, eos_id=tok.eos_id)
+        for row, budget, (_, reference) in zip(out, budgets, group):
+            row = row[:budget]
+            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+            correct += tok.decode(row).strip() == tok.decode(reference).strip()
     model.train(was_training)
     counts = torch.tensor([correct, len(examples)], dtype=torch.long, device=device)
     if world_size > 1 and dist.is_available() and dist.is_initialized():

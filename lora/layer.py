@@ -14,8 +14,10 @@ Two ways to compute the same y (`mode`):
     fused   x (W + s B A)^T + b: one big GEMM after forming W' = W + s B A; a hand-written backward
             (FusedLoRALinear) never builds a weight-sized gradient. No dropout: no single W' serves x and dropout(x)
 Which is faster depends on the token count and the shapes: the cost model and the measurements are in
-bench/fused_vs_split.py and bench/results/. merge() folds s B A into W (a plain F.linear; unmerge() undoes it up to
-rounding). As in loralib, the frozen weight keeps the name `weight`, so a plain checkpoint loads unchanged.
+bench/fused_vs_split.py and bench/results/. Split-mode layers that read the same input (LLaMA's q/k/v, gate/up)
+compute their x A^T together, one GEMM for all (lora/grouped.py; model/modules.py's project() asks group_forward).
+merge() folds s B A into W (a plain F.linear; unmerge() undoes it up to rounding). As in loralib, the frozen
+weight keeps the name `weight`, so a plain checkpoint loads unchanged.
 On a quantized base (QLoRA, quant/quantize.py) `weight` is packed: it is read only through dense() and
 frozen_linear(), which dequantize on the fly and keep no full-precision W; merge() refuses (use merge_and_unload).
 effective_weight() is the one (out, in) weight W' with y = x W'^T + b, differentiable in A and B: the chunked
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import dora
+from lora.grouped import group_forward
 from quant.quantize import QuantLinear, dense, frozen_linear  # dense(W): (out, in); frozen_linear: x W^T + b
 from tools.errors import UserError
 
@@ -128,6 +131,21 @@ class LoRALinear(nn.Module):
         self.weight_is_tied = False  # set by apply_lora when `weight` is shared with another module
         self.set_mode(mode)
         self.reset_lora_parameters()
+
+    group_projections = True  # run-time setting (lora.set_lora_grouping): see groupable() and lora/grouped.py
+    group_forward = staticmethod(group_forward)  # model/modules.py's project(x, layers) calls it for q/k/v, gate/up
+
+    def groupable(self) -> bool:
+        """Whether forward(x) is exactly what lora/grouped.py's GroupedLoRA computes for this layer, so that it may
+        share its down-projection GEMM with other layers reading the same x: split-mode LoRA, no dropout in effect,
+        not DoRA, not merged or disabled, this class's own forward (not a subclass's) and no forward hooks."""
+        module = nn.modules.module  # hooks on this layer or on every module would be skipped by a grouped call
+        hooks = (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                 or module._global_forward_hooks or module._global_forward_pre_hooks
+                 or module._global_backward_hooks or module._global_backward_pre_hooks)
+        return (self.group_projections and type(self).forward is LoRALinear.forward and not hooks and self.enabled
+                and not self.merged and self.mode == "split" and self.lora_magnitude_vector is None
+                and not (self.training and self.dropout > 0))
 
     def reset_lora_parameters(self, init: str = "kaiming"):
         """A ~ Kaiming-uniform(a=sqrt(5)) (or N(0, 1/r) for init='gaussian', PEFT's), B = 0: B A starts at zero."""

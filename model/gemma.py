@@ -11,8 +11,9 @@ It is LLaMA (model/llama.py) with these changes, each small:
   - Attention scores scaled by query_pre_attn_scalar^-0.5 instead of D^-0.5 (equal for most sizes).
   - Local and global layers (`layer_types`): a local ("sliding_attention") layer sees only the last
     `sliding_window` positions (itself included), a global ("full_attention") one all of them; five local layers
-    for each global one, so a long context's KV cache is mostly the global layers' (SlidingKVCache). Each kind has
-    its own RoPE base: 10k local, 1M global (optionally `rope_scaling` 'linear': positions divided by `factor`).
+    for each global one, so a long context's KV cache is mostly the global layers' (attention.py's SlidingKVCache).
+    Each kind has its own RoPE base: 10k local, 1M global (optionally `rope_scaling` 'linear': positions divided by
+    `factor`).
   - The logits optionally soft-capped: cap * tanh(logits / cap) (final_logit_softcapping; Gemma 3 sets none).
 
 Shapes: B batch, T sequence length, C = n_embd, H = n_head, H_kv = n_kv_head, D = head_dim, F = intermediate_size,
@@ -25,11 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, packed_causal_mask
+from .attention import SlidingKVCache, attend, packed_causal_mask, padded_mask
 from .gpt import init_weights
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .llama import apply_rope, rope_cos_sin
 from .lm import CausalLM, next_token_loss
+from .modules import project
 from tools.errors import UserError
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
@@ -109,42 +111,6 @@ def attention_mask(T, past, window, packed, device):
     return seen if packed is None else packed & seen  # (B, 1, T, T)
 
 
-class SlidingKVCache:
-    """model/attention.py's KVCache interface (`pos` positions filled, update(layer, k, v) -> the keys/values to
-    attend over), but a local layer keeps only its last W - 1 positions, all that a later query sees besides itself;
-    the global layers share one KVCache (every position). Gemma 3 270M at 32k: 15 of 18 layers keep 511 positions.
-    A local layer's update returns its kept past and the T new positions, the latest S in order; Attention.forward
-    cuts the mask over all positions to its last S columns to match."""
-
-    def __init__(self, layer_types, window, batch_size, n_kv_head, max_len, head_dim, device, dtype):
-        self.index = {}  # model layer -> its index among the global layers (in self.full) or the local ones
-        for kind in (GLOBAL, LOCAL):
-            self.index.update({i: n for n, i in enumerate(i for i, t in enumerate(layer_types) if t == kind)})
-        self.is_local = [t == LOCAL for t in layer_types]
-        self.full = KVCache(len(layer_types) - sum(self.is_local), batch_size, n_kv_head, max_len, head_dim, device,
-                            dtype)
-        empty = torch.zeros(batch_size, n_kv_head, 0, head_dim, device=device, dtype=dtype)
-        self.k, self.v = [empty] * sum(self.is_local), [empty] * sum(self.is_local)  # (B, H_kv, <= W - 1, D) each
-        self.n_layer, self.max_len, self.keep, self.pos = len(layer_types), max_len, window - 1, 0
-
-    def update(self, layer, k, v):
-        """Store this layer's new k, v (B, H_kv, T, D); return what its queries attend over: (B, H_kv, S, D)."""
-        T = k.size(2)
-        if not self.is_local[layer]:
-            keys, values = self.full.update(self.index[layer], k, v)  # (B, H_kv, pos + T, D)
-        else:
-            if self.pos + T > self.max_len:
-                raise UserError(f"KV cache is full: {self.pos} + {T} positions > max_len {self.max_len}")
-            i = self.index[layer]
-            keys = torch.cat([self.k[i].to(k.dtype), k], dim=2)  # (B, H_kv, kept + T, D)
-            values = torch.cat([self.v[i].to(v.dtype), v], dim=2)
-            start = max(0, keys.size(2) - self.keep)  # the last W - 1 positions: copies, not views of keys
-            self.k[i], self.v[i] = keys[:, :, start:].clone(), values[:, :, start:].clone()
-        if layer == self.n_layer - 1:
-            self.pos += T  # every layer has stored these T positions
-        return keys, values
-
-
 # ---- the blocks --------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * (1 + weight), in float32, cast back after the multiplication (Gemma's order)."""
@@ -177,20 +143,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None, mask=None):
         B, T, _ = x.size()
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # one call: a LoRA can share work (modules.py)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the cache stores k normed and rotated
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H_kv, S, D): the past and these T
-            if mask is not None and mask.size(-1) > k.size(2):
-                mask = mask[..., -k.size(2):]  # (T, S): a local layer's SlidingKVCache kept the latest S positions
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        # softmax(q k^T * scale + mask) v; mask None: plain causal (see attention_mask)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+        # softmax(q k^T * scale + mask) v, each K/V head shared by H // H_kv query heads; mask None: plain causal
+        y = attend(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                   dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
 
 
@@ -205,7 +167,8 @@ class GeGLU(nn.Module):
 
     def forward(self, x):
         # SwiGLU's gate with GELU (tanh approximation) in place of SiLU: (B, T, F) * (B, T, F) -> (B, T, C)
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))  # (B, T, F) each, one call as q/k/v
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):
@@ -267,11 +230,13 @@ class Gemma(CausalLM):
         x = self.model.embed_tokens(idx)
         return x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype)
 
-    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None):
+    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None, logits_to_keep=0):
         """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens; not
         scaled by sqrt(C), as Hugging Face's). position_ids (B, T): several examples packed in a row, each
         restarting at 0 and attending only to itself (packed_causal_mask), within the window in local layers;
-        None: one sequence a row, positions 0..T-1 after the cached ones."""
+        None: one sequence a row, positions 0..T-1 after the cached ones, or, when the cache's rows are left-padded
+        (batch_generate), each row's own (KVCache.positions, padded_mask). logits_to_keep n > 0: logits of the
+        last n positions only."""
         if inputs_embeds is None:
             if hasattr(self, "prompt_encoder"):  # prompt/prefix tuning (prompts/): n learned positions come first
                 kv_cache = self.prompt_encoder.prefill(self, idx.size(0), kv_cache)
@@ -286,27 +251,36 @@ class Gemma(CausalLM):
             if kv_cache is not None:
                 raise UserError("position_ids (packed examples) are for training; decoding with a KV cache is causal")
             positions, packed = position_ids[:, None], packed_causal_mask(position_ids)  # (B, 1, T), (B, 1, T, T)
+        padded = kv_cache is not None and kv_cache.key_mask is not None  # left-padded rows (batch_generate)
+        if padded:
+            positions = kv_cache.positions[:, None, past:past + T]  # (B, 1, T): each row's own
         # per kind of layer (local True, global False), shared by its layers: cos, sin (T, D) or (B, 1, T, D),
         # and the mask (None: plain causal)
         rope = {local: rope_cos_sin(rope_frequencies(self.config, local, device), positions) for local in (True, False)}
-        masks = {local: attention_mask(T, past, self.config.sliding_window if local else None, packed, device)
-                 for local in (True, False)}
+        window = {True: self.config.sliding_window, False: None}
+        masks = {local: padded_mask(kv_cache, T, window[local]) if padded  # (B, 1, T, S)
+                 else attention_mask(T, past, window[local], packed, device) for local in (True, False)}
+        if isinstance(kv_cache, SlidingKVCache):  # a local layer attends over the keys of local_slots(T), in ring order
+            masks[True] = masks[True][..., kv_cache.local_slots(T)]  # (T, S') or (B, 1, T, S')
         x = inputs_embeds
         for layer in self.model.layers:
             x = self.run_block(layer, x, *rope[layer.is_local], kv_cache, masks[layer.is_local])
         x = self.model.norm(x)
+        if targets is None and logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]  # (B, n, C)
         cap = self.config.final_logit_softcapping
         if cap is None:
             return self.head_and_loss(x, targets)  # training: (None, loss), the chunked loss
         logits = cap * torch.tanh(self.lm_head(x) / cap)  # (B, T, V): no single weight gives these, full logits
         return logits, next_token_loss(logits, targets)
 
-    def make_kv_cache(self, batch_size, max_len):
-        """Global layers keep every position, local ones their last W - 1 (SlidingKVCache)."""
-        c, p = self.config, self.lm_head.weight
-        max_len += self.num_virtual_tokens  # prompt/prefix tuning's positions sit in the cache too
-        return SlidingKVCache(c.layer_types, c.sliding_window, batch_size, c.n_kv_head, max_len, c.head_dim, p.device,
-                              p.dtype)  # H_kv heads
+    def make_kv_cache(self, batch_size, max_len, pad=None):
+        """Global layers keep every position, local ones their last W in a ring (SlidingKVCache, model/attention.py);
+        pad (B,): left padding per row (KVCache says how it is used)."""
+        c, p, n = self.config, self.lm_head.weight, self.num_virtual_tokens
+        # prompt/prefix tuning's n positions sit in the cache too, before a row's padding
+        return SlidingKVCache([t == LOCAL for t in c.layer_types], c.sliding_window, batch_size, c.n_kv_head,
+                              max_len + n, c.head_dim, p.device, p.dtype, pad, n)  # H_kv heads
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------------------
     @classmethod

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, cached_attention, packed_causal_mask
+from .attention import KVCache, cached_attention, packed_causal_mask, padded_mask
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .lm import CausalLM
 from tools.errors import UserError
@@ -122,10 +122,12 @@ class GPT(CausalLM):
     def max_seq_len(self):
         return self.config.block_size - self.num_virtual_tokens
 
-    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None):
+    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None, logits_to_keep=0):
         """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens).
         position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to itself
-        (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
+        (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones, or, when the
+        cache's rows are left-padded (batch_generate), each row's own (KVCache.positions, padded_mask).
+        logits_to_keep n > 0: logits of the last n positions only (decoding needs the last one's)."""
         if inputs_embeds is None:
             if hasattr(self, "prompt_encoder"):  # prompt/prefix tuning (prompts/): n learned positions come first
                 kv_cache = self.prompt_encoder.prefill(self, idx.size(0), kv_cache)
@@ -137,16 +139,21 @@ class GPT(CausalLM):
         pos = torch.arange(start, start + T, dtype=torch.long, device=inputs_embeds.device)  # (T,)
         mask = None
         if position_ids is not None:
+            if kv_cache is not None:
+                raise UserError("position_ids (packed examples) are for training; decoding with a KV cache is causal")
             pos, mask = position_ids, packed_causal_mask(position_ids)  # (B, T), (B, 1, T, T)
+        elif kv_cache is not None and kv_cache.key_mask is not None:  # left-padded rows: each its own positions
+            pos, mask = kv_cache.positions[:, start:start + T], padded_mask(kv_cache, T)  # (B, T), (B, 1, T, S)
         x = self.transformer.drop(inputs_embeds + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = self.run_block(block, x, kv_cache, mask)
-        return self.head_and_loss(self.transformer.ln_f(x), targets)  # training: (None, loss)
+        return self.head_and_loss(self.transformer.ln_f(x), targets, logits_to_keep)  # training: (None, loss)
 
-    def make_kv_cache(self, batch_size, max_len):
-        c, p = self.config, self.lm_head.weight
-        max_len += self.num_virtual_tokens  # prompt/prefix tuning's positions sit in the cache too
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, p.device, p.dtype)
+    def make_kv_cache(self, batch_size, max_len, pad=None):
+        """An empty KVCache for max_len tokens a row; pad (B,): left padding per row (KVCache says how it is used)."""
+        c, p, n = self.config, self.lm_head.weight, self.num_virtual_tokens
+        # prompt/prefix tuning's n positions sit in the cache too, before a row's padding
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len + n, c.n_embd // c.n_head, p.device, p.dtype, pad, n)
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------
     @classmethod

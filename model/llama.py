@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, cached_attention, packed_causal_mask
+from .attention import KVCache, cached_attention, packed_causal_mask, padded_mask
 from .gpt import init_weights
 from .hf import check_keys, load_hf_config, load_hf_state_dict, resolve_model_dir, save_hf_folder
 from .lm import CausalLM
+from .modules import project
 from tools.errors import UserError
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -145,9 +146,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
         B, T, _ = x.size()
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # one call: a LoRA can share work (modules.py)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the cache stores k already rotated
         # causal softmax(q k^T / sqrt(D)) v; each K/V head is shared by H // H_kv query heads
         y = cached_attention(q, k, v, kv_cache, self.layer_idx, self.dropout if self.training else 0.0,
@@ -167,7 +169,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         # the gate decides, per hidden unit, how much of up(x) passes: (B, T, F) * (B, T, F) -> down to (B, T, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))  # (B, T, F) each, one call as q/k/v
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -217,10 +220,12 @@ class LLaMA(CausalLM):
     def max_seq_len(self):
         return self.config.max_seq_len - self.num_virtual_tokens
 
-    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None):
+    def forward(self, idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None, logits_to_keep=0):
         """idx (B, T) token ids, or inputs_embeds (B, T, C) in their place (prompt tuning's virtual tokens).
         position_ids (B, T): several examples packed in a row, each restarting at 0 and attending only to itself
-        (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones."""
+        (see packed_causal_mask); None: one sequence a row, positions 0..T-1 after the cached ones, or, when the
+        cache's rows are left-padded (batch_generate), each row's own (KVCache.positions, padded_mask).
+        logits_to_keep n > 0: logits of the last n positions only (decoding needs the last one's)."""
         if inputs_embeds is None:
             if hasattr(self, "prompt_encoder"):  # prompt/prefix tuning (prompts/): n learned positions come first
                 kv_cache = self.prompt_encoder.prefill(self, idx.size(0), kv_cache)
@@ -233,18 +238,24 @@ class LLaMA(CausalLM):
         positions = torch.arange(start, start + T, device=device)  # (T,)
         mask = None
         if position_ids is not None:
+            if kv_cache is not None:
+                raise UserError("position_ids (packed examples) are for training; decoding with a KV cache is causal")
             positions, mask = position_ids[:, None], packed_causal_mask(position_ids)  # (B, 1, T), (B, 1, T, T)
-        # (T, D) each, or (B, 1, T, D) for packed rows (broadcast over heads); shared by all layers
+        elif kv_cache is not None and kv_cache.key_mask is not None:  # left-padded rows: each its own positions
+            positions = kv_cache.positions[:, None, start:start + T]  # (B, 1, T)
+            mask = padded_mask(kv_cache, T)  # (B, 1, T, S)
+        # (T, D) each, or (B, 1, T, D) for packed or padded rows (broadcast over heads); shared by all layers
         cos, sin = rope_cos_sin(rope_frequencies(self.config, device), positions)
         x = inputs_embeds
         for layer in self.model.layers:
             x = self.run_block(layer, x, cos, sin, kv_cache, mask)
-        return self.head_and_loss(self.model.norm(x), targets)  # training: (None, loss)
+        return self.head_and_loss(self.model.norm(x), targets, logits_to_keep)  # training: (None, loss)
 
-    def make_kv_cache(self, batch_size, max_len):
-        c, p = self.config, self.lm_head.weight
-        max_len += self.num_virtual_tokens  # prompt/prefix tuning's positions sit in the cache too
-        return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len, c.head_dim, p.device, p.dtype)  # H_kv heads
+    def make_kv_cache(self, batch_size, max_len, pad=None):
+        """An empty KVCache for max_len tokens a row; pad (B,): left padding per row (KVCache says how it is used)."""
+        c, p, n = self.config, self.lm_head.weight, self.num_virtual_tokens
+        # prompt/prefix tuning's n positions sit in the cache too, before a row's padding
+        return KVCache(c.n_layer, batch_size, c.n_kv_head, max_len + n, c.head_dim, p.device, p.dtype, pad, n)
 
     # ---- Hugging Face checkpoints ------------------------------------------------------------------------------
     @classmethod

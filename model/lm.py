@@ -4,10 +4,10 @@ A family (model/gpt.py, model/llama.py) subclasses CausalLM and provides:
     model_type                  config.json's model_type, its key in model.MODELS ("gpt2", "llama")
     config_class                its config dataclass; CausalLM(config) builds the model
     scratch_config(settings)    that dataclass from train.py's settings (n_layer, n_embd, block_size, ...)
-    forward(idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None) -> (logits, loss); with a
-        `prompt_encoder` (prompts/), its prefill(model, B, kv_cache) runs first, and max_seq_len / make_kv_cache
-        count its positions
-    max_seq_len, make_kv_cache(batch_size, max_len)
+    forward(idx, targets=None, kv_cache=None, position_ids=None, inputs_embeds=None, logits_to_keep=0)
+        -> (logits, loss); with a `prompt_encoder` (prompts/), its prefill(model, B, kv_cache) runs first, and
+        max_seq_len / make_kv_cache count its positions; a cache with left-padded rows gives each row its positions
+    max_seq_len, make_kv_cache(batch_size, max_len, pad=None)
     from_pretrained(folder, dtype=None, dropout=...), save_pretrained(folder)
 and its forward runs each block through run_block and ends with head_and_loss, which own three memory settings:
     loss_chunk_size             tokens per chunk of the training loss (model/chunked_loss.py); 0: full logits;
@@ -68,12 +68,15 @@ class CausalLM(nn.Module):
             return checkpoint(block, x, *args, use_reentrant=False)
         return block(x, *args)
 
-    def head_and_loss(self, x, targets):
-        """(logits, loss) from the final hidden states x (B, T, C). Without targets: (lm_head(x), None). With
+    def head_and_loss(self, x, targets, logits_to_keep=0):
+        """(logits, loss) from the final hidden states x (B, T, C). Without targets: (lm_head(x), None), or with
+        logits_to_keep n > 0 the last n positions' only, (B, n, V): a prefill of T tokens needs 1 of T rows. With
         targets: (None, mean loss over targets != -1) from the chunked linear + cross-entropy on the head's weight
         (head_weight: a LoRA head's W + s B A), which never forms the (B, T, V) logits; loss_chunk_size = 0, or a
         head that is not one weight, takes the plain path instead (full logits, then F.cross_entropy)."""
         weight = head_weight(self.lm_head) if targets is not None and self.loss_chunk_size > 0 else None
+        if targets is None and logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]  # (B, n, C)
         if weight is None:
             logits = self.lm_head(x)  # (B, T, V)
             return logits, next_token_loss(logits, targets)

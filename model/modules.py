@@ -1,8 +1,10 @@
-"""Finding modules in any model by name: what LoRA, quantization and the PEFT methods share, owned by none of them.
+"""Finding modules in any model by name: what LoRA, quantization and the PEFT methods share, owned by none of them;
+and project(), the one call through which a model runs several layers on the same input.
 
     name_matches(name, targets)   PEFT's rule: a str is a regex over the whole name; a tuple matches a name or .-suffix
     collapse_names(names)         h.0.attn.c_attn, h.1.attn.c_attn, ... -> h.[0-1].attn.c_attn (for messages)
     tied_owners(model)            which modules hold each parameter (two owners: a tied weight)
+    project(x, layers)            [layer(x) for layer in layers], grouped where the layers' type offers it
 """
 import re
 
@@ -45,3 +47,23 @@ def tied_owners(model):
         for p_name, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
     return owners
+
+
+def project(x, layers):
+    """[layer(x) for layer in layers]: several projections of the same x (LLaMA's q/k/v, its MLP's gate/up).
+
+    The protocol, so that model/ knows nothing of what wraps a layer: layers whose type offers a static
+    `group_forward(x, layers)` (returning their outputs in order) are handed to it together, in one call per
+    such function, and may share work (a LoRA layer's group_forward computes the down-projections of q, k and v
+    as one GEMM, lora/grouped.py); every other layer (an nn.Linear) runs on its own."""
+    outs, groups = [None] * len(layers), {}
+    for i, layer in enumerate(layers):
+        fn = getattr(type(layer), "group_forward", None)
+        if fn is None:
+            outs[i] = layer(x)
+        else:
+            groups.setdefault(fn, []).append(i)
+    for fn, idx in groups.items():
+        for i, out in zip(idx, fn(x, [layers[i] for i in idx])):
+            outs[i] = out
+    return outs

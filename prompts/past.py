@@ -18,6 +18,7 @@ import torch
 class PastCache:
     """Keys/values per layer, grown by concatenation: differentiable. The interface of model.attention.KVCache:
     `pos` positions filled (advanced by the last layer's update) and `update(layer, k, v)` -> all k, v so far."""
+    key_mask = None  # no left-padded rows (only batch_generate's KVCache has them)
 
     def __init__(self, n_layer):
         self.k, self.v = [None] * n_layer, [None] * n_layer
@@ -46,7 +47,7 @@ def prefill_embeddings(model, embeds, batch_size, kv_cache):
     cache = start_cache(model, kv_cache)
     if cache is None:
         return kv_cache
-    model(None, kv_cache=cache, inputs_embeds=embeds.expand(batch_size, -1, -1))  # (B, n, C); logits unused
+    model(None, kv_cache=cache, inputs_embeds=embeds.expand(batch_size, -1, -1), logits_to_keep=1)  # logits unused
     return cache
 
 

@@ -233,3 +233,20 @@ def test_train_vs_peft_times_train_py_and_a_peft_loop_on_one_model_and_one_batch
     assert all(len(r["rounds"].split()) == 2 and r["median_ms"] > 0 for r in table)
     assert set(ratios) == {f"{a} / {b}" for a, b in tvp.RATIOS}
     assert "commit" in (tmp_path / "results" / "cpu_train_vs_peft_llama.md").read_text()
+
+
+def test_generate_bench_times_both_sides_on_the_same_tokens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      initializer_range=0.2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    bench = load_script("generate")
+    rows = bench.main(["--model", str(tmp_path / "llama"), "--batch_sizes", "1,3", "--prompt_len", "6",
+                       "--new_tokens", "5", "--iters", "2", "--warmup", "0", "--threads", "1",
+                       "--out_dir", str(tmp_path)])
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert [r["rows_equal"] for r in rows] == ["1/1", "3/3"]  # greedy on the same weights: the same tokens
+    assert all(r["ours_tok_s"] > 0 and r["theirs_tok_s"] > 0 and r["ratio"] > 0 for r in rows)
+    assert (tmp_path / "cpu_generate_llama.md").exists()

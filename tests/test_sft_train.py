@@ -140,7 +140,7 @@ def test_the_loss_falls_on_the_answers_without_packing(tmp_path, monkeypatch):
 
 
 def test_exact_match_counts_the_answers_transformers_greedy_decoding_reproduces(tmp_path):
-    """Prompts of several lengths, scored in groups of one length; half the references are transformers' own greedy
+    """Prompts of several lengths, decoded together in padded batches; half the references are transformers' own greedy
     continuation (one prompt at a time), half are random."""
     from types import SimpleNamespace
 
