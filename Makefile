@@ -3,13 +3,14 @@
 #   make test          set up (with the test-only references transformers + peft) and run the tests
 #   make sft           LoRA-fine-tune SmolLM2 on the speaker-attribution task; prints the held-out exact match
 #   make dpo           LoRA DPO of SmolLM2 on Shakespeare preference pairs; prints held-out reward accuracy before/after
+#   make grpo          LoRA GRPO of SmolLM2 on one-digit sums and products; prints held-out greedy accuracy before/after
 PYTHON ?= python3
 VENV ?= .venv
 # torch first, on its own: pick the build for your machine, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-dev shakespeare data finetune sft-base sft dpo test bench clean smollm2 smollm2-lora
+.PHONY: setup setup-dev shakespeare data finetune sft-base sft dpo grpo test bench clean smollm2 smollm2-lora
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +44,7 @@ finetune: setup
 	@echo "make finetune: training into out-shakespeare-lora/, replacing any run there"
 	$(BIN)/python train.py config/finetune_shakespeare_lora.py --overwrite=True
 
-# the base of `make sft` and `make dpo`: SmolLM2-135M-Instruct (make smollm2), or our own out_dir
+# the base of `make sft`, `make dpo` and `make grpo`: SmolLM2-135M-Instruct (make smollm2), or our own out_dir
 # (SFT_BASE=out-shakespeare after `make shakespeare`) or any Hugging Face folder; a base with a tokenizer.json
 # tokenizes the task with it
 SMOLLM2 := models/smollm2-135m-instruct
@@ -74,6 +75,18 @@ dpo: sft-base
 	@echo "make dpo: training into out-dpo-shakespeare/, replacing any run there"
 	$(BIN)/python train.py config/dpo_shakespeare.py --init_from=$(SFT_BASE) --overwrite=True
 	$(BIN)/python dpo_eval.py out-dpo-shakespeare
+
+# GRPO on arithmetic the base can sometimes do (tasks/arithmetic.py), from the same base: each step samples 8
+# completions of 2 prompts and rewards the right ones; the KL's reference is the base (the adapter switched off)
+GRPO_DATA := data/arithmetic
+
+grpo: sft-base
+	$(BIN)/python -m tasks.arithmetic --out $(GRPO_DATA)
+	$(BIN)/python prepare_sft.py --input $(GRPO_DATA)/train.jsonl --val $(GRPO_DATA)/val.jsonl --out $(GRPO_DATA)/grpo \
+		--block_size 48 --overwrite $(BASE_TOKENIZER)
+	@echo "make grpo: training into out-grpo-arithmetic/, replacing any run there"
+	$(BIN)/python train.py config/grpo_smollm2.py --init_from=$(SFT_BASE) --overwrite=True
+	$(BIN)/python grpo_eval.py out-grpo-arithmetic
 
 test: setup-dev
 	$(BIN)/python -m pytest tests -q

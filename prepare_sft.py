@@ -8,6 +8,11 @@ One record a line, in either of the two formats Hugging Face TRL uses:
 or preference pairs for `objective = 'dpo'`, as TRL takes them (a file holds one kind):
     {"prompt": "...", "chosen": "...", "rejected": "..."}        two examples with the same prompt tokens
     {"prompt": [messages], "chosen": [assistant messages], "rejected": [assistant messages]}   conversational
+or prompts with a reference answer for `objective = 'grpo'` (objectives/rewards.py scores completions against it):
+    {"prompt": "...", "answer": "..."}                            the prompt text; "answer" a string or a number
+    {"messages": [... ending with a user message], "answer": "..."}   rendered up to the generation prompt
+                                                                  ("prompt": [messages], as TRL, the same)
+    optional "task" (a reasoning_gym dataset name) and "metadata" (its entry's metadata), for its verifier
 --tokenizer names the model whose tokenizer to use (tokenization.load_tokenizer: a Hugging Face folder, a training
 out_dir, an adapter folder or a .gguf file; default GPT-2's); sft.json records its name. Chats are rendered with the
 checkpoint's own chat template (chat.py), else with the plain one. The mask is 1 on
@@ -25,6 +30,9 @@ removes the temp folder a killed one left):
 sft.json goes first and comes back last, so a folder caught half-replaced has none and is never read.
 Example i of a shard is tokens[offsets[i]:offsets[i + 1]]; examples keep the order of the input file. A pair is
 examples 2j (chosen) and 2j + 1 (rejected) of one shard; sft.json's "kind" is 'preference', else 'sft'.
+A prompt folder (kind 'prompt') holds the prompts' tokens (mask 0) and, in each shard, answers (n_examples,): one
+JSON string per prompt, {"answer", "where" (file:line), "question", "task", "metadata"}; a prompt longer than
+--block_size keeps its last tokens (the question and the generation prompt), or is dropped.
 """
 import argparse
 import errno
@@ -39,12 +47,13 @@ import numpy as np
 from tools.atomic import (current_umask, lock_file, remove_stale_temp_folders, rename_folder, temp_folder,
                           unlock_file)
 from tokenization import load_tokenizer
-from tokenization.chat import ROLES, chat_ids
+from tokenization.chat import ROLES, chat_ids, generation_prompt_ids
 from tokenization.tokenizer import tokenizer_fingerprint
 from loaders.sft import HEADER, SHARD_NAME
 from tools.errors import UserError
 
 FORMAT = "nanolora-sft-1"
+ITEMS = {"sft": "examples", "preference": "pairs", "prompt": "prompts"}  # what a folder of each kind counts
 REPLACING = ".sft.json.replacing"  # the old header while --overwrite swaps the files: the folder is still ours
 
 
@@ -102,6 +111,8 @@ def read_records(path):
 
 def parse_record(record, where):
     """One record as read_records yields it; a record with the fields of two formats is refused, not guessed."""
+    if "answer" in record:
+        return prompt_record(record, where)
     formats = [name for name, keys in (("messages", ("messages",)), ("prompt/completion", ("completion",)),
                                        ("preference", ("chosen", "rejected"))) if any(k in record for k in keys)]
     if len(formats) > 1:
@@ -155,9 +166,45 @@ def preference_record(record, where):
     return ("preference", prompt, chosen, rejected)
 
 
+def prompt_record(record, where):
+    """('prompt', prompt text or messages, target) of a GRPO prompt: the target is what a reward reads."""
+    other = [k for k in ("completion", "chosen", "rejected") if k in record]
+    if other:
+        raise UserError(f"{where}: the record has \"answer\" and {other[0]!r}; a prompt record (objective='grpo') "
+                         f"has a prompt or messages and an answer: keep the fields of one kind")
+    if ("prompt" in record) == ("messages" in record):
+        raise UserError(f"{where}: a record with \"answer\" needs a \"prompt\" string or \"messages\", one of them")
+    answer = record["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        raise UserError(f"{where}: field 'answer' must be a non-empty string or a number, got {answer!r:.80}")
+    target = {"answer": str(answer), "where": where}
+    for key, kind in (("task", str), ("metadata", dict)):
+        if key in record:
+            if not isinstance(record[key], kind):
+                raise UserError(f"{where}: field {key!r} must be a{'n object' if kind is dict else ' string'}")
+            target[key] = record[key]
+    messages = record.get("messages", record["prompt"] if isinstance(record.get("prompt"), list) else None)
+    if messages is not None:  # {"messages": [...]}, or TRL's conversational {"prompt": [...]}
+        field = "messages" if "messages" in record else "prompt"
+        if not isinstance(messages, list) or not messages:
+            check_messages(messages, where, field)  # refuses it, naming the field
+        if isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            raise UserError(f"{where}: field {field!r} of a prompt record must end with the user's question, not an "
+                             f"assistant reply (the model writes that)")
+        messages = check_messages(messages + [{"role": "assistant", "content": "-"}], where, field)[:-1]
+        target["question"] = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        return ("prompt", messages, target)
+    target["question"] = _text_field(record, "prompt", where)
+    return ("prompt", target["question"], target)
+
+
 # ---- records -> (ids, mask) ----------------------------------------------------------------------------------
 def example_ids(tok, record):
-    """(ids, mask) of one record: prompt/completion as start + prompt + completion + EOS, chats via chat_ids."""
+    """(ids, mask) of one record: prompt/completion as start + prompt + completion + EOS, chats via chat_ids; a GRPO
+    prompt as the model sees it before its completion (a chat up to the template's generation prompt), mask 0."""
+    if record[0] == "prompt":
+        ids = generation_prompt_ids(tok, record[1]) if isinstance(record[1], list) else tok.encode(record[1])
+        return ids, [0] * len(ids)
     if record[0] == "messages":
         return chat_ids(tok, record[1], record[2])
     _, prompt, completion = record
@@ -217,19 +264,29 @@ def fit_pair(pair, block_size, truncation):
 def tokenize_split(path, tok, block_size, truncation):
     """All examples of one JSONL file as lists, plus counts for the header."""
     examples, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "prompt_completion": 0, "messages": 0,
-                            "preference": 0, "preference_messages": 0}
-    kind = None  # 'sft' or 'preference': one file holds one kind
+                            "preference": 0, "preference_messages": 0, "prompt": 0}
+    kind = None  # 'sft', 'preference' or 'prompt': one file holds one kind
     for where, record in read_records(path):
-        record_kind = "preference" if record[0].startswith("preference") else "sft"
+        record_kind = ("preference" if record[0].startswith("preference") else "prompt" if record[0] == "prompt"
+                       else "sft")
         if kind not in (None, record_kind):
             raise UserError(f"{where}: a {record_kind} record in a file of {kind} records; a file holds "
-                             f"prompt/completion or messages records, or preference pairs, not both")
+                             f"prompt/completion or messages records, preference pairs, or prompts with answers: one "
+                             f"kind")
         kind = record_kind
         counts[record[0]] += 1
         try:
             unit = pair_ids(tok, record) if kind == "preference" else [example_ids(tok, record)]
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
+        if kind == "prompt":  # nothing is trained on: the completions are sampled in training
+            ids = unit[0][0]
+            if len(ids) > block_size:  # a long prompt keeps its end: the question and the generation prompt
+                counts["truncated" if truncation == "truncate" else "dropped"] += 1
+                if truncation == "drop":
+                    continue
+            examples.append((ids[-block_size:], [0] * min(len(ids), block_size), json.dumps(record[2])))
+            continue
         if any(not any(mask) for _, mask in unit):
             raise UserError(f"{where}: nothing to train on: the chat template of {tok.name} renders no assistant "
                              f"text for this record; use a template that writes the assistant's content")
@@ -247,27 +304,30 @@ def tokenize_split(path, tok, block_size, truncation):
         raise UserError(f"{path}: no examples left (empty file, or every example dropped as longer than "
                          f"--block_size={block_size})")
     counts["kind"] = kind
-    counts["examples"] = len(examples) if kind == "sft" else len(examples) // 2  # pairs
-    counts["tokens"] = sum(len(ids) for ids, _ in examples)
-    counts["trained_tokens"] = sum(sum(mask) for _, mask in examples)
+    counts["examples"] = len(examples) // 2 if kind == "preference" else len(examples)  # pairs, else examples
+    counts["tokens"] = sum(len(ex[0]) for ex in examples)
+    counts["trained_tokens"] = sum(sum(ex[1]) for ex in examples)
     return examples, counts
 
 
 def write_split(folder, split, examples, dtype, shard_size, group=1, digest=None):
     """Whole examples into shards of about shard_size tokens, `group` at a time (2: a preference pair is never
-    split over two shards); returns the shard file names. digest (a hashlib object) is fed every array written."""
+    split over two shards); returns the shard file names. digest (a hashlib object) is fed every array written.
+    An example (ids, mask, target) of a prompt folder adds its target (a JSON string) to the shard's answers."""
     names, start = [], 0
     while start < len(examples):
         end, n = start, 0
-        while end < len(examples) and (n == 0 or n + sum(len(ids) for ids, _ in examples[end:end + group]) <= shard_size):
-            n += sum(len(ids) for ids, _ in examples[end:end + group])
+        while end < len(examples) and (n == 0 or n + sum(len(ex[0]) for ex in examples[end:end + group]) <= shard_size):
+            n += sum(len(ex[0]) for ex in examples[end:end + group])
             end += group
         chunk = examples[start:end]
-        lengths = np.array([len(ids) for ids, _ in chunk], dtype=np.int64)
+        lengths = np.array([len(ex[0]) for ex in chunk], dtype=np.int64)
         name = f"{split}_{len(names):06d}.npz"
-        arrays = {"tokens": np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in chunk]),
-                  "mask": np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in chunk]),
+        arrays = {"tokens": np.concatenate([np.asarray(ex[0], dtype=dtype) for ex in chunk]),
+                  "mask": np.concatenate([np.asarray(ex[1], dtype=np.uint8) for ex in chunk]),
                   "offsets": np.concatenate([[0], np.cumsum(lengths)])}
+        if len(chunk[0]) == 3:  # a prompt folder: the targets, as fixed-width unicode (no pickle to load them)
+            arrays["answers"] = np.array([ex[2] for ex in chunk], dtype=str)
         np.savez(folder / name, **arrays)
         for array in arrays.values() if digest is not None else ():
             digest.update(np.ascontiguousarray(array).tobytes())
@@ -315,8 +375,8 @@ def prepare(train_path, val_path, out, tokenizer=None, block_size=1024, truncati
                 examples, counts = tokenize_split(path, tok, block_size, truncation)
                 header.setdefault("kind", counts["kind"])
                 if counts.pop("kind") != header["kind"]:
-                    raise UserError(f"{path} holds {'preference pairs' if header['kind'] == 'sft' else 'sft records'}"
-                                     f", {train_path} the other kind: give both splits in one format")
+                    raise UserError(f"{path} holds other records than {train_path} ({header['kind']}): give both "
+                                     f"splits in one format")
                 group = 2 if header["kind"] == "preference" else 1
                 counts["shards"] = write_split(tmp, split, examples, dtype, shard_size, group, digest)
                 header["splits"][split] = {"source": str(path), **counts}
@@ -376,7 +436,7 @@ def main(argv=None):
     header = prepare(args.input, args.val, args.out, args.tokenizer, args.block_size, args.truncation,
                      args.shard_size, args.overwrite)
     for split, c in header["splits"].items():
-        print(f"{split}: {c['examples']:,} {'pairs' if header['kind'] == 'preference' else 'examples'}, {c['tokens']:,} tokens ({c['trained_tokens']:,} trained on); "
+        print(f"{split}: {c['examples']:,} {ITEMS[header['kind']]}, {c['tokens']:,} tokens ({c['trained_tokens']:,} trained on); "
               f"{c['truncated']:,} truncated, {c['dropped']:,} dropped (longer than {args.block_size} tokens)")
     print(f"wrote {args.out} (tokenizer {header['tokenizer']}, {header['chat_template']} chat template)")
 

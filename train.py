@@ -98,6 +98,7 @@ lora_use_dora = False  # DoRA: a trained magnitude per output row (lora/dora.py)
 lora_loraplus_lr_ratio = 1.0  # LoRA+: lora_B's learning rate over lora_A's (lora/loraplus.py)
 overwrite = False  # True: replace the run in out_dir (by default a new run refuses an out_dir holding another run)
 objective = "lm"  # a key of objectives.OBJECTIVES: 'lm' (a token stream) | 'sft' (answers) | 'dpo' (preference pairs)
+#                   | 'grpo' (prompts with answers: sampled completions, rewarded)
 packing = True  # sft: several examples per row (block-diagonal attention) | False: one a row, padded
 eval_generate_every = 0  # sft: greedy exact match on the val prompts every N steps (0 = off)
 eval_generate_limit = 0  # sft: score only the first N val prompts (0 = all)
@@ -105,6 +106,16 @@ dpo_beta = 0.1  # dpo: the strength of the pull toward the reference (objectives
 dpo_loss = "sigmoid"  # dpo: 'sigmoid' (DPO) | 'ipo' | 'hinge'
 dpo_label_smoothing = 0.0  # dpo, sigmoid: the chance that a label is flipped (conservative DPO)
 dpo_reference = "auto"  # dpo: 'adapter_off' | 'precompute' | 'copy'; 'auto' = adapter_off where the method allows
+grpo_num_generations = 8  # grpo: completions sampled per prompt, G (the group its rewards are compared within)
+grpo_max_new_tokens = 64  # grpo: the longest completion; one that has not ended by then is cut (clipped_ratio)
+grpo_temperature = 1.0  # grpo: sampling temperature (> 0; the log-probs are of logits / temperature, as TRL)
+grpo_top_k = 0  # grpo: sample among the k likeliest tokens (0 = all)
+grpo_top_p = 1.0  # grpo: nucleus sampling (1.0 = off)
+grpo_epsilon = 0.2  # grpo: the clip range of the probability ratio, [1 - eps, 1 + eps]
+grpo_beta = 0.04  # grpo: weight of the KL to the reference (the adapter switched off; full: a frozen copy); 0 = none
+grpo_loss_type = "dapo"  # grpo: 'grpo' (per completion, then mean) | 'dapo' (per token of the step) | 'dr_grpo'
+grpo_scale_rewards = True  # grpo: divide advantages by the group's reward std (False: Dr. GRPO)
+grpo_reward = "numeric"  # grpo: 'exact' | 'numeric' (the last number) | 'reasoning_gym' (objectives/rewards.py)
 # -----------------------------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 from tools.errors import UserError, report_user_errors  # noqa: E402
@@ -346,8 +357,9 @@ for step in range(start_step, max_steps):
     t0 = time.perf_counter()
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    batches = [tuple(t.to(device) if t is not None else None for t in train_loader.next_batch())
-               for _ in range(grad_accum_steps)]  # (x, y, ...): what the objective's loader yields
+    # (x, y, ...): what the objective's loader yields, made ready by its row (GRPO: completions sampled, rewarded)
+    batches = [task.prepare(raw_model, tuple(t.to(device) if t is not None else None for t in train_loader.next_batch()))
+               for _ in range(grad_accum_steps)]
     # the step's gradient is the mean over every item (target token, pair) of the step, on all ranks: each
     # micro-batch's summed loss is divided by the step's count, x world_size because DDP averages the ranks' gradients
     step_count = sum(task.count(b) for b in batches).float()

@@ -82,18 +82,39 @@ def read_shard(path):
     return tokens, mask, offsets
 
 
+OBJECTIVE_OF = {"sft": "sft", "preference": "dpo", "prompt": "grpo"}  # a folder's kind -> the objective that reads it
+
+
+def read_answers(path, n):
+    """The targets of a prompt shard: one dict per prompt (prepare_sft.py's JSON strings)."""
+    try:
+        with np.load(path, allow_pickle=False) as shard:
+            answers = [json.loads(a) for a in shard["answers"].tolist()]
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"{path} holds no readable answers ({type(e).__name__}): not a prompt shard of "
+                         f"prepare_sft.py; {REMAKE}") from None
+    if len(answers) != n or not all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
+        raise UserError(f"{path}: its answers do not fit its prompts; {REMAKE}")
+    return answers
+
+
 def read_examples(data_dir, split, kind="sft"):
     """(header, [(ids, mask)]) of one split: numpy arrays per example, in file order. kind: what the objective
-    needs, 'sft' (examples) or 'preference' (pairs, as consecutive examples)."""
+    needs, 'sft' (examples), 'preference' (pairs, as consecutive examples) or 'prompt' ((ids, mask, target) per
+    prompt, target the dict a reward reads)."""
     header = read_header(data_dir)
     if header.get("kind", "sft") != kind:
-        need, other = ("dpo", "sft") if kind == "preference" else ("sft", "dpo")
-        raise UserError(f"data_dir {data_dir!r} holds {header.get('kind', 'sft')} data, but objective={need!r} "
-                         f"needs {kind} data: prepare another folder, or use objective={other!r}")
+        has = header.get("kind", "sft")
+        raise UserError(f"data_dir {data_dir!r} holds {has} data, but objective={OBJECTIVE_OF[kind]!r} needs {kind} "
+                         f"data: prepare another folder, or use objective={OBJECTIVE_OF.get(has, 'sft')!r}")
     examples = []
     for path in shard_paths(data_dir, header, split):
         tokens, mask, offsets = read_shard(path)
         examples += [(tokens[a:b].astype(np.int64), mask[a:b].astype(bool)) for a, b in zip(offsets[:-1], offsets[1:])]
+        if kind == "prompt":
+            shard = examples[len(examples) - len(offsets) + 1:]
+            examples[len(examples) - len(shard):] = [(*ex, target) for ex, target in
+                                                     zip(shard, read_answers(path, len(shard)))]
     if not examples:
         raise FileNotFoundError(f"{data_dir} holds no {split} shards ({split}_*.npz); remake it with prepare_sft.py")
     if kind == "preference" and len(examples) % 2:

@@ -130,30 +130,12 @@ class DPO(Objective):
         """Set up the reference: the method switched off (nothing to do), a frozen copy, or precomputed log-probs."""
         self.model, self.ref_model, reference = model, None, self.c["dpo_reference"]
         if reference == "copy":  # the starting model: this one before any step, or reloaded from `base` on resume
-            self.ref_model = self.starting_copy(model, base, base_fingerprint, resuming, out_dir)
+            self.ref_model = self.starting_copy(model, base, base_fingerprint, resuming, out_dir, "dpo_reference='copy'",
+                                                "start it again with dpo_reference='precompute'")
         elif reference == "precompute":
             self.precompute(model, base_fingerprint, resuming, loaders, out_dir)
         elif self.run.master:
             print("dpo reference: the model with its adapter switched off (no second model in memory)")
-
-    def starting_copy(self, model, base, base_fingerprint, resuming, out_dir):
-        import copy
-        if resuming:
-            from training.checkpoint import fingerprint, load_base
-            if base is None:
-                raise UserError(f"resume of {out_dir}: dpo_reference='copy' needs the starting model, and a run from "
-                                 f"scratch has none to reload; start it again with dpo_reference='precompute'")
-            ref_model = load_base(base)
-            if fingerprint(ref_model) != base_fingerprint:
-                raise UserError(f"resume of {out_dir}: its starting model {base} has changed since the run began; "
-                                 f"the reference would differ. Restore it, or start a new run")
-        else:
-            ref_model = copy.deepcopy(model)
-        ref_model.requires_grad_(False).eval().to(self.run.device)
-        if self.run.master:
-            copy_mib = sum(p.numel() * p.element_size() for p in ref_model.parameters()) / 2**20
-            print(f"dpo reference: a frozen copy of the model, {copy_mib:,.1f} MiB more memory")
-        return ref_model
 
     def precompute(self, model, base_fingerprint, resuming, loaders, out_dir):
         from adapters import method_of

@@ -1,8 +1,9 @@
 """What an objective is to train.py: one row of OBJECTIVES (objectives/__init__.py).
 
 train.py never asks which objective it runs. It asks the row for its data loaders, lets it prepare the model once
-(DPO's reference), and then, for every micro-batch, asks for two things:
-    count(batch)        how many items the batch holds (target tokens, or preference pairs)
+(DPO's reference), and then, for every micro-batch, asks for three things:
+    prepare(model, batch)  the batch the loss reads (GRPO: completions sampled and rewarded; others: the same)
+    count(batch)        how many items the batch holds (target tokens, preference pairs, completions ...)
     loss(model, batch)  the loss summed over those items, and the sums of the objective's own metrics (or None)
 The step's gradient is then the mean over every item of the step: train.py adds up count() over the step's
 micro-batches and all ranks, and back-propagates loss_sum * world_size / step_count for each micro-batch (DDP
@@ -14,7 +15,7 @@ numbers of items (SFT's answer tokens) are weighted by what they hold.
     make_loaders()        (train_loader, val_loader); batches are tuples whose first two items are x, y
     start(model, ...)     once, after the model and its adapter exist and before the optimizer
     metrics(sums, prefix) {name: mean} from the summed metric sums of a step or an evaluation
-    evaluate(model)       {'val_loss': ..., more}: over the val split, all ranks
+    evaluate(model)       {'val_loss': ..., more}: over the val split, all ranks (GRPO: {'eval_reward'})
     needs(config)         [(capability, the setting that asks for it)] of the PEFT method (adapters/method.py)
     refuse(config)        a one-line message for settings this objective cannot take together, or None
     defaults(config)      values of 'auto' settings, resolved before the settings are checked
@@ -85,6 +86,33 @@ class Objective:
     def start(self, model, **run_state):
         """Prepare what the objective needs beyond the model (DPO's reference). run_state: base, base_fingerprint,
         resuming, loaders, out_dir."""
+
+    def starting_copy(self, model, base, base_fingerprint, resuming, out_dir, asker, instead):
+        """A frozen copy of the starting model, for a reference: this model before any step, or reloaded from
+        `base` on resume (refused if it changed since). asker: the setting that wants it; instead: what to do when a
+        run from scratch has no base to reload."""
+        import copy
+        if resuming:
+            from training.checkpoint import fingerprint, load_base
+            if base is None:
+                raise UserError(f"resume of {out_dir}: {asker} needs the starting model, and a run from scratch has "
+                                 f"none to reload; {instead}")
+            ref_model = load_base(base)
+            if fingerprint(ref_model) != base_fingerprint:
+                raise UserError(f"resume of {out_dir}: its starting model {base} has changed since the run began; "
+                                 f"the reference would differ. Restore it, or start a new run")
+        else:
+            ref_model = copy.deepcopy(model)
+        ref_model.requires_grad_(False).eval().to(self.run.device)
+        if self.run.master:
+            copy_mib = sum(p.numel() * p.element_size() for p in ref_model.parameters()) / 2**20
+            print(f"{self.name} reference: a frozen copy of the model, {copy_mib:,.1f} MiB more memory")
+        return ref_model
+
+    def prepare(self, model, batch):
+        """The loader's micro-batch made into what count() and loss() read, before the step's count is taken
+        (GRPO samples and rewards its completions here, with `model` unwrapped). By default the batch itself."""
+        return batch
 
     # ---- the step --------------------------------------------------------------------------------------------
     def count(self, batch):

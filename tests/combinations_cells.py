@@ -1,7 +1,7 @@
 """The matrix of train.py's settings that tests/test_combinations.py walks: its axes, one cell's settings as train.py
 reads them, and the settings of a tiny run of a cell. Which cells are refused is the test's own table (REFUSALS).
 
-    objective      lm, sft, dpo                                   (objectives.OBJECTIVES)
+    objective      lm, sft, dpo, grpo                             (objectives.OBJECTIVES)
     peft_method    full, lora, adalora, prompt, ptuning, prefix    (adapters.METHODS)
     variant        none, dora, pissa, rslora, modules_to_save, fused: LoRA settings, another method's by ownership
     quantize       '', 'nf4'
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-OBJECTIVES = ("lm", "sft", "dpo")
+OBJECTIVES = ("lm", "sft", "dpo", "grpo")
 METHODS = ("full", "lora", "adalora", "prompt", "ptuning", "prefix")
 PROMPT_METHODS = ("prompt", "ptuning", "prefix")
 FINAL_NORM = {"gpt2": ("ln_f",), "llama": ("norm",)}  # the final norm, the module trained whole by modules_to_save
@@ -124,6 +124,13 @@ def method_settings(method, family):
     return {}
 
 
+def objective_settings(objective):
+    """Small settings of the objective: GRPO samples 4 completions of up to 4 tokens (prompts of up to 12)."""
+    if objective == "grpo":
+        return {"grpo_num_generations": 4, "grpo_max_new_tokens": 4, "grpo_reward": "exact"}
+    return {}
+
+
 def base_settings(family):
     """The tiny base of a family: 2 layers of width 32 over 32 positions."""
     shape = dict(model_type=family, n_layer=2, n_head=4, n_embd=32, block_size=2 * BLOCK, vocab_size=VOCAB)
@@ -136,7 +143,7 @@ def run_settings(cell, family, base, data_dir, **overrides):
     given = {**cell.given(family), "init_from": str(base), "data_dir": str(data_dir), "device": "cpu",
              "dtype": "float32", "compile": False, "block_size": BLOCK, "batch_size": 2, "vocab_size": VOCAB,
              "total_batch_size": 2 * BLOCK * 2, "max_steps": 4, "eval_iters": 2, "sample_interval": 0,
-             **method_settings(cell.method, family), **overrides}
+             **method_settings(cell.method, family), **objective_settings(cell.objective), **overrides}
     if family == "llama":
         given["model_type"] = "llama"
     config = resolve_defaults({**train_defaults(), **given})

@@ -2,12 +2,15 @@
 settings are read, in one line that names both settings in conflict.
 
 The matrix (tests/combinations_cells.py): objective x peft_method x LoRA variant x quantize x packing (sft) x
-dpo_reference (dpo) x merge_on_save x loss path x parallel. Its whole product goes through the settings check; the
-accepted cells run on tiny models against a fact that does not come from the code under test:
+dpo_reference (dpo) x merge_on_save x loss path x parallel (GRPO's settings at their defaults: grpo_beta=0.04). Its
+whole product goes through the settings check; the accepted cells run on tiny models against a fact that does not
+come from the code under test:
     the chunked loss equals the plain loss, gradients included       every accepted (objective, method, variant,
                                                                      quantize, packing)
     DPO's reference is the starting model; a fresh adapter's loss    every accepted dpo (method, variant, quantize,
     is ln 2                                                          reference), and through train.py for a few
+    GRPO's reference is the starting model; a fresh adapter's loss    every accepted grpo (method, variant, quantize)
+    is -sum_i A_i L_i / sum_i L_i (ratio 1, k3 0)
     PEFT gives the logits of ours for the saved adapter              every method and variant that saves one
     transformers gives the unmerged logits for the merged export     every method and variant that merges
     two processes take the steps of one (ddp, fsdp on gloo)          a few, marked slow
@@ -28,6 +31,7 @@ from combinations_cells import (BLOCK, PROMPT_METHODS, VARIANTS, Cell, base_sett
                                 train_defaults)
 from objectives import OBJECTIVES, Run
 from test_dpo import make_pairs, write_dpo_dir
+from test_grpo import make_prompts, write_prompt_dir
 from test_sft_train import make_examples, write_sft_dir
 from test_train import read_log, run_torchrun, run_train, write_shards
 from tools.errors import UserError
@@ -67,10 +71,14 @@ REFUSALS = [
      lambda c: ("dpo_reference='adapter_off'", variant_setting(c))),
     # packed SFT rows cannot carry the learned positions of the prompt-based methods
     (lambda c: c.packing and c.method in PROMPT_METHODS, lambda c: ("packing=True", setting(c, "peft_method"))),
+    # GRPO: its KL's reference (grpo_beta=0.04 by default) is the adapter switched off, or a copy for full fine-tuning
+    (lambda c: c.parallel == "fsdp" and c.objective == "grpo", lambda c: ("objective='grpo'", "parallel='fsdp'")),
+    (lambda c: c.objective == "grpo" and c.method == "lora" and c.variant in ("pissa", "modules_to_save"),
+     lambda c: ("grpo_beta=0.04", variant_setting(c))),
     # merge_on_save folds an adapter into the weights: LoRA's and AdaLoRA's
     (lambda c: c.merge and c.method not in ("lora", "adalora"), lambda c: ("merge_on_save=True", setting(c, "peft_method"))),
 ]
-CELLS, ACCEPTED = 6048, 762  # the product's size, and the cells no line of REFUSALS applies to
+CELLS, ACCEPTED = 6912, 850  # the product's size, and the cells no line of REFUSALS applies to
 
 
 def conflicts(cell):
@@ -136,7 +144,7 @@ def one_process_cells(objective_axes):
 # DPO's loss reads the full logits (sequence log-probs), so for it the fact is that loss_chunk_size changes nothing;
 # its own facts are the reference's (DPO_CELLS)
 RUN_CELLS = one_process_cells(lambda c: (c.objective, c.method, c.variant, c.quantize, c.packing))
-RUN_CELLS = [c for c in RUN_CELLS if c.reference in (None, "auto")]
+RUN_CELLS = [c for c in RUN_CELLS if c.reference in (None, "auto") and c.objective != "grpo"]  # GRPO: GRPO_CELLS
 DPO_CELLS = [c for c in one_process_cells(lambda c: (c.objective, c.method, c.variant, c.quantize, c.reference))
              if c.objective == "dpo" and c.reference != "auto"]
 
@@ -168,7 +176,8 @@ def world(tmp_path_factory):
     write_sft_dir(root / "sft", make_examples(16, 0, max_answer=8, max_len=BLOCK + 1),
                   make_examples(4, 1, max_answer=8, max_len=BLOCK + 1))
     write_dpo_dir(root / "dpo", make_pairs(8, 0), make_pairs(4, 1))
-    for objective in ("sft", "dpo"):  # prepare_sft.py's header has a 'splits' entry; an empty one lists no shards,
+    write_prompt_dir(root / "grpo", make_prompts(8, 0), make_prompts(4, 1))
+    for objective in ("sft", "dpo", "grpo"):  # prepare_sft.py's header has a 'splits' entry; an empty one lists no shards,
         header_path = root / objective / "sft.json"  # and the loaders read every {split}_*.npz of the folder
         header = json.loads(header_path.read_text())
         header.setdefault("splits", {})
@@ -237,6 +246,28 @@ def test_the_dpo_reference_is_the_starting_model_and_a_fresh_adapter_starts_at_l
     assert (reference - expected).abs().max().item() < 1e-5
     if cell.method in ("full", "lora", "adalora"):  # their fresh state is the starting model: the margin is 0
         assert (loss_sum / task.count(batch)).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+# GRPO reads the logits of its sampled completions (never the chunked loss); its facts are the reference's and step 0's
+GRPO_CELLS = [c for c in one_process_cells(lambda c: (c.objective, c.method, c.variant, c.quantize))
+              if c.objective == "grpo"]
+
+
+@pytest.mark.parametrize("cell", [pytest.param(c, id=c.id) for c in GRPO_CELLS])
+def test_the_grpo_reference_is_the_starting_model_and_a_fresh_adapter_starts_at_its_closed_form(cell, world, tmp_path):
+    import objectives.grpo as grpo
+    config, model, start, task, loaders = build(cell, "gpt2", world, tmp_path)
+    x, y, advantages, rewards, _, _ = batch = task.prepare(model, loaders[0].next_batch())
+    with torch.no_grad():
+        reference = task.reference_logps(x, y)
+        expected = grpo.completion_logps(start, x, y, config["grpo_temperature"])[0]
+        loss_sum, sums = task.loss(model, batch)
+    assert (reference - expected).abs().max().item() < 1e-5
+    if cell.method in ("full", "lora", "adalora"):  # fresh, the policy is its reference: ratio 1 and k3 = 0
+        lengths = (y != -1).sum(dim=1).float()
+        closed_form = -(advantages * lengths).sum() / lengths.sum()  # dapo: -sum_i A_i L_i / sum_i L_i
+        assert (loss_sum / task.count(batch)).item() == pytest.approx(closed_form.item(), abs=1e-6)
+        assert task.metrics(sums)["kl"] == pytest.approx(0, abs=1e-7)
 
 
 # ---- saved adapters in PEFT, merged exports in transformers --------------------------------------------------------

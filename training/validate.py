@@ -7,7 +7,7 @@ one line per key: what a valid value is, and what resuming may do with it:
     LAUNCH  describes this launch, not the run (out_dir, device ...): never taken from the checkpoint
 A key without a line is FREE and unchecked beyond its type. A new setting adds one line; a rule that involves
 two keys goes into RELATIONS. The choices are the owners' own lists (the model families, the objectives, the PEFT
-methods, the DPO losses, the LoRA modes ...), never copied here.
+methods, the DPO losses, GRPO's loss types and rewards, the LoRA modes ...), never copied here.
 
 Beyond single values and RELATIONS, two rules come from the tables:
 - a setting that belongs to a PEFT method (adapters/) or an objective (objectives/) other than the run's is
@@ -24,6 +24,8 @@ from lora.pissa import check_init
 from model import MODELS
 from objectives import OBJECTIVES
 from objectives.dpo import LOSSES, REFERENCES
+from objectives.grpo import LOSS_TYPES as GRPO_LOSS_TYPES
+from objectives.rewards import REWARDS
 from prompts import INITS as PROMPT_INITS
 from prompts.p_tuning import ENCODER_TYPES
 from formats.gguf_export import TYPES as GGUF_TYPES
@@ -127,6 +129,16 @@ CHECKS = {
     "dpo_loss":            (one_of(*LOSSES),                 f"one of {choices(LOSSES)}",                    FIXED),
     "dpo_label_smoothing": (in_range(0.0, 0.5),              "in [0, 0.5) (the chance a label is flipped)",  FIXED),
     "dpo_reference":       (one_of("auto", *REFERENCES),     f"one of {choices(('auto', *REFERENCES))}",     FIXED),
+    "grpo_num_generations": (at_least(2),                    "an int >= 2 (a group of one has no baseline)", FIXED),
+    "grpo_max_new_tokens": (at_least(1),                     "a positive int",                               FIXED),
+    "grpo_temperature":    (lambda v: 0 < v < math.inf,      "a positive number (greedy would sample G equal completions)", FIXED),
+    "grpo_top_k":          (at_least(0),                     ">= 0 (0 = every token)",                       FIXED),
+    "grpo_top_p":          (lambda v: 0 < v <= 1,            "in (0, 1] (1 = off)",                          FIXED),
+    "grpo_epsilon":        (in_range(1e-300, 1.0),           "in (0, 1) (the ratio is clipped to [1 - eps, 1 + eps])", FIXED),
+    "grpo_beta":           (at_least(0.0),                   ">= 0 and finite (0 = no KL, no reference)",    FIXED),
+    "grpo_loss_type":      (one_of(*GRPO_LOSS_TYPES),        f"one of {choices(GRPO_LOSS_TYPES)}",           FIXED),
+    "grpo_scale_rewards":  (one_of(True, False),             "True or False",                                FIXED),
+    "grpo_reward":         (one_of(*REWARDS),                f"one of {choices(REWARDS)}",                   FIXED),
     "packing":             (one_of(True, False),             "True or False",                                FIXED),
     "eval_generate_every": (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "eval_generate_limit": (at_least(0),                     ">= 0 (0 = all val prompts)",                   FREE),
