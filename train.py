@@ -83,7 +83,8 @@ merge_gguf = ""  # with merge_on_save: also out_dir/merged.gguf (llama.cpp): '' 
 quantize = ""  # '' | 'nf4' | 'int8': LoRA on a loaded base quantized while loading (QLoRA with 'nf4'), quant/quantize.py
 loss_chunk_size = 1024  # tokens per chunk of the linear + cross-entropy (model/chunked_loss.py); 0 = full logits
 activation_checkpointing = False  # keep only each block's input, recompute the rest in backward (~1/3 more compute)
-cpu_mmap_threshold = 65536  # CPU (glibc): tensors of this many bytes or more are freed back to the OS (training/memory.py)
+cpu_mmap_threshold = 0  # CPU (glibc): 0 = glibc's own; N (e.g. 65536) returns freed tensors of >= N bytes to the OS:
+# the resident memory then follows the live tensors, for page faults that cost a third of a step (training/memory.py)
 # LoRA (lora/; also AdaLoRA's alpha, dropout and targets): every field of LoRAConfig is a setting lora_<field>
 lora_r = 16
 lora_alpha = 16.0

@@ -11,7 +11,7 @@ Rows (each in its own fresh process, so that the peak is the row's own):
   lora-plain  LoRA with loss_chunk_size = 0: full logits then F.cross_entropy, the loss before the chunked one
   full-plain  full fine-tuning with the plain loss
 Measured: CUDA max_memory_allocated; CPU peak RSS of the row's process minus an idle child's (torch imported). On CPU
-each row fixes glibc's mmap threshold at --mmap_threshold bytes first, as train.py does (cpu_mmap_threshold), so that
+each row fixes glibc's mmap threshold at --mmap_threshold bytes first, as train.py's cpu_mmap_threshold does, so that
 a freed activation leaves the process (training/memory.py); --mmap_threshold 0 measures with glibc's moving threshold.
 --compare times settings on one model in one process, interleaved step by step (one step of each per iteration), and
 reports the medians of the per-iteration ratios to the first: lora-plain with glibc's threshold at its 32 MiB ceiling
@@ -165,8 +165,8 @@ def main(argv=None):
     p.add_argument("--compare", action="store_true",
                    help="first time lora-plain, lora, lora-recompute, lora-ckpt interleaved in one process at the largest shape")
     p.add_argument("--mmap_threshold", type=int, default=None,
-                   help="CPU: glibc's mmap threshold in bytes for every row (default: train.py's cpu_mmap_threshold, "
-                        "64 KiB; 0 = glibc's moving threshold)")
+                   help="CPU: glibc's mmap threshold in bytes for every row (default 64 KiB, as train.py's "
+                        "--cpu_mmap_threshold=65536; 0 = glibc's moving threshold, train.py's default)")
     p.add_argument("--compare_iters", type=int, default=3, help="timed iterations of --compare")
     p.add_argument("--noise_limit", type=float, default=timing.NOISE_LIMIT,
                    help="CPU: re-run iterations during which other processes used more than this share of the "

@@ -18,7 +18,7 @@ of a run peaks lower than the ones after it when many tensors train.
 On CPU, where the measure is the process's resident memory, add what running a step at all costs: torch's
 kernels, thread pools and allocator arenas on first use, ~0.1 GB (CPU_RUNTIME_BYTES, measured on a 2-layer model
 whose tensors are a few MB); and the resident memory follows the tensors only when freed tensors leave the process,
-which glibc's malloc does not do by default (set_cpu_mmap_threshold below; train.py sets it on CPU). On CUDA,
+which glibc's malloc does not do by default (set_cpu_mmap_threshold below; train.py's cpu_mmap_threshold > 0). On CUDA,
 max_memory_allocated counts tensors only.
 Assumes dropout = 0 (a dropout layer adds a mask per (B, T, C) tensor it drops) and no LoRA dropout.
 """
