@@ -2,27 +2,16 @@
 
     python dpo_eval.py out-dpo-shakespeare
 """
-import json
 import sys
-from pathlib import Path
 
 from tools.errors import UserError
+from training.run_dir import read_log
 
 
 def reward_accuracy_summary(out_dir):
     """'held-out reward accuracy: 0.500 before, 0.870 after (step N)' from a run's log.jsonl."""
-    path = Path(out_dir) / "log.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; name the out_dir of a DPO run (train.py objective='dpo')")
-    evals = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line torn by a kill in the middle of its write
-                continue
-            if isinstance(record, dict) and "eval_rewards/accuracies" in record:
-                evals.append(record)
+    path, records = read_log(out_dir, "dpo")
+    evals = [r for r in records if "eval_rewards/accuracies" in r]
     if not evals:
         raise UserError(f"{path} has no val metrics of a DPO run: run with objective='dpo' and eval_interval > 0")
     first, last = evals[0], evals[-1]

@@ -6,29 +6,17 @@ eval_reward is the mean reward of each val prompt's greedy completion: with grpo
 fraction answered right. Its first evaluation (step 0) is the model before any step: with a fresh LoRA adapter, the
 base itself.
 """
-import json
 import sys
-from pathlib import Path
 
 from tools.errors import UserError
+from training.run_dir import read_log
 
 
 def accuracy_summary(out_dir):
     """'held-out greedy accuracy: 0.225 at step 0, 0.475 at step N' from a run's log.jsonl."""
-    path = Path(out_dir) / "log.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; name the out_dir of a GRPO run (train.py objective='grpo')")
-    evals, seconds = [], 0.0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line torn by a kill in the middle of its write
-                continue
-            if isinstance(record, dict):
-                seconds += record.get("dt_ms") or 0.0
-                if "eval_reward" in record:
-                    evals.append(record)
+    path, records = read_log(out_dir, "grpo")
+    seconds = sum(r.get("dt_ms") or 0.0 for r in records)
+    evals = [r for r in records if "eval_reward" in r]
     if not evals:
         raise UserError(f"{path} has no eval_reward of a GRPO run: run with objective='grpo' and eval_interval > 0")
     first, last = evals[0], evals[-1]

@@ -194,6 +194,25 @@ def truncate_log(log_path, step):
         f.writelines(lines)
 
 
+def read_log(out_dir, objective):
+    """(path, the records of out_dir/log.jsonl as dicts), skipping a line torn by a kill in the middle of its write.
+    objective names the kind of run the caller reads, for the message when there is no log."""
+    path = Path(out_dir) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; name the out_dir of a {objective.upper()} run (train.py "
+                                f"objective={objective!r})")
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a torn line
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return path, records
+
+
 def finite_or_none(record):
     """A log record as strict JSON allows: NaN and inf become null (json.dumps would write bare NaN)."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
