@@ -194,13 +194,13 @@ def truncate_log(log_path, step):
         f.writelines(lines)
 
 
-def read_log(out_dir, objective):
+def read_log(out_dir, objective=None):
     """(path, the records of out_dir/log.jsonl as dicts), skipping a line torn by a kill in the middle of its write.
-    objective names the kind of run the caller reads, for the message when there is no log."""
+    objective names the kind of run the caller reads, for the message when there is no log (None: any run)."""
     path = Path(out_dir) / "log.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; name the out_dir of a {objective.upper()} run (train.py "
-                                f"objective={objective!r})")
+        run = f"a {objective.upper()} run (train.py objective={objective!r})" if objective else "a train.py run"
+        raise FileNotFoundError(f"{path}: no such file; name the out_dir of {run}")
     records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
