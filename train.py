@@ -103,6 +103,7 @@ objective = "lm"  # a key of objectives.OBJECTIVES: 'lm' (a token stream) | 'sft
 packing = True  # sft: several examples per row (block-diagonal attention) | False: one a row, padded
 eval_generate_every = 0  # sft: greedy exact match on the val prompts every N steps (0 = off)
 eval_generate_limit = 0  # sft: score only the first N val prompts (0 = all)
+eval_generate_match = "exact"  # sft: how greedy answers are scored: 'exact' (whole answer) | 'numeric' (last number)
 dpo_beta = 0.1  # dpo: the strength of the pull toward the reference (objectives/dpo.py)
 dpo_loss = "sigmoid"  # dpo: 'sigmoid' (DPO) | 'ipo' | 'hinge'
 dpo_label_smoothing = 0.0  # dpo, sigmoid: the chance that a label is flipped (conservative DPO)

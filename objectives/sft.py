@@ -6,8 +6,9 @@ attending only to itself (block-diagonal attention through position_ids restarti
 packing=False puts one example on a row, padded. Micro-batches hold different numbers of answer tokens, and the
 step's gradient is the mean over all of them (objective.py's one rule does exactly that).
 
-Every `eval_generate_every` steps it also decodes the val prompts greedily and scores the exact match of the
-answers (evals/exact_match.py), each rank its share of the prompts.
+Every `eval_generate_every` steps it also decodes the val prompts greedily and scores the answers against the
+references (evals/exact_match.py), each rank its share of the prompts: the whole answer (eval_generate_match='exact',
+logged as val_exact_match) or its last number ('numeric', val_numeric_match).
 """
 from loaders.sft import SFTLoader
 from objectives.objective import Objective
@@ -15,7 +16,7 @@ from objectives.objective import Objective
 
 class SFT(Objective):
     name = "sft"
-    settings = ("packing", "eval_generate_every", "eval_generate_limit")
+    settings = ("packing", "eval_generate_every", "eval_generate_limit", "eval_generate_match")
 
     @classmethod
     def needs(cls, c):
@@ -34,15 +35,15 @@ class SFT(Objective):
         every = self.c["eval_generate_every"]
         if every == 0 or not (step % every == 0 or last_step):
             return {}
-        from evals.exact_match import exact_match
+        from evals.exact_match import exact_match, log_key
         from tokenization import load_tokenizer
-        val = self.val_examples
-        with self.run.autocast:
-            correct, n = exact_match(model, val.examples, load_tokenizer(val.header["tokenizer"]), self.run.device, self.run.rank,
-                                     self.run.world_size, self.c["eval_generate_limit"])
-        if self.run.master:
-            print(f"step {step}: val exact match {correct / n:.4f}")
-        return {"val_exact_match": correct / n}
+        val, match, r = self.val_examples, self.c["eval_generate_match"], self.run
+        with r.autocast:
+            correct, n = exact_match(model, val.examples, load_tokenizer(val.header["tokenizer"]), r.device, r.rank,
+                                     r.world_size, self.c["eval_generate_limit"], match=match)
+        if r.master:
+            print(f"step {step}: val {match} match {correct / n:.4f}")
+        return {log_key(match): correct / n}
 
     def start(self, model, loaders, **run_state):
         self.val_examples = loaders[1]  # the val split's examples, for the exact match

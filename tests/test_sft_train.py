@@ -162,3 +162,69 @@ def test_exact_match_counts_the_answers_transformers_greedy_decoding_reproduces(
         examples.append((np.array(prompt + answer + [eos]), np.array([0] * len(prompt) + [1] * (len(answer) + 1))))
     assert 10 <= expected < 30
     assert exact_match(ours, examples, tok, "cpu", extra_tokens=0, batch_size=4) == (expected, 30)
+
+
+# --- how a greedy answer is scored: the whole answer, or its last number --------------------------------------------
+WORKED = "40 + 30 = 70. 7 + 8 = 15. 70 + 15 = 85. The answer is 85."
+
+
+@pytest.mark.parametrize("completion, reference, exact, numeric", [
+    (WORKED, WORKED, True, True),
+    (" 85\n", WORKED, False, True),  # the result alone, for a worked reference
+    ("40 + 30 = 70. 7 + 8 = 15. 70 + 15 = 85. The answer is 86.", WORKED, False, False),
+    ("The answer is 85, I think.", "85", False, True),
+    ("I cannot add these.", WORKED, False, False),  # no number
+    ("", "", True, False),  # a reference without a number matches nothing by number
+    ("1,786", "The answer is 1786.", False, True),
+])
+def test_numeric_reads_the_last_number_where_exact_compares_the_whole_answer(completion, reference, exact, numeric):
+    from evals.exact_match import is_match
+    assert is_match("exact", completion, reference) is exact
+    assert is_match("numeric", completion, reference) is numeric
+
+
+def test_numeric_match_counts_the_completions_whose_last_number_transformers_greedy_decoding_reproduces(tmp_path):
+    """The decoded text is the token ids as numbers: a completion's last number is its last token. Each reference is
+    random tokens ending with the greedy continuation's last token or not: exact sees none of them, numeric those."""
+    from types import SimpleNamespace
+
+    from evals.exact_match import exact_match
+    hf, ours = tiny_models(tmp_path, "gpt2")
+    eos = 0
+    tok = SimpleNamespace(eos_id=eos, decode=lambda ids: " ".join(map(str, ids)))
+    rng = np.random.default_rng(4)
+    examples, expected = [], 0
+    for i in range(20):
+        prompt = rng.integers(1, VOCAB, int(rng.integers(3, 7))).tolist()
+        with torch.no_grad():
+            greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=eos)[0, len(prompt):].tolist()
+        if eos in greedy[:4]:
+            continue
+        answer = rng.integers(1, VOCAB, 4).tolist()
+        if i % 2 == 0:
+            answer[-1] = greedy[-1]
+        expected += answer[-1] == greedy[-1]
+        examples.append((np.array(prompt + answer + [eos]), np.array([0] * len(prompt) + [1] * 5)))
+    assert 5 <= expected < len(examples)
+    assert exact_match(ours, examples, tok, "cpu", extra_tokens=0, batch_size=4, match="numeric") == (expected,
+                                                                                                       len(examples))
+    assert exact_match(ours, examples, tok, "cpu", extra_tokens=0, batch_size=4)[0] < expected
+
+
+def test_eval_generate_match_numeric_logs_val_numeric_match_and_a_bad_value_is_refused_in_one_line(tmp_path,
+                                                                                                  monkeypatch):
+    from tools.errors import UserError
+    write_sft_dir(tmp_path / "data", make_examples(12, seed=8), make_examples(4, seed=9))
+    run_train(sft_flags(tmp_path, eval_generate_every=2, eval_generate_match="numeric"), monkeypatch)
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log if "val_numeric_match" in r] == [0, 2]
+    assert all("val_exact_match" not in r and 0 <= r.get("val_numeric_match", 0) <= 1 for r in log)
+    refusals = [({"eval_generate_match": "fuzzy"},
+                 "eval_generate_match='fuzzy' is not valid: it must be one of 'exact', 'numeric'"),
+                ({"objective": "lm", "eval_generate_match": "numeric"},  # like eval_generate_every: sft's own
+                 "eval_generate_match='numeric' is a setting of objective='sft', and this run has objective='lm'")]
+    for flags, message in refusals:
+        with pytest.raises(UserError, match=message) as refused:
+            run_train(sft_flags(tmp_path, out_dir=tmp_path / "refused", **flags), monkeypatch)
+        assert "\n" not in str(refused.value)

@@ -7,7 +7,7 @@ one line per key: what a valid value is, and what resuming may do with it:
     LAUNCH  describes this launch, not the run (out_dir, device ...): never taken from the checkpoint
 A key without a line is FREE and unchecked beyond its type. A new setting adds one line; a rule that involves
 two keys goes into RELATIONS. The choices are the owners' own lists (the model families, the objectives, the PEFT
-methods, the DPO losses, GRPO's loss types and rewards, the LoRA modes ...), never copied here.
+methods, the DPO losses, GRPO's loss types and rewards, the SFT answer matches, the LoRA modes ...), never copied here.
 
 Beyond single values and RELATIONS, two rules come from the tables:
 - a setting that belongs to a PEFT method (adapters/) or an objective (objectives/) other than the run's is
@@ -19,6 +19,7 @@ import math
 import re
 
 from adapters import CAPABILITIES, METHODS, method
+from evals.exact_match import MATCHES
 from lora.layer import MODES
 from lora.pissa import check_init
 from model import MODELS
@@ -142,6 +143,7 @@ CHECKS = {
     "packing":             (one_of(True, False),             "True or False",                                FIXED),
     "eval_generate_every": (at_least(0),                     ">= 0 (0 = off)",                               FREE),
     "eval_generate_limit": (at_least(0),                     ">= 0 (0 = all val prompts)",                   FREE),
+    "eval_generate_match": (one_of(*MATCHES),                f"one of {choices(MATCHES)}",                   FREE),
     "lora_r":              (at_least(1),                     "a positive int (full fine-tuning is peft_method='full')", FIXED),
     "lora_alpha":          (at_least(1e-300),                "a positive number",                            FIXED),
     "lora_dropout":        (in_range(0.0, 1.0),              "in [0, 1)",                                    FIXED),
