@@ -152,6 +152,20 @@ def markdown_table(rows, columns):
     return "\n".join([head, rule, *body])
 
 
+# ---- what a train.py run printed (bench scripts that start train.py read it) ----------------------------
+
+PEAK_LINE = re.compile(r"peak memory measured: ([0-9.]+) GB")
+
+
+def train_py_peak_gb(output):
+    """The peak memory a train.py run printed after its second step ('peak memory measured: X GB (...)': the peak
+    RSS above the process before the model on CPU, max_memory_allocated on CUDA), in GB; None when it printed none."""
+    found = PEAK_LINE.search(output)
+    return float(found.group(1)) if found else None
+
+
+# ---- the record of a result -----------------------------------------------------------------------------------
+
 def git_commit(root=ROOT):
     """The short hash of HEAD, with '+dirty' when tracked files other than bench/results differ from it (a result
     then comes from code that no commit holds); 'unknown' outside a git checkout or without git."""

@@ -24,7 +24,6 @@ Both sides read the same batches (the first rows of the train shard), fp32, the 
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -105,9 +104,8 @@ def run_row(args, row, env):
             raise RuntimeError(f"{row} failed ({' '.join(cmd)}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         if row == "peft-lora":
             return [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("dt_ms ")], None
-        peak = re.search(r"peak memory measured: ([0-9.]+) GB", done.stdout)
         with open(os.path.join(out_dir, "log.jsonl")) as f:
-            return [r["dt_ms"] for r in map(json.loads, f) if "dt_ms" in r], peak and float(peak.group(1))
+            return [r["dt_ms"] for r in map(json.loads, f) if "dt_ms" in r], common.train_py_peak_gb(done.stdout)
 
 
 def child_args(args):
