@@ -1,8 +1,8 @@
 """What a quantized frozen base (quant/quantize.py) saves and costs: fp32 vs NF4 vs int8 under LoRA.
 
-    python bench/quant.py                       # CPU: GPT-2 124M shapes, B=2, T=128; a LLaMA shape; the trained base
-    python bench/quant.py --base out-shakespeare --data_dir data/shakespeare
-    python bench/quant.py --base models/smollm2-135m-instruct --data_dir data/shakespeare_romances_smollm2-135m-instruct \
+    python bench/qlora.py                       # CPU: GPT-2 124M shapes, B=2, T=128; a LLaMA shape; the trained base
+    python bench/qlora.py --base out-shakespeare --data_dir data/shakespeare
+    python bench/qlora.py --base models/smollm2-135m-instruct --data_dir data/shakespeare_romances_smollm2-135m-instruct \
         --shapes ''                             # QLoRA's base: SmolLM2 in fp32 / nf4 / int8 on The Tempest
 
 1. storage: bytes per weight of the quantized Linear layers, and of the whole model (embeddings, norms, biases
@@ -225,10 +225,10 @@ def main(argv=None):
     p.add_argument("--name", default="quant")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    command = " ".join(["python", "bench/quant.py", *argv])
+    command = " ".join(["python", "bench/qlora.py", *argv])
     cfg = common.resolve_args(args)
     if cfg["dtype"] != "fp32":
-        raise SystemExit("bench/quant.py compares fp32 weights with their quantized versions: use --dtype fp32")
+        raise SystemExit("bench/qlora.py compares fp32 weights with their quantized versions: use --dtype fp32")
     cfg["memory"] = cfg["memory"] and os.path.exists("/proc/self/clear_refs")
     print(f"device {common.device_label(cfg['device'])}, threads {cfg['threads']}; GPT n_layer={cfg['n_layer']} "
           f"n_embd={cfg['n_embd']} B={cfg['B']} T={cfg['T']}; LoRA r={cfg['r']}; iters {cfg['iters']}")
