@@ -14,8 +14,8 @@
    bases interleaved round by round (bench/vs_peft.py's scheme) with paired ratios against the fp32 base; and
    peak memory, each base in a fresh process that loads it from a Hugging Face folder (quantizing while loading)
    and then trains: the peak RSS of loading, what the loaded model keeps resident, and the peak RSS of the steps
-   (Linux: the peak is reset between the two through /proc/self/clear_refs; glibc's mmap threshold fixed as
-   train.py fixes it on CPU, so that the dequantized weights freed after each layer leave). GPT-2 124M shapes with
+   (Linux: the peak is reset between the two through /proc/self/clear_refs; glibc's mmap threshold fixed at
+   64 KiB, as train.py's cpu_mmap_threshold=65536, so that the dequantized weights freed after each layer leave). GPT-2 124M shapes with
    random weights (timing and memory do not depend on the values), and a LLaMA shape.
 The numbers and what they are compared with: bench/README.md.
 """
@@ -174,7 +174,7 @@ def memory_child(cfg, family, base, folder):
     import lora  # noqa: F401 (imported before the first reading, like everything the measured code needs)
     from training.checkpoint import load_model
     from training.memory import set_cpu_mmap_threshold
-    set_cpu_mmap_threshold()  # as train.py on CPU: freed tensors (each dequantized W) leave the process
+    set_cpu_mmap_threshold()  # as train.py's cpu_mmap_threshold=65536: freed tensors (each dequantized W) leave
     start = vm_kib("VmRSS")
     model = load_model(folder, quantize="" if base == "fp32" else base)
     gc.collect()
