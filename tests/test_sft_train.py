@@ -139,23 +139,32 @@ def test_the_loss_falls_on_the_answers_without_packing(tmp_path, monkeypatch):
     assert np.mean(losses[-5:]) < losses[0] - 2.0
 
 
+def ids_tokenizer(eos):
+    """A tokenizer whose text is the token ids as numbers, space separated: what exact_match decodes with."""
+    from types import SimpleNamespace
+    return SimpleNamespace(eos_id=eos, decode=lambda ids: " ".join(map(str, ids)))
+
+
+def hf_greedy(hf, prompt, n, eos):
+    """transformers' greedy continuation of one prompt, n new tokens (EOS included if it comes)."""
+    with torch.no_grad():
+        return hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                           pad_token_id=eos)[0, len(prompt):].tolist()
+
+
 def test_exact_match_counts_the_answers_transformers_greedy_decoding_reproduces(tmp_path):
     """Prompts of several lengths, decoded together in padded batches; half the references are transformers' own greedy
     continuation (one prompt at a time), half are random."""
-    from types import SimpleNamespace
-
     from evals.exact_match import exact_match
     hf, ours = tiny_models(tmp_path, "gpt2")
     eos = 0
-    tok = SimpleNamespace(eos_id=eos, decode=lambda ids: " ".join(map(str, ids)))
+    tok = ids_tokenizer(eos)
     rng = np.random.default_rng(3)
     examples, expected = [], 0
     for i in range(30):
         prompt = rng.integers(1, VOCAB, int(rng.integers(3, 7))).tolist()
         n_answer = int(rng.integers(1, 6))
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_answer, do_sample=False, eos_token_id=eos,
-                              pad_token_id=eos)[0, len(prompt):].tolist()
+        out = hf_greedy(hf, prompt, n_answer, eos)
         greedy = out[:out.index(eos)] if eos in out else out
         answer = greedy if i % 2 == 0 and greedy else rng.integers(1, VOCAB, n_answer).tolist()
         expected += answer == greedy
@@ -186,19 +195,15 @@ def test_numeric_reads_the_last_number_where_exact_compares_the_whole_answer(com
 def test_numeric_match_counts_the_completions_whose_last_number_transformers_greedy_decoding_reproduces(tmp_path):
     """The decoded text is the token ids as numbers: a completion's last number is its last token. Each reference is
     random tokens ending with the greedy continuation's last token or not: exact sees none of them, numeric those."""
-    from types import SimpleNamespace
-
     from evals.exact_match import exact_match
     hf, ours = tiny_models(tmp_path, "gpt2")
     eos = 0
-    tok = SimpleNamespace(eos_id=eos, decode=lambda ids: " ".join(map(str, ids)))
+    tok = ids_tokenizer(eos)
     rng = np.random.default_rng(4)
     examples, expected = [], 0
     for i in range(20):
         prompt = rng.integers(1, VOCAB, int(rng.integers(3, 7))).tolist()
-        with torch.no_grad():
-            greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=eos)[0, len(prompt):].tolist()
+        greedy = hf_greedy(hf, prompt, 4, eos)
         if eos in greedy[:4]:
             continue
         answer = rng.integers(1, VOCAB, 4).tolist()
