@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bench import cuda_check as cc
+from bench import cuda_paths as paths
 from conftest import subprocess_env
 from test_bench import ROOT
 
-CPU = dict(device="cpu", amp=torch.float32, half=torch.float32, backend=None, size=cc.TINY)  # backend None: eager
+CPU = dict(device="cpu", amp=torch.float32, half=torch.float32, backend=None, size=paths.TINY)  # backend None: eager
 FAST = ("lora_bf16", "dora_bf16", "fused_adamw", "sdpa_packed", "fp16", "mfu")
 
 
@@ -39,9 +40,9 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0():
 
 
 def test_checks_run_on_the_cpu_and_a_broken_one_is_a_failed_row_that_stops_nothing():
-    checks = {name: cc.CHECKS[name] for name in FAST[:3]}
+    checks = {name: paths.CHECKS[name] for name in FAST[:3]}
     checks["broken"] = broken
-    checks.update({name: cc.CHECKS[name] for name in FAST[3:]})
+    checks.update({name: paths.CHECKS[name] for name in FAST[3:]})
     rows = cc.run_checks(checks, CPU)
     assert [r["check"] for r in rows] == list(checks)
     for row in rows:
@@ -61,8 +62,8 @@ def test_checks_run_on_the_cpu_and_a_broken_one_is_a_failed_row_that_stops_nothi
 
 
 def test_a_wrong_number_fails_the_check(monkeypatch):
-    monkeypatch.setitem(cc.TOL, torch.float32, 1e-12)  # fp32 against float64 cannot be this close
-    rows = cc.run_checks({"lora_bf16": cc.CHECKS["lora_bf16"]}, CPU)
+    monkeypatch.setitem(paths.TOL, torch.float32, 1e-12)  # fp32 against float64 cannot be this close
+    rows = cc.run_checks({"lora_bf16": paths.CHECKS["lora_bf16"]}, CPU)
     assert rows[0]["status"] == "failed" and "relative error" in rows[0]["error"]
     assert rows[0]["measured"]["split y"] > 1e-12
 
@@ -73,7 +74,7 @@ def test_main_writes_the_rows_with_the_commit_and_exits_1_when_a_check_failed(tm
     monkeypatch.setattr(cc, "cuda_context", lambda device: CPU)
     monkeypatch.setattr(cc, "cuda_environment", lambda device: common.environment("cpu", 1))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a CPU standing in for a GPU")
-    monkeypatch.setitem(cc.CHECKS, "broken", broken)
+    monkeypatch.setitem(paths.CHECKS, "broken", broken)
     assert cc.main(["--checks", "dora_bf16,broken", "--out_dir", str(tmp_path)]) == 1
     saved = json.loads((tmp_path / "cpu_cuda_check.json").read_text())
     assert [(r["check"], r["status"]) for r in saved["rows"]] == [("dora_bf16", "passed"), ("broken", "failed")]
@@ -87,7 +88,7 @@ def test_main_writes_the_rows_with_the_commit_and_exits_1_when_a_check_failed(tm
 @pytest.mark.slow  # traces the model (aot_eager) and starts a gloo process group
 @pytest.mark.parametrize("name", ["compile", "fsdp"])
 def test_compile_and_fsdp_checks_pass_on_the_cpu(name):
-    rows = cc.run_checks({name: cc.CHECKS[name]}, dict(CPU, backend="aot_eager"))
+    rows = cc.run_checks({name: paths.CHECKS[name]}, dict(CPU, backend="aot_eager"))
     assert rows[0]["status"] == "passed", rows[0]["error"]
     key = "max rel diff" if name == "compile" else "loss rel diff"
     assert rows[0]["measured"][key] < 1e-5
