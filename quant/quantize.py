@@ -30,13 +30,11 @@ QuantLinear dequantizes in its forward and again in its backward, which computes
 has no weight gradient, and since W needs no gradient the layer saves nothing for backward (no x, and no
 full-precision W: autograd through F.linear(x, dequantize()) would keep one per layer until the backward).
 """
-import resource
-import sys
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tools.errors import UserError
+from tools.resident import peak_rss_bytes
 
 BLOCK = 64  # weights per NF4 block
 GROUP = 256  # block absmax values per group of the double quantization
@@ -284,12 +282,6 @@ def quantized_bytes(model):
 
 
 # ---- loading a checkpoint quantized, tensor by tensor -------------------------------------------------------------
-def peak_rss_bytes():
-    """This process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def load_quantized(spec, method, skip=DEFAULT_SKIP, dtype=None, verbose=True, **overrides):
     """A Hugging Face folder of any family in model.MODELS (or cached hub name), or a .gguf file, its Linear layers quantized as
     they are read.

@@ -22,11 +22,11 @@ which glibc's malloc does not do by default (set_cpu_mmap_threshold below; train
 max_memory_allocated counts tensors only.
 Assumes dropout = 0 (a dropout layer adds a mask per (B, T, C) tensor it drops) and no LoRA dropout.
 """
-import resource
-import sys
 from dataclasses import dataclass
 
 import torch
+
+from tools.resident import peak_rss_bytes
 
 CPU_RUNTIME_BYTES = 100_000_000
 
@@ -139,8 +139,7 @@ def peak_memory_bytes(device):
     (no per-tensor counter exists on CPU; subtract the peak before the model to get what training added)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    return peak_rss_bytes()  # of this address space: not a parent's peak carried over exec (tools/resident.py)
 
 
 # ---- CPU: resident memory that follows the tensors ----------------------------------------------------------------
