@@ -2,6 +2,7 @@
 
     python -m bench.lora_vs_full                    # both tasks, every row, the sweep, 3 seeds: ~2 h on 2 CPU cores
     python -m bench.lora_vs_full --resume           # continue a cut-short run: skips the runs its results hold
+    python -m bench.lora_vs_full --costs            # each row's peak memory and step time measured again (~15 min)
     python -m bench.lora_vs_full --quick            # speakers, 4 rows, 6 steps, 1 seed: a few minutes
     python -m bench.lora_vs_full --smoke            # a tiny random base and tiny tasks, in this process (the tests)
     python -m bench.lora_vs_full --tasks speakers --rows full,"lora r=16" --seeds 1
@@ -35,7 +36,8 @@ Measures, each row: the held-out accuracy (greedy, every eval_every steps: a cur
 max_steps - 1, before that step's update) and val loss (the same steps); forgetting (evals/forgetting.py): the
 tuned model's loss on the base's own greedy replies to 40 open prompts unrelated to the tasks, minus the base's, and
 its accuracy on the closed questions the base answers right (1.0 for the base); cost: trainable parameters, peak
-memory (train.py's measured peak), median step time. The base's replies and known questions are computed once and
+memory (train.py's measured peak), median step time (--costs measures both again, in short runs with evaluations
+off, one row at a time: costs need an idle machine, learning and forgetting do not). The base's replies and known questions are computed once and
 kept in the work folder. For the best full run of each task, the effective rank of W_tuned - W_base per projection
 (bench/lora_vs_full_report.py), against the LoRA ranks of the table.
 Outputs: bench/results/cpu_lora_vs_full.{json,md} (written after every run) and three PNGs.
@@ -55,7 +57,7 @@ import sys
 import tempfile
 
 from bench import lora_vs_full_report as report
-from bench.common import ROOT, cpu_threads, device_label, train_py_peak_gb
+from bench.common import ROOT, cpu_threads, device_label, git_commit, train_py_peak_gb
 
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
@@ -102,6 +104,7 @@ COST_S = dict(start=10, val_eval=2, measure=20, full_save=8,  # seconds on 2 idl
               step={"full": 3.5, "lora": 2.7, "prompt": 2.5, "prefix": 2.5})
 SETTINGS = ("model", "steps", "eval_every", "eval_iters", "eval_limit", "open_limit", "closed_limit", "reply_tokens",
             "smoke")  # what a result depends on: --resume refuses results made with other values
+COST_STEPS = 6  # --costs: steps a row (the median of steps 1-5)
 DIVERGED = "stopping without applying this update"  # train.py's line for a non-finite loss or gradient
 
 
@@ -198,8 +201,8 @@ def out_dir_of(cfg, task, row, lr, seed):
     return os.path.join(cfg["work"], "runs", f"{task}-{slug}-lr{lr:g}-s{seed}")
 
 
-def train_flags(cfg, task, row, lr, seed, out_dir):
-    """train.py's --key=value flags for one run."""
+def train_flags(cfg, task, row, lr, seed, out_dir, **over):
+    """train.py's --key=value flags for one run (over: settings that replace the run's)."""
     _, method, settings = ROWS[row]
     spec, steps = cfg["task_table"][task], cfg["steps"]
     flags = dict(init_from=cfg["model"], data_dir=cfg["data"][task], out_dir=out_dir, objective="sft", device="cpu",
@@ -212,6 +215,7 @@ def train_flags(cfg, task, row, lr, seed, out_dir):
                  **settings)
     if method == "adalora":  # prune from 10% of the steps to 80%, as bench/peft_methods.py
         flags.update(adalora_tinit=steps // 10, adalora_tfinal=steps // 5)
+    flags.update(over)
     return [f"--{k}={v}" for k, v in flags.items()]
 
 
@@ -279,6 +283,30 @@ def measure_rank(cfg, state, task):
             shutil.rmtree(out_dir_of(cfg, task, "full", rate, cfg["seeds"][0]), ignore_errors=True)
 
 
+def measure_costs(cfg, state):
+    """--costs: each row's peak memory and median step time, from a fresh train.py of COST_STEPS steps with
+    evaluations off (its peak printed after the second step; steps 1 on timed), replacing what the results hold for
+    that task and row: for results whose costs were measured wrongly or on a busy machine."""
+    from training.run_dir import read_log
+    for task in cfg["tasks"]:
+        for row in cfg["rows"]:
+            got = [r for r in state["runs"] if r["task"] == task and r["row"] == row]
+            if not got:
+                continue
+            out_dir = out_dir_of(cfg, task, row, got[0]["lr"], got[0]["seed"]) + "-costs"
+            code, printed = launch(cfg, train_flags(cfg, task, row, got[0]["lr"], got[0]["seed"], out_dir,
+                                                    max_steps=COST_STEPS, warmup_steps=1, eval_interval=1000,
+                                                    eval_iters=1, eval_generate_every=0))
+            if code != 0:
+                raise SystemExit(f"--costs: {task} / {row} failed (exit {code}):\n{printed[-3000:]}")
+            step_ms = [r["dt_ms"] for r in read_log(out_dir, "sft")[1] if "dt_ms" in r][1:]  # step 0 warms up
+            shutil.rmtree(out_dir, ignore_errors=True)
+            for r in got:
+                r.update(peak_gb=train_py_peak_gb(printed), step_s=statistics.median(step_ms) / 1000)
+            print(f"{task} {row:>20}: peak {got[0]['peak_gb']} GB, {got[0]['step_s']:.2f} s/step", flush=True)
+    state["costs"] = dict(commit=git_commit(), runs_commit=state["commit"])
+
+
 # ---- the plan -----------------------------------------------------------------------------------------------------
 def planned(cfg, task):
     """[(row, lr or None for its family's chosen rate, seed, sweep)]: the sweeps, the other rows, the other seeds."""
@@ -333,9 +361,14 @@ def write(cfg, state, base, command, plots=False):
               "4x larger scale (alpha / sqrt(r) = 8 vs alpha / r = 2)"),
              (f"prompt and prefix tuning at fixed rates {FIXED_RATES}, not swept, on unpacked rows; QLoRA's forgetting "
               "includes its NF4 base; the update ranks compare with the LoRA ranks 1, 4, 16, 64")]
+    if state.get("costs"):
+        notes.append(f"peak GB and step s: each row measured again by --costs at commit {state['costs']['commit']} "
+                     f"({COST_STEPS} steps, evaluations off, one process at a time); the runs at commit "
+                     f"{state['costs']['runs_commit']}")
     model = "tiny random LLaMA (--smoke)" if cfg["smoke"] else os.path.basename(cfg["model"])
     return report.write(cfg, state, list(ROWS), SWEPT, lambda task, row: rate(cfg, state, task, row), notes,
-                        dict(settings=settings_of(cfg), base={k: base[k] for k in ("nll", "known", "asked")}),
+                        dict(settings=settings_of(cfg), base={k: base[k] for k in ("nll", "known", "asked")},
+                             costs=state.get("costs")),
                         command, model, plots)
 
 
@@ -350,6 +383,8 @@ def parse(argv):
     p.add_argument("--work", help="data, base measures and out_dirs (default out-lora-vs-full; --smoke: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep every run's out_dir")
     p.add_argument("--resume", action="store_true", help="skip the runs the results file already holds")
+    p.add_argument("--costs", action="store_true", help="measure each row's peak memory and step time again, into the "
+                   f"results file ({COST_STEPS} steps a row, evaluations off)")
     p.add_argument("--quick", action="store_true", help="speakers, 4 rows, 1 rate a family, 6 steps, 1 seed")
     p.add_argument("--smoke", action="store_true", help="a tiny random base and tiny tasks, train.py in this process")
     p.add_argument("--threads", type=int, default=None)
@@ -397,8 +432,15 @@ def main(argv=None):
 
 def bench(cfg, command):
     from tokenization import load_tokenizer
+    from tools.errors import UserError
     path = os.path.join(cfg["out_dir"], f"{device_label('cpu')}_{cfg['name']}.json")  # save_results' name for it
-    state = (report.previous(path, settings_of(cfg)) if cfg["resume"] else None) or dict(runs=[], rates={}, ranks={})
+    state = (report.previous(path, settings_of(cfg)) if cfg["resume"] or cfg["costs"] else None) or dict(
+        runs=[], rates={}, ranks={})
+    if cfg["costs"]:
+        if not state["runs"]:
+            raise UserError(f"--costs: no results at {path} to measure the rows of; run the bench first")
+        measure_costs(cfg, state)
+        cfg["tasks"] = []  # nothing to train: the results are written again below, with the PNGs
     done = {(r["task"], r["row"], r["lr"], r["seed"]) for r in state["runs"]}
     tok = load_tokenizer(cfg["tokenizer"])
     plans = {task: planned(cfg, task) for task in cfg["tasks"]}
@@ -422,7 +464,8 @@ def bench(cfg, command):
                       f"{record['step_s']} s/step", flush=True)
                 choose_rates(cfg, state, task)
                 write(cfg, state, base, command)  # after every run: a cut-short bench keeps its rows
-        tables, paths, pngs = write(cfg, state, base, command, plots=True)  # after every task: the PNGs
+        written = write(cfg, state, base, command, plots=True)  # after every task: the PNGs
+    tables, paths, pngs = written if cfg["tasks"] else write(cfg, state, base, command, plots=True)
     with open(paths[1]) as f:
         print(f.read())
     if pngs is None:

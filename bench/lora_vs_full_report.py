@@ -172,7 +172,8 @@ def previous(path, settings):
     if results.get("settings") != settings:
         raise UserError(f"--resume: {path} was made with other settings ({results.get('settings')}, now {settings}); "
                         f"drop --resume to start again, or use the same settings")
-    return {k: results[k] for k in ("runs", "rates", "ranks")}
+    return dict({k: results[k] for k in ("runs", "rates", "ranks")}, commit=results["env"]["commit"],
+                costs=results.get("costs"))
 
 
 # ---- plots -----------------------------------------------------------------------------------------------------

@@ -142,3 +142,33 @@ def test_resume_skips_the_runs_the_results_hold_and_refuses_results_of_other_set
     assert launched == ["--peft_method=prompt"]  # nothing left to run
     with pytest.raises(UserError, match="--resume: .* other settings"):
         bench.main(args + ["--rows", "prompt", "--resume", "--steps", "4"])
+
+
+def test_costs_measures_each_row_once_in_a_short_run_and_writes_the_results_again(tmp_path, monkeypatch):
+    args = ["--smoke", "--out_dir", str(tmp_path / "results"), "--work", str(tmp_path / "work"), "--threads", "1",
+            "--tasks", "speakers", "--seeds", "1", "--rows", "lora r=16,prompt"]
+    with pytest.raises(UserError, match="--costs: no results"):
+        bench.main(args + ["--costs"])
+    _, (json_path, _), _ = bench.main(args)
+    results_before = json.loads(Path(json_path).read_text())["runs"]
+    launched = []
+    real_launch = bench.launch
+
+    def counting_launch(cfg, argv):
+        launched.append([a for a in argv if a.split("=")[0] in ("--peft_method", "--max_steps",
+                                                                "--eval_generate_every")])
+        return real_launch(cfg, argv)
+
+    monkeypatch.setattr(bench, "launch", counting_launch)
+    tables, (json_path, md_path), _ = bench.main(args + ["--costs"])
+    steps = f"--max_steps={bench.COST_STEPS}"
+    assert launched == [[steps, "--eval_generate_every=0", "--peft_method=lora"],
+                        [steps, "--eval_generate_every=0", "--peft_method=prompt"]]
+    results = json.loads(Path(json_path).read_text())
+    assert len(results["runs"]) == len(bench.MODES["smoke"]["grids"]["lora"]) + 1  # the sweep's and prompt's: none again
+    before = {r["row"]: r["step_s"] for r in results_before}
+    assert all(r["peak_gb"] is not None and r["step_s"] > 0 for r in results["runs"])
+    assert {r["row"]: r["step_s"] for r in results["runs"]} != before  # measured again
+    assert results["costs"]["commit"] == results["env"]["commit"]
+    assert "measured again by --costs" in Path(md_path).read_text()
+    assert [r["row"] for r in tables["speakers"]] == ["lora r=16", "prompt"]
