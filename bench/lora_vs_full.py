@@ -37,8 +37,9 @@ max_steps - 1, before that step's update) and val loss (the same steps); forgett
 tuned model's loss on the base's own greedy replies to 40 open prompts unrelated to the tasks, minus the base's, and
 its accuracy on the closed questions the base answers right (1.0 for the base); cost: trainable parameters, peak
 memory (train.py's measured peak), median step time (--costs measures both again, in short runs with evaluations
-off, one row at a time: costs need an idle machine, learning and forgetting do not). The base's replies and known questions are computed once and
-kept in the work folder. For the best full run of each task, the effective rank of W_tuned - W_base per projection
+off, one row at a time: costs need an idle machine, learning and forgetting do not). The base's replies and known
+questions are computed once and kept in the work folder. For the best full run of each task, the effective rank of
+W_tuned - W_base per projection
 (bench/lora_vs_full_report.py), against the LoRA ranks of the table.
 Outputs: bench/results/cpu_lora_vs_full.{json,md} (written after every run) and three PNGs.
 """

@@ -165,7 +165,7 @@ def test_costs_measures_each_row_once_in_a_short_run_and_writes_the_results_agai
     assert launched == [[steps, "--eval_generate_every=0", "--peft_method=lora"],
                         [steps, "--eval_generate_every=0", "--peft_method=prompt"]]
     results = json.loads(Path(json_path).read_text())
-    assert len(results["runs"]) == len(bench.MODES["smoke"]["grids"]["lora"]) + 1  # the sweep's and prompt's: none again
+    assert len(results["runs"]) == len(bench.MODES["smoke"]["grids"]["lora"]) + 1  # the sweep's, prompt's: no more
     before = {r["row"]: r["step_s"] for r in results_before}
     assert all(r["peak_gb"] is not None and r["step_s"] > 0 for r in results["runs"])
     assert {r["row"]: r["step_s"] for r in results["runs"]} != before  # measured again
