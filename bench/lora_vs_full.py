@@ -39,8 +39,7 @@ its accuracy on the closed questions the base answers right (1.0 for the base); 
 memory (train.py's measured peak), median step time (--costs measures both again, in short runs with evaluations
 off, one row at a time: costs need an idle machine, learning and forgetting do not). The base's replies and known
 questions are computed once and kept in the work folder. For the best full run of each task, the effective rank of
-W_tuned - W_base per projection
-(bench/lora_vs_full_report.py), against the LoRA ranks of the table.
+W_tuned - W_base per projection (bench/lora_vs_full_report.py), against the LoRA ranks of the table.
 Outputs: bench/results/cpu_lora_vs_full.{json,md} (written after every run) and three PNGs.
 """
 import argparse
