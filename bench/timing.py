@@ -9,7 +9,7 @@ We report the median (robust to a stray slow iteration) and the spread: quartile
 
 Memory. On CUDA, torch.cuda.max_memory_allocated is the peak of live tensors. On CPU there is no such
 counter, so each configuration runs in a fresh process (multiprocessing "spawn") and reports that
-process's peak resident set size (getrusage ru_maxrss). An idle child that only imported torch gives
+process's peak resident set size (VmHWM: tools/resident.py). An idle child that only imported torch gives
 the baseline to subtract: what is left is what the configuration itself needed.
 
 FLOPs. Achieved FLOP/s = FLOPs per token (training/flops.py: 6 per trainable and 4 per frozen matmul
