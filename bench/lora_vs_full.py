@@ -436,19 +436,30 @@ def bench(cfg, command):
     path = os.path.join(cfg["out_dir"], f"{device_label('cpu')}_{cfg['name']}.json")  # save_results' name for it
     state = (report.previous(path, settings_of(cfg)) if cfg["resume"] or cfg["costs"] else None) or dict(
         runs=[], rates={}, ranks={})
-    if cfg["costs"]:
-        if not state["runs"]:
-            raise UserError(f"--costs: no results at {path} to measure the rows of; run the bench first")
-        measure_costs(cfg, state)
-        cfg["tasks"] = []  # nothing to train: the results are written again below, with the PNGs
-    done = {(r["task"], r["row"], r["lr"], r["seed"]) for r in state["runs"]}
+    if cfg["costs"] and not state["runs"]:
+        raise UserError(f"--costs: no results at {path} to measure the rows of; run the bench first")
     tok = load_tokenizer(cfg["tokenizer"])
+    base = base_measures(cfg, tok)
+    if cfg["costs"]:
+        measure_costs(cfg, state)
+    else:
+        train_rows(cfg, state, base, tok, command)
+    tables, paths, pngs = write(cfg, state, base, command, plots=True)
+    with open(paths[1]) as f:
+        print(f.read())
+    if pngs is None:
+        print("no PNGs: matplotlib is not installed")
+    return tables, paths, pngs
+
+
+def train_rows(cfg, state, base, tok, command):
+    """Every planned run the results do not hold yet, the results written after each (the PNGs after each task)."""
+    done = {(r["task"], r["row"], r["lr"], r["seed"]) for r in state["runs"]}
     plans = {task: planned(cfg, task) for task in cfg["tasks"]}
     todo = [(task, row) for task in cfg["tasks"] for row, lr, seed, _ in plans[task]
             if not any(d[:2] == (task, row) and d[3] == seed and (lr is None or d[2] == lr) for d in done)]
     print(f"{sum(map(len, plans.values()))} runs planned, {len(todo)} to run: about "
           f"{estimate_s(cfg, todo) / 60:.0f} min on 2 CPU cores (an estimate)", flush=True)
-    base = base_measures(cfg, tok)
     for task in cfg["tasks"]:
         for row, lr, seed, sweep in plans[task]:
             choose_rates(cfg, state, task)  # (a sweep finished by an earlier, cut-short bench too)
@@ -464,13 +475,7 @@ def bench(cfg, command):
                       f"{record['step_s']} s/step", flush=True)
                 choose_rates(cfg, state, task)
                 write(cfg, state, base, command)  # after every run: a cut-short bench keeps its rows
-        written = write(cfg, state, base, command, plots=True)  # after every task: the PNGs
-    tables, paths, pngs = written if cfg["tasks"] else write(cfg, state, base, command, plots=True)
-    with open(paths[1]) as f:
-        print(f.read())
-    if pngs is None:
-        print("no PNGs: matplotlib is not installed")
-    return tables, paths, pngs
+        write(cfg, state, base, command, plots=True)  # after every task: the PNGs
 
 
 if __name__ == "__main__":
