@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from bench import common, timing  # noqa: E402
 from bench.vs_peft import adamw, paired  # noqa: E402
+from tools.resident import status_kib  # noqa: E402
 
 BASES = ("fp32", "nf4", "int8")
 LLAMA_SHAPE = dict(vocab_size=32000, n_embd=2048, intermediate_size=5632, n_layer=2, n_head=32, n_kv_head=4,
@@ -162,11 +163,6 @@ def time_bases(cfg, family):
     return steps, noise
 
 
-def vm_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def memory_child(cfg, family, base, folder):
     """In a fresh process: load the base from `folder` (quantizing while loading), then LoRA steps. MiB above the
     RSS this process had before loading: peak while loading, resident after, peak during the steps."""
@@ -175,10 +171,10 @@ def memory_child(cfg, family, base, folder):
     from training.checkpoint import load_model
     from training.memory import set_cpu_mmap_threshold
     set_cpu_mmap_threshold()  # as train.py's cpu_mmap_threshold=65536: freed tensors (each dequantized W) leave
-    start = vm_kib("VmRSS")
+    start = status_kib("VmRSS")
     model = load_model(folder, quantize="" if base == "fp32" else base)
     gc.collect()
-    load_peak, resident = vm_kib("VmHWM"), vm_kib("VmRSS")
+    load_peak, resident = status_kib("VmHWM"), status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS: the next peak is the steps' own
     add_lora(model, cfg, family)
@@ -188,7 +184,7 @@ def memory_child(cfg, family, base, folder):
         model(idx, tgt)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    step_peak = vm_kib("VmHWM")
+    step_peak = status_kib("VmHWM")
     return dict(load_peak=(load_peak - start) / 1024, resident=(resident - start) / 1024,
                 step_peak=(step_peak - start) / 1024, peak_mem=step_peak * 1024)
 

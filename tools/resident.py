@@ -10,14 +10,20 @@ import resource
 import sys
 
 
+def status_kib(field):
+    """A field of /proc/self/status in KiB (Linux): 'VmHWM' (peak resident), 'VmRSS' (resident now). OSError where
+    there is no such file or field."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])  # "VmHWM:   123456 kB"
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def peak_rss_bytes():
     """The peak resident set size of this process's own address space, in bytes."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+        return status_kib("VmHWM") * 1024
     except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
