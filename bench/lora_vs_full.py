@@ -57,8 +57,8 @@ import sys
 import tempfile
 
 from bench import lora_vs_full_report as report
-from bench.lora_vs_full_smoke import smoke_world
 from bench.common import ROOT, cpu_threads, device_label, git_commit, train_py_peak_gb
+from bench.lora_vs_full_smoke import smoke_world
 
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
@@ -164,6 +164,12 @@ def out_dir_of(cfg, task, row, lr, seed):
     return os.path.join(cfg["work"], "runs", f"{task}-{slug}-lr{lr:g}-s{seed}")
 
 
+def median_step_s(log):
+    """The median seconds a step of a train.py log's records (step 0 left out: it warms up); None without steps."""
+    step_ms = [r["dt_ms"] for r in log if "dt_ms" in r][1:]
+    return statistics.median(step_ms) / 1000 if step_ms else None
+
+
 def train_flags(cfg, task, row, lr, seed, out_dir, **over):
     """train.py's --key=value flags for one run (over: settings that replace the run's)."""
     _, method, settings = ROWS[row]
@@ -215,10 +221,9 @@ def run(cfg, task, row, lr, seed, sweep, base, tok):
     key = log_key(cfg["task_table"][task]["match"])
     acc = [(r["step"], r[key]) for r in log if key in r]
     val = [(r["step"], r["val_loss"]) for r in log if r.get("val_loss") is not None]
-    step_ms = [r["dt_ms"] for r in log if "dt_ms" in r][1:]  # step 0 warms up
     params = sum(int(n.replace(",", "")) for n in re.findall(r"tensors: \d+, with ([\d,]+) parameters", printed))
     record = dict(task=task, row=row, family=ROWS[row][0], lr=lr, seed=seed, sweep=sweep, params=params,
-                  peak_gb=train_py_peak_gb(printed), step_s=statistics.median(step_ms) / 1000 if step_ms else None,
+                  peak_gb=train_py_peak_gb(printed), step_s=median_step_s(log),
                   acc_steps=[s for s, _ in acc], accuracy=[a for _, a in acc], val_steps=[s for s, _ in val],
                   val_loss=[v for _, v in val], before=acc[0][1] if acc else None, after=None, best_val=None,
                   forgetting=None, questions=None)  # the last four stay None for a run that diverged
@@ -262,10 +267,10 @@ def measure_costs(cfg, state):
                                                     eval_iters=1, eval_generate_every=0))
             if code != 0:
                 raise SystemExit(f"--costs: {task} / {row} failed (exit {code}):\n{printed[-3000:]}")
-            step_ms = [r["dt_ms"] for r in read_log(out_dir, "sft")[1] if "dt_ms" in r][1:]  # step 0 warms up
+            step_s = median_step_s(read_log(out_dir, "sft")[1])
             shutil.rmtree(out_dir, ignore_errors=True)
             for r in got:
-                r.update(peak_gb=train_py_peak_gb(printed), step_s=statistics.median(step_ms) / 1000)
+                r.update(peak_gb=train_py_peak_gb(printed), step_s=step_s)
             print(f"{task} {row:>20}: peak {got[0]['peak_gb']} GB, {got[0]['step_s']:.2f} s/step", flush=True)
     state["costs"] = dict(commit=git_commit(), runs_commit=state["commit"])
 
