@@ -159,13 +159,15 @@ def test_timings_taken_while_another_process_burns_cpu_are_thrown_away(monkeypat
     monkeypatch.setattr(timing, "CHUNK_S", 0.2)
     # one busy core is 1/cpu_count of the machine: half of that is the limit, whatever the core count
     monkeypatch.setattr(timing, "NOISE_LIMIT", 0.5 / (os.cpu_count() or 1))
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one core fully busy
+    hog = subprocess.Popen([sys.executable, "-c", "print('busy', flush=True)\nwhile True: pass"],  # one core busy
+                           stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.2)  # let it start
+        assert hog.stdout.readline() == "busy\n"  # it is past its start-up (slow on a loaded machine) and spinning
         _, info = timing.time_phases([lambda: time.sleep(0.01)], "cpu", warmup=0, iters=1)
     finally:
         hog.kill()
         hog.wait()
+        hog.stdout.close()
     assert info["noisy"] and info["discarded"] > 0
 
 
