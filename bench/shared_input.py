@@ -17,7 +17,8 @@ Three measurements, grouping off vs on, each pair run back to back in alternatin
 so that a drift or a neighbour's burst hits both; the ratio on/off is taken per pair and its median reported:
     qkv / gate_up   those layers alone, forward + backward of (B T, in) tokens (x requires grad, as mid-model)
     step            the whole LoRA training step of a LLaMA of SmolLM2-135M's shapes (random weights; timing does
-                    not depend on their values): forward with the loss, backward; LoRA on all seven projections.
+                    not depend on their values): forward with the loss, backward; LoRA on all seven projections,
+                    of which the model groups q/k/v (gate/up run on their own: grouping them measured no faster).
                     The optimizer step is the same either way and left out.
     cat             torch.cat of q/k/v's A's, what grouping pays twice per call.
 The load average (the machine is shared) is recorded before and after, and per pair the share of the machine's CPU

@@ -2,7 +2,7 @@
 result (summary.py), and adapters on disk in Hugging Face PEFT's format (adapter.py). Read them in that order.
 The variants, one small file each: dora.py (DoRA), pissa.py (PiSSA init), loraplus.py (LoRA+ learning rates),
 named.py (several named adapters on one model, weighted combinations). grouped.py computes the LoRA layers that
-read the same input (q/k/v, gate/up) with one down-projection GEMM.
+read the same input (q/k/v) with one down-projection GEMM.
 
     from lora import LoRAConfig, apply_lora, print_trainable_parameters, save_adapter
     apply_lora(model, LoRAConfig(r=8, alpha=16, targets=("c_attn",)))

@@ -1,6 +1,7 @@
 """LoRA layers that read the same input, computed together: one GEMM for their down-projections.
 
-In a LLaMA block q_proj, k_proj and v_proj all read the same normed x, and so do the MLP's gate_proj and up_proj.
+In a LLaMA block q_proj, k_proj and v_proj all read the same normed x, and so do the MLP's gate_proj and up_proj
+(the models group only q/k/v: for gate/up, whose base GEMMs are 8x wider, it measured no faster; bench/README.md).
 Split-mode LoRA (lora/layer.py) gives each layer i its own thin GEMMs: x A_i^T forward, then (dy_i B_i)^T x for dA_i
 and (dy_i B_i) A_i for its share of dx backward. Stacking the A's along the rank,
 

@@ -14,7 +14,7 @@ Two ways to compute the same y (`mode`):
     fused   x (W + s B A)^T + b: one big GEMM after forming W' = W + s B A; a hand-written backward
             (FusedLoRALinear) never builds a weight-sized gradient. No dropout: no single W' serves x and dropout(x)
 Which is faster depends on the token count and the shapes: the cost model and the measurements are in
-bench/fused_vs_split.py and bench/results/. Split-mode layers that read the same input (LLaMA's q/k/v, gate/up)
+bench/fused_vs_split.py and bench/results/. Split-mode layers that read the same input (LLaMA's q/k/v)
 compute their x A^T together, one GEMM for all (lora/grouped.py; model/modules.py's project() asks group_forward).
 merge() folds s B A into W (a plain F.linear; unmerge() undoes it up to rounding). As in loralib, the frozen
 weight keeps the name `weight`, so a plain checkpoint loads unchanged.
@@ -133,7 +133,7 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     group_projections = True  # run-time setting (lora.set_lora_grouping): see groupable() and lora/grouped.py
-    group_forward = staticmethod(group_forward)  # model/modules.py's project(x, layers) calls it for q/k/v, gate/up
+    group_forward = staticmethod(group_forward)  # model/modules.py's project(x, layers) calls it for q/k/v
 
     def groupable(self) -> bool:
         """Whether forward(x) is exactly what lora/grouped.py's GroupedLoRA computes for this layer, so that it may

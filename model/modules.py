@@ -50,7 +50,7 @@ def tied_owners(model):
 
 
 def project(x, layers):
-    """[layer(x) for layer in layers]: several projections of the same x (LLaMA's q/k/v, its MLP's gate/up).
+    """[layer(x) for layer in layers]: several projections of the same x (LLaMA's q/k/v).
 
     The protocol, so that model/ knows nothing of what wraps a layer: layers whose type offers a static
     `group_forward(x, layers)` (returning their outputs in order) are handed to it together, in one call per
