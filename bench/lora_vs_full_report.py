@@ -206,7 +206,8 @@ def plot_all(runs, tasks, rows, rate_of, sweeps, base, title):
     plt = pyplot()
     if plt is None or not tasks:
         return None
-    colors = {row: plt.cm.tab20(i % 20) for i, row in enumerate(rows)}
+    # ten distinct colors, then the same ten with another marker: every row told apart in the legend
+    style = {row: dict(color=plt.cm.tab10(i % 10), marker="os^D"[i // 10 % 4]) for i, row in enumerate(rows)}
     fig, axes = panels(plt, tasks, title)
     for ax, task in zip(axes, tasks):
         for row in rows:
@@ -215,18 +216,20 @@ def plot_all(runs, tasks, rows, rate_of, sweeps, base, title):
                 x = [r["forgetting"] for r in got]
                 y = [r["after"] for r in got]
                 ax.errorbar(statistics.fmean(x), statistics.fmean(y), xerr=statistics.stdev(x) if len(x) > 1 else None,
-                            yerr=statistics.stdev(y) if len(y) > 1 else None, fmt="o", color=colors[row], label=row)
-                ax.annotate(row, (statistics.fmean(x), statistics.fmean(y)), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                            yerr=statistics.stdev(y) if len(y) > 1 else None, linestyle="none", label=row, **style[row])
+        # symlog: forgetting spans 0.002 to 10 nats across methods; linear below 0.01 (it may be <= 0 in principle)
+        ax.set_xscale("symlog", linthresh=0.01)
         ax.set(title=task, xlabel="forgetting: reply NLL - base's (nats/token)", ylabel="held-out accuracy after")
         ax.grid(alpha=0.3)
+    if axes[-1].get_legend_handles_labels()[0]:  # a legend, not labels at the points: those overlap
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     paths = [save(fig, plt, base + "_learning_vs_forgetting.png")]
     fig, axes = panels(plt, tasks, title)
     for ax, task in zip(axes, tasks):
         for row in rows:
             got = row_runs(runs, task, row, rate_of(task, row))
             if got:
-                ax.plot(got[0]["acc_steps"], got[0]["accuracy"], marker=".", color=colors[row], label=row)
+                ax.plot(got[0]["acc_steps"], got[0]["accuracy"], markersize=4, label=row, **style[row])
         ax.set(title=f"{task} (first seed)", xlabel="step", ylabel="held-out accuracy")
         ax.grid(alpha=0.3)
     if axes[-1].get_legend_handles_labels()[0]:
