@@ -140,7 +140,7 @@ def base_measures(cfg, tok):
     from tools.atomic import atomic_path
     from training.checkpoint import load_model
     with open(forgetting.SETS, "rb") as f:
-        key = dict(model=cfg["model"], reply_tokens=cfg["reply_tokens"], open_limit=cfg["open_limit"],
+        key = dict(model=model_id(cfg["model"]), reply_tokens=cfg["reply_tokens"], open_limit=cfg["open_limit"],
                    closed_limit=cfg["closed_limit"], sets=hashlib.sha256(f.read()).hexdigest()[:16])
     path = os.path.join(cfg["work"], "base_forgetting.json")
     if os.path.isfile(path):
@@ -312,8 +312,15 @@ def estimate_s(cfg, todo):
 
 
 # ---- the bench ------------------------------------------------------------------------------------------------------
+def model_id(path):
+    """The model as the results and caches name it: its path relative to the checkout when it lies inside it (a
+    moved checkout or a worktree resumes its results), else its absolute path."""
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
+
+
 def settings_of(cfg):
-    return {k: cfg[k] for k in SETTINGS}
+    return dict({k: cfg[k] for k in SETTINGS}, model=model_id(cfg["model"]))
 
 
 def write(cfg, state, base, command, plots=False):

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,19 @@ def test_resume_skips_the_runs_the_results_hold_and_refuses_results_of_other_set
     assert launched == ["--peft_method=prompt"]  # nothing left to run
     with pytest.raises(UserError, match="--resume: .* other settings"):
         bench.main(args + ["--rows", "prompt", "--resume", "--steps", "4"])
+
+
+def test_results_name_a_model_inside_the_checkout_relative_to_it_so_a_moved_checkout_resumes_them(tmp_path,
+                                                                                                    monkeypatch):
+    settings = []
+    for checkout in (tmp_path / "here", tmp_path / "moved"):
+        monkeypatch.setattr(bench, "ROOT", str(checkout))
+        cfg = dict.fromkeys(bench.SETTINGS, 1)
+        cfg["model"] = str(checkout / "models" / "smollm2")
+        settings.append(bench.settings_of(cfg))
+    assert settings[0] == settings[1] and settings[0]["model"] == os.path.join("models", "smollm2")
+    cfg["model"] = str(tmp_path / "elsewhere" / "smollm2")  # outside the checkout: the absolute path
+    assert bench.settings_of(cfg)["model"] == cfg["model"]
 
 
 def test_costs_measures_each_row_once_in_a_short_run_and_writes_the_results_again(tmp_path, monkeypatch):
