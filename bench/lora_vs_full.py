@@ -409,8 +409,8 @@ def bench(cfg, command):
     from tokenization import load_tokenizer
     from tools.errors import UserError
     path = os.path.join(cfg["out_dir"], f"{device_label('cpu')}_{cfg['name']}.json")  # save_results' name for it
-    state = (report.previous(path, settings_of(cfg)) if cfg["resume"] or cfg["costs"] else None) or dict(
-        runs=[], rates={}, ranks={})
+    flag = "--costs" if cfg["costs"] else "--resume" if cfg["resume"] else None  # they read the results file
+    state = (report.previous(path, settings_of(cfg), flag) if flag else None) or dict(runs=[], rates={}, ranks={})
     if cfg["costs"] and not state["runs"]:
         raise UserError(f"--costs: no results at {path} to measure the rows of; run the bench first")
     tok = load_tokenizer(cfg["tokenizer"])

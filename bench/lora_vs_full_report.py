@@ -162,16 +162,16 @@ def write(cfg, state, rows, sweeps, rate_of, notes, extra, command, model, plots
     return tables, paths, plot_all(runs, tasks, rows, rate_of, sweeps, base, plot_title(env, model)) if plots else None
 
 
-def previous(path, settings):
-    """--resume: the runs, rates and ranks of the results file at path (None if there is none), which must have been
-    made with the same settings."""
+def previous(path, settings, flag):
+    """--resume and --costs (flag): the runs, rates and ranks of the results file at path (None if there is none),
+    which must have been made with the same settings."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         results = json.load(f)
     if results.get("settings") != settings:
-        raise UserError(f"--resume: {path} was made with other settings ({results.get('settings')}, now {settings}); "
-                        f"drop --resume to start again, or use the same settings")
+        raise UserError(f"{flag}: {path} was made with other settings ({results.get('settings')}, now {settings}); "
+                        f"use the same settings, or run without {flag} to start again")
     return dict({k: results[k] for k in ("runs", "rates", "ranks")}, commit=results["env"]["commit"],
                 costs=results.get("costs"))
 

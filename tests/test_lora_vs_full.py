@@ -186,3 +186,5 @@ def test_costs_measures_each_row_once_in_a_short_run_and_writes_the_results_agai
     assert results["costs"]["commit"] == results["env"]["commit"]
     assert "measured again by --costs" in Path(md_path).read_text()
     assert [r["row"] for r in tables["speakers"]] == ["lora r=16", "prompt"]
+    with pytest.raises(UserError, match="--costs: .* other settings"):  # costs of other runs would be wrong
+        bench.main(args + ["--costs", "--steps", "4"])
