@@ -173,7 +173,7 @@ def median_step_s(log):
 def train_flags(cfg, task, row, lr, seed, out_dir, **over):
     """train.py's --key=value flags for one run (over: settings that replace the run's)."""
     _, method, settings = ROWS[row]
-    spec, steps = cfg["task_table"][task], cfg["steps"]
+    spec, steps = cfg["task_table"][task], over.get("max_steps", cfg["steps"])  # --costs runs COST_STEPS
     flags = dict(init_from=cfg["model"], data_dir=cfg["data"][task], out_dir=out_dir, objective="sft", device="cpu",
                  dtype="float32", compile=False, block_size=spec["block_size"], batch_size=spec["batch_size"],
                  total_batch_size=spec["block_size"] * spec["batch_size"], max_steps=steps,

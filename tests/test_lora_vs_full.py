@@ -158,6 +158,17 @@ def test_results_name_a_model_inside_the_checkout_relative_to_it_so_a_moved_chec
     assert bench.settings_of(cfg)["model"] == cfg["model"]
 
 
+def test_adalora_prunes_inside_the_run_it_is_given_the_short_runs_of_costs_too():
+    from lora.adalora import AdaLoRAConfig
+    cfg = dict(bench.MODES["full"], task_table=bench.TASKS, model="base", data=dict.fromkeys(bench.TASKS, "data"))
+    for over in ({}, {"max_steps": bench.COST_STEPS}):
+        flags = dict(a[2:].split("=", 1) for a in bench.train_flags(cfg, "speakers", "adalora 12->8", 1e-3, 1, "out",
+                                                                      **over))
+        # train.py builds this config; it refuses a schedule that leaves no pruning phase
+        AdaLoRAConfig(total_step=int(flags["max_steps"]), tinit=int(flags["adalora_tinit"]),
+                      tfinal=int(flags["adalora_tfinal"]))
+
+
 def test_costs_measures_each_row_once_in_a_short_run_and_writes_the_results_again(tmp_path, monkeypatch):
     args = ["--smoke", "--out_dir", str(tmp_path / "results"), "--work", str(tmp_path / "work"), "--threads", "1",
             "--tasks", "speakers", "--seeds", "1", "--rows", "lora r=16,prompt"]
