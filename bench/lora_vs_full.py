@@ -38,15 +38,14 @@ tuned model's loss on the base's own greedy replies to 40 open prompts unrelated
 its accuracy on the closed questions the base answers right (1.0 for the base); cost: trainable parameters, peak
 memory (train.py's measured peak), median step time (--costs measures both again, in short runs with evaluations
 off, one row at a time: costs need an idle machine, learning and forgetting do not). The base's replies and known
-questions are computed once and kept in the work folder. For the best full run of each task, the effective rank of
-W_tuned - W_base per projection (bench/lora_vs_full_report.py), against the LoRA ranks of the table.
+questions are computed once and kept in the work folder (bench/lora_vs_full_world.py). For the best full run of
+each task, the effective rank of W_tuned - W_base per projection (bench/lora_vs_full_report.py), against the LoRA
+ranks of the table.
 Outputs: bench/results/cpu_lora_vs_full.{json,md} (written after every run) and three PNGs.
 """
 import argparse
 import contextlib
-import hashlib
 import io
-import json
 import os
 import re
 import runpy
@@ -58,7 +57,7 @@ import tempfile
 
 from bench import lora_vs_full_report as report
 from bench.common import ROOT, cpu_threads, device_label, git_commit, train_py_peak_gb
-from bench.lora_vs_full_smoke import smoke_world
+from bench.lora_vs_full_world import base_measures, model_id, prepare_data, smoke_world
 
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
@@ -107,55 +106,6 @@ SETTINGS = ("model", "steps", "eval_every", "eval_iters", "eval_limit", "open_li
             "smoke")  # what a result depends on: --resume refuses results made with other values
 COST_STEPS = 6  # --costs: steps a row (the median of steps 1-5)
 DIVERGED = "stopping without applying this update"  # train.py's line for a non-finite loss or gradient
-
-
-# ---- data and the base ------------------------------------------------------------------------------------------
-def python(args):
-    """`python ARGS` from the repository root; its output's end if it fails."""
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"python {' '.join(args)} failed:\n{done.stdout[-1500:]}\n{done.stderr[-1500:]}")
-
-
-def prepare_data(cfg, task):
-    """The task's SFT folder in the work folder, made (as the Makefile makes it) when missing or of another model."""
-    folder, spec = os.path.join(cfg["work"], "data", task), cfg["task_table"][task]
-    sft = os.path.join(folder, "sft")
-    header = os.path.join(sft, "sft.json")
-    if os.path.isfile(header):
-        with open(header) as f:
-            if json.load(f)["tokenizer"] == cfg["model"]:
-                return sft
-    python([*spec["command"], "--out", folder])
-    python(["prepare_sft.py", "--input", os.path.join(folder, "train.jsonl"), "--out", sft,
-            "--val", os.path.join(folder, "val.jsonl"), "--block_size", str(spec["block_size"]), "--overwrite",
-            "--tokenizer", cfg["model"]])
-    return sft
-
-
-def base_measures(cfg, tok):
-    """The base's greedy replies to the open prompts, its reply NLL on them and the closed questions it knows:
-    computed once per work folder and settings (base_forgetting.json)."""
-    from evals import forgetting
-    from tools.atomic import atomic_path
-    from training.checkpoint import load_model
-    with open(forgetting.SETS, "rb") as f:
-        key = dict(model=model_id(cfg["model"]), reply_tokens=cfg["reply_tokens"], open_limit=cfg["open_limit"],
-                   closed_limit=cfg["closed_limit"], sets=hashlib.sha256(f.read()).hexdigest()[:16])
-    path = os.path.join(cfg["work"], "base_forgetting.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached["key"] == key:
-            return cached
-    base = load_model(cfg["model"])
-    pairs = forgetting.base_replies(base, tok, cfg["reply_tokens"], cfg["open_limit"])
-    measures = dict(key=key, pairs=pairs, nll=forgetting.reply_nll(base, pairs),
-                    known=forgetting.known_questions(base, tok, cfg["closed_limit"]),
-                    asked=len(forgetting.sets()["closed"][:cfg["closed_limit"] or None]))
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(measures, f)
-    return measures
 
 
 # ---- one run ------------------------------------------------------------------------------------------------------
@@ -312,13 +262,6 @@ def estimate_s(cfg, todo):
 
 
 # ---- the bench ------------------------------------------------------------------------------------------------------
-def model_id(path):
-    """The model as the results and caches name it: its path relative to the checkout when it lies inside it (a
-    moved checkout or a worktree resumes its results), else its absolute path."""
-    rel = os.path.relpath(path, ROOT)
-    return path if rel.startswith("..") else rel
-
-
 def settings_of(cfg):
     return dict({k: cfg[k] for k in SETTINGS}, model=model_id(cfg["model"]))
 

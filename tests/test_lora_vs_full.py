@@ -11,6 +11,7 @@ import torch
 
 from bench import lora_vs_full as bench
 from bench import lora_vs_full_report as report
+from bench import lora_vs_full_world as world
 from model import LLaMA, LLaMAConfig
 from tools.errors import UserError
 
@@ -149,7 +150,7 @@ def test_results_name_a_model_inside_the_checkout_relative_to_it_so_a_moved_chec
                                                                                                     monkeypatch):
     settings = []
     for checkout in (tmp_path / "here", tmp_path / "moved"):
-        monkeypatch.setattr(bench, "ROOT", str(checkout))
+        monkeypatch.setattr(world, "ROOT", str(checkout))
         cfg = dict.fromkeys(bench.SETTINGS, 1)
         cfg["model"] = str(checkout / "models" / "smollm2")
         settings.append(bench.settings_of(cfg))
