@@ -222,7 +222,8 @@ def measure_costs(cfg, state):
             for r in got:
                 r.update(peak_gb=train_py_peak_gb(printed), step_s=step_s)
             print(f"{task} {row:>20}: peak {got[0]['peak_gb']} GB, {got[0]['step_s']:.2f} s/step", flush=True)
-    state["costs"] = dict(commit=git_commit(), runs_commit=state["commit"])
+    runs_commit = (state.get("costs") or {}).get("runs_commit", state["commit"])  # --costs again: still the runs'
+    state["costs"] = dict(commit=git_commit(), runs_commit=runs_commit)
 
 
 # ---- the plan -----------------------------------------------------------------------------------------------------
@@ -284,6 +285,8 @@ def write(cfg, state, base, command, plots=False):
                      f"({COST_STEPS} steps, evaluations off, one process at a time); the runs at commit "
                      f"{state['costs']['runs_commit']}")
     model = "tiny random LLaMA (--smoke)" if cfg["smoke"] else os.path.basename(cfg["model"])
+    if state.get("costs"):  # the plots show the runs: name their commit beside the costs' (the file's)
+        model += f" | runs at commit {state['costs']['runs_commit']}"
     return report.write(cfg, state, list(ROWS), SWEPT, lambda task, row: rate(cfg, state, task, row), notes,
                         dict(settings=settings_of(cfg), base={k: base[k] for k in ("nll", "known", "asked")},
                              costs=state.get("costs")),
@@ -387,6 +390,7 @@ def train_rows(cfg, state, base, tok, command):
             elif (task, row, lr, seed) not in done:
                 record = run(cfg, task, row, lr, seed, sweep, base, tok)
                 state["runs"].append(record)
+                state.pop("costs", None)  # a new run's costs are its own: no longer every row's from --costs
                 done.add((task, row, lr, seed))
                 print(f"{task} {row:>20} lr {lr:<6g} seed {seed}: accuracy {record['before']} -> {record['after']}, "
                       f"forgetting {record['forgetting']}, closed questions {record['questions']}, "

@@ -146,6 +146,27 @@ def test_resume_skips_the_runs_the_results_hold_and_refuses_results_of_other_set
         bench.main(args + ["--rows", "prompt", "--resume", "--steps", "4"])
 
 
+def test_costs_measured_twice_still_name_the_commit_of_the_runs_and_a_new_run_drops_the_costs_note(tmp_path,
+                                                                                                   monkeypatch):
+    from bench import common
+    args = ["--smoke", "--out_dir", str(tmp_path / "results"), "--work", str(tmp_path / "work"), "--threads", "1",
+            "--tasks", "speakers", "--seeds", "1", "--rows", "prompt"]
+
+    def at_commit(commit):
+        monkeypatch.setattr(common, "git_commit", lambda: commit)  # what the results file's env records
+        monkeypatch.setattr(bench, "git_commit", lambda: commit)
+
+    at_commit("runs")
+    _, (json_path, _), _ = bench.main(args)
+    for commit in ("costs-1", "costs-2"):
+        at_commit(commit)
+        bench.main(args + ["--costs"])
+    assert json.loads(Path(json_path).read_text())["costs"] == {"commit": "costs-2", "runs_commit": "runs"}
+    _, (json_path, md_path), _ = bench.main(args + ["--rows", "prompt,prefix", "--resume"])  # one run more
+    assert json.loads(Path(json_path).read_text())["costs"] is None
+    assert "measured again by --costs" not in Path(md_path).read_text()
+
+
 def test_results_name_a_model_inside_the_checkout_relative_to_it_so_a_moved_checkout_resumes_them(tmp_path,
                                                                                                     monkeypatch):
     settings = []
