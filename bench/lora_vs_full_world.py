@@ -27,16 +27,16 @@ def python(args):
 def prepare_data(cfg, task):
     """The task's SFT folder in the work folder, made (as the Makefile makes it) when missing or of another model."""
     folder, spec = os.path.join(cfg["work"], "data", task), cfg["task_table"][task]
-    sft = os.path.join(folder, "sft")
+    sft, tokenizer = os.path.join(folder, "sft"), model_id(cfg["model"])  # relative paths: from ROOT, as python()
     header = os.path.join(sft, "sft.json")
     if os.path.isfile(header):
         with open(header) as f:
-            if json.load(f)["tokenizer"] == cfg["model"]:
+            if json.load(f)["tokenizer"] == tokenizer:
                 return sft
     python([*spec["command"], "--out", folder])
     python(["prepare_sft.py", "--input", os.path.join(folder, "train.jsonl"), "--out", sft,
             "--val", os.path.join(folder, "val.jsonl"), "--block_size", str(spec["block_size"]), "--overwrite",
-            "--tokenizer", cfg["model"]])
+            "--tokenizer", tokenizer])
     return sft
 
 
@@ -63,7 +63,6 @@ def base_measures(cfg, tok):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(measures, f)
     return measures
-
 
 
 # ---- --smoke's world -------------------------------------------------------------------------------------------------
